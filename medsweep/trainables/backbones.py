@@ -1,0 +1,290 @@
+"""One factory for every frozen or fine-tuned backbone.
+
+``build_backbone(name)`` accepts three kinds of names:
+
+* a registered name (``vit-tiny``, ``vit-base-patch16-384``, ``resnet-50``...):
+  the HuggingFace model is built from its config with seeded random weights, so
+  the same name always gives the same weights (the preload cache relies on it)
+  and nothing is downloaded;
+* a local directory written by ``save_pretrained``: loaded with ``from_pretrained``;
+* anything else: treated as a hub id and loaded with ``from_pretrained`` (needs a
+  network; without one the error says to pass a local directory instead).
+
+Whatever the class underneath, a :class:`Backbone` carries the model plus what
+preprocessing and the preload cache need: family, mean/std, native image size
+and an identity string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from medsweep.errors import ConfigError
+
+Family = Literal["vit", "clip", "convnext", "resnet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone: how to build its config and how to feed it."""
+
+    family: Family
+    make_config: Callable[[], PretrainedConfig]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(name: str, entry: BackboneEntry) -> None:
+    """Register a named backbone; names are unique and lower-case."""
+    if name in _REGISTRY:
+        raise ValueError(f"backbone {name!r} is already registered")
+    if name != name.lower() or " " in name:
+        raise ValueError(f"backbone names are lower-case without spaces, got {name!r}")
+    _REGISTRY[name] = entry
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _vit(hidden: int, layers: int, heads: int, mlp: int, patch: int, size: int) -> Callable[[], ViTConfig]:
+    return lambda: ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        patch_size=patch,
+        image_size=size,
+    )
+
+
+# Tiny variants for tests and the CPU demo (as timm registers test_vit).
+register_backbone("vit-tiny", BackboneEntry("vit", _vit(32, 2, 4, 64, 8, 64), HALF_MEAN, HALF_STD, 64))
+register_backbone("vit-small-demo", BackboneEntry("vit", _vit(64, 4, 4, 128, 8, 64), HALF_MEAN, HALF_STD, 64))
+# Published shapes (random weights unless loaded from a directory or hub id).
+register_backbone("vit-base-patch16-384", BackboneEntry("vit", _vit(768, 12, 12, 3072, 16, 384), HALF_MEAN, HALF_STD, 384))
+register_backbone("vit-large-patch16-384", BackboneEntry("vit", _vit(1024, 24, 16, 4096, 16, 384), HALF_MEAN, HALF_STD, 384))
+register_backbone("dino-vitb16", BackboneEntry("vit", _vit(768, 12, 12, 3072, 16, 224), IMAGENET_MEAN, IMAGENET_STD, 224))
+register_backbone("dino-vitb8", BackboneEntry("vit", _vit(768, 12, 12, 3072, 8, 224), IMAGENET_MEAN, IMAGENET_STD, 224))
+register_backbone(
+    "clip-vit-base-patch16",
+    BackboneEntry("clip", lambda: CLIPVisionConfig(image_size=224, patch_size=16), CLIP_MEAN, CLIP_STD, 224),
+)
+register_backbone(
+    "clip-tiny",
+    BackboneEntry(
+        "clip",
+        lambda: CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8),
+        CLIP_MEAN,
+        CLIP_STD,
+        64,
+    ),
+)
+register_backbone(
+    "convnext-base",
+    BackboneEntry("convnext", lambda: ConvNextConfig(hidden_sizes=[128, 256, 512, 1024], depths=[3, 3, 27, 3]), IMAGENET_MEAN, IMAGENET_STD, 224),
+)
+register_backbone(
+    "convnext-tiny-test",
+    BackboneEntry("convnext", lambda: ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 2, 1]), IMAGENET_MEAN, IMAGENET_STD, 64),
+)
+register_backbone(
+    "resnet-50",
+    BackboneEntry("resnet", lambda: ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3]), IMAGENET_MEAN, IMAGENET_STD, 224),
+)
+register_backbone(
+    "resnet-tiny-test",
+    BackboneEntry(
+        "resnet",
+        lambda: ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], layer_type="bottleneck"),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        64,
+    ),
+)
+
+_MODEL_CLASSES: dict[Family, type[PreTrainedModel]] = {
+    "vit": ViTModel,
+    "clip": CLIPVisionModel,
+    "convnext": ConvNextModel,
+    "resnet": ResNetModel,
+}
+_FAMILY_BY_MODEL_TYPE: dict[str, Family] = {
+    "vit": "vit",
+    "dinov2": "vit",
+    "clip_vision_model": "clip",
+    "clip": "clip",
+    "convnext": "convnext",
+    "resnet": "resnet",
+}
+
+
+@dataclass
+class Backbone:
+    """A HuggingFace vision model plus what preprocessing and caching need.
+
+    Attributes:
+        model: the HF model (``ViTModel``, ``CLIPVisionModel``, ``ConvNextModel``, ``ResNetModel``).
+        family: which interface the model answers to.
+        mean, std: per-channel normalisation its weights expect.
+        image_size: the resolution its config was built or trained for.
+        identity: a short string that changes whenever the weights could differ
+            (registered name + config, or a hash of the weight files); part of
+            every preload cache key.
+    """
+
+    model: PreTrainedModel
+    family: Family
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    identity: str
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def freeze(self) -> Backbone:
+        """Turn off gradients and put the model in eval mode (for frozen paths)."""
+        self.model.requires_grad_(False)
+        self.model.eval()
+        return self
+
+
+def _config_digest(config: PretrainedConfig) -> str:
+    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+
+
+def _weights_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def build_backbone(name_or_path: str, image_size: int | None = None, seed: int = 0) -> Backbone:
+    """Build or load a backbone by registered name, local directory or hub id.
+
+    Args:
+        name_or_path: see the module docstring.
+        image_size: for registered ViT/CLIP names, the input size the position
+            embeddings are built for (default: the entry's own size). Loaded
+            ViTs run other sizes with ``interpolate_pos_encoding``.
+        seed: seed of the random weights of registered names.
+    """
+    if name_or_path in _REGISTRY:
+        entry = _REGISTRY[name_or_path]
+        config = entry.make_config()
+        size = image_size or entry.image_size
+        if entry.family in ("vit", "clip"):
+            config.image_size = size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _MODEL_CLASSES[entry.family](config)
+        identity = f"{name_or_path}-s{seed}-{_config_digest(config)}"
+        return Backbone(model, entry.family, entry.mean, entry.std, size, identity)
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _load_pretrained(str(path), identity=f"dir-{_weights_digest(path)}")
+    if path.suffix or name_or_path.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"backbone {name_or_path!r} is neither a registered name nor an existing directory; "
+            f"use one of {', '.join(list_backbones())} or a folder written by save_pretrained"
+        )
+    return _load_pretrained(name_or_path, identity=f"hub-{name_or_path}")
+
+
+def _load_pretrained(source: str, identity: str) -> Backbone:
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:  # no network, no such repo
+        raise ConfigError(
+            f"cannot load backbone {source!r} ({exc.__class__.__name__}); without a network pass a local "
+            f"directory written by save_pretrained, or a registered name: {', '.join(list_backbones())}"
+        ) from None
+    family = _FAMILY_BY_MODEL_TYPE.get(config.model_type)
+    if family is None:
+        raise ConfigError(f"backbone {source!r} has model type {config.model_type!r}; supported: ViT, CLIP, ConvNeXt, ResNet")
+    if config.model_type == "clip":
+        model = CLIPVisionModel.from_pretrained(source)
+    else:
+        model = AutoModel.from_pretrained(source)
+    mean, std = _normalisation_of(source, family)
+    size = getattr(model.config, "image_size", 224)
+    return Backbone(model, family, mean, std, int(size), identity)
+
+
+def _normalisation_of(source: str, family: Family) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from the checkpoint's image processor file, else the family default."""
+    config_file = Path(source) / "preprocessor_config.json"
+    if config_file.is_file():
+        import json
+
+        values = json.loads(config_file.read_text())
+        if "image_mean" in values and "image_std" in values:
+            return tuple(values["image_mean"]), tuple(values["image_std"])
+    if family == "clip":
+        return CLIP_MEAN, CLIP_STD
+    if family == "vit":
+        return HALF_MEAN, HALF_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def pooled_features(backbone: Backbone, pixel_values: torch.Tensor) -> torch.Tensor:
+    """One vector per image ``[B, D]``: the CLS token for ViT/CLIP, the pooled map for CNNs."""
+    model = backbone.model
+    if backbone.family == "vit":
+        out = model(pixel_values=pixel_values, interpolate_pos_encoding=True)
+        return out.last_hidden_state[:, 0]
+    if backbone.family == "clip":
+        return model(pixel_values=pixel_values, interpolate_pos_encoding=True).pooler_output
+    return model(pixel_values=pixel_values).pooler_output.flatten(1)
+
+
+def feature_dim(backbone: Backbone) -> int:
+    """Width of :func:`pooled_features`."""
+    config = backbone.config
+    if backbone.family in ("vit", "clip"):
+        return int(config.hidden_size)
+    return int(config.hidden_sizes[-1])

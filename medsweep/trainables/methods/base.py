@@ -1,0 +1,217 @@
+"""The contract every PETL method implements, and the registry of methods.
+
+A method is one module file holding a config dataclass (subclass of
+:class:`MethodConfig`), an ``nn.Module`` (subclass of :class:`Method`) and one
+``register_method(...)`` call, as peft's tuners are organised.
+
+Inputs. A method names the images it consumes in :meth:`Method.image_inputs`
+(e.g. FPT+: the 512 px ``pixel_values`` for the frozen model and the 128 px
+``side_pixel_values`` for the side network). The preload step stores each as
+uint8 at that size, so a trial never decodes an image file.
+
+Preloading. A method whose frozen path needs no augmentation sets
+``preloadable = True`` and implements :meth:`Method.frozen_features`: a
+deterministic function of the frozen input image returning a dict of
+per-sample tensors. The preload step runs it once per image and stores the
+result; at training time those tensors arrive in the batch under the same keys
+and :meth:`Method.forward` must give the same logits as when it computes them
+on the fly (``Method.features`` does that dispatch).
+
+Batches. ``forward(batch)`` receives a dict of tensors: each image input as
+normalised float ``[B, 3, S, S]`` (augmented in training if its
+``ImageInput.augment`` is set), each preloaded feature as float32, and returns
+logits ``[B, num_classes]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from medsweep.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image a method consumes: its square size and whether training augments it."""
+
+    size: int
+    augment: bool
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses add their own, each with a default and help."""
+
+    backbone: str = field(default="vit-tiny", metadata={"help": "registered backbone name, local save_pretrained folder, or hub id"})
+    image_size: int = field(default=64, metadata={"help": "input resolution of the (frozen or tuned) backbone"})
+    num_classes: int = field(default=2, metadata={"help": "number of classes (set from the dataset)"})
+    task: Literal["multiclass", "multilabel"] = field(default="multiclass", metadata={"help": "softmax/CE or sigmoid/BCE"})
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.num_classes < 2 and self.task == "multiclass":
+            raise ConfigError(f"a multi-class task needs at least 2 classes, got {self.num_classes}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be positive, got {self.num_classes}")
+        if self.task not in ("multiclass", "multilabel"):
+            raise ConfigError(f"task must be 'multiclass' or 'multilabel', got {self.task!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
+        """Build from a flat dict, ignoring keys that belong to other configs (training, search)."""
+        known = cls.field_names()
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class Method(nn.Module):
+    """Base class of every PETL method; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    preloadable: ClassVar[bool] = False
+    frozen_input: ClassVar[str] = "pixel_values"
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    # -- inputs -----------------------------------------------------------------
+    def image_inputs(self) -> dict[str, ImageInput]:
+        """Images this method consumes, by batch key. Default: the backbone input, augmented."""
+        return {"pixel_values": ImageInput(self.config.image_size, augment=True)}
+
+    def stored_inputs(self, preloaded: bool) -> dict[str, ImageInput]:
+        """Images the loop must supply: without the frozen input when features are preloaded."""
+        inputs = dict(self.image_inputs())
+        if preloaded and self.preloadable:
+            inputs.pop(self.frozen_input, None)
+        return inputs
+
+    def feature_keys(self) -> tuple[str, ...]:
+        """Keys :meth:`frozen_features` returns (empty for methods that cannot preload)."""
+        return ()
+
+    def preload_key(self) -> dict[str, Any]:
+        """Everything besides data and backbone that changes :meth:`frozen_features` (cache key part)."""
+        return {"method": self.name, "image_size": self.config.image_size}
+
+    @torch.no_grad()
+    def frozen_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen path: normalised images ``[B, 3, S, S]`` to per-sample tensors ``{key: [B, ...]}``."""
+        raise NotImplementedError(f"method {self.name!r} has no preloadable frozen path")
+
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Preloaded features from the batch when present, else the frozen path on the fly."""
+        keys = self.feature_keys()
+        if keys and all(k in batch for k in keys):
+            return {k: batch[k] for k in keys}
+        return self.frozen_features(batch[self.frozen_input])
+
+    # -- training ---------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Submodules that never train; kept in eval mode by :meth:`train`."""
+        return []
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups over trainable parameters: no decay on biases, norms, tokens."""
+        decay, no_decay = [], []
+        for pname, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or pname.endswith(("bias", "token", "prompts")) else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(learnable, total) parameters, counted as the method's paper counts them."""
+        learnable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return learnable, total
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the learnable tensors: what a checkpoint needs (the frozen part is rebuilt)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names or not _is_param(self, k)}
+
+
+def _is_param(module: nn.Module, key: str) -> bool:
+    return key in dict(module.named_parameters())
+
+
+# -- registry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config_cls: type[MethodConfig]
+    model_cls: type[Method]
+    description: str
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config_cls: type[MethodConfig], model_cls: type[Method], description: str) -> None:
+    """Register a method under a unique lower-case name (``fpt_plus``, ``lora``...)."""
+    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+        raise ValueError(f"method names are lower-case letters, digits and underscores, got {name!r}")
+    if name in _METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    if not issubclass(config_cls, MethodConfig) or not issubclass(model_cls, Method):
+        raise TypeError(f"method {name!r}: config must subclass MethodConfig and model must subclass Method")
+    model_cls.name = name
+    _METHODS[name] = MethodEntry(name, config_cls, model_cls, description)
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodEntry:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def make_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
+    """A flat dict (a trial's config) to the method's config; unrelated keys are ignored."""
+    return get_method(name).config_cls.from_dict(values or {})
+
+
+def build_method(name: str, values: dict[str, Any] | MethodConfig | None = None) -> Method:
+    entry = get_method(name)
+    config = values if isinstance(values, MethodConfig) else entry.config_cls.from_dict(values or {})
+    return entry.model_cls(config)
+
+
+def save_config(config: MethodConfig, path: Path) -> None:
+    path.write_text(config.to_json())

@@ -1,0 +1,50 @@
+"""Linear probe: a frozen backbone and one trainable linear layer on its pooled feature.
+
+The frozen path has no augmentation, so the pooled feature of every image is
+preloaded once and a trial only trains the head (the cheapest baseline of the
+FPT and cross-domain works).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medsweep.trainables.backbones import build_backbone, feature_dim, pooled_features
+from medsweep.trainables.methods.base import ImageInput, Method, MethodConfig, register_method
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    """Linear probe; no fields beyond the common ones."""
+
+
+class LinearProbe(Method):
+    preloadable = True
+
+    def __init__(self, config: LinearConfig) -> None:
+        super().__init__(config)
+        self.backbone = build_backbone(config.backbone, config.image_size).freeze()
+        self.encoder = self.backbone.model  # registered as a submodule so counts include it
+        self.head = nn.Linear(feature_dim(self.backbone), config.num_classes)
+
+    def image_inputs(self) -> dict[str, ImageInput]:
+        return {"pixel_values": ImageInput(self.config.image_size, augment=False)}
+
+    def feature_keys(self) -> tuple[str, ...]:
+        return ("pooled",)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.encoder]
+
+    @torch.no_grad()
+    def frozen_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": pooled_features(self.backbone, pixel_values)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.features(batch)["pooled"])
+
+
+register_method("linear", LinearConfig, LinearProbe, "linear probe on the frozen backbone's pooled feature")
