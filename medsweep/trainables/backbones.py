@@ -198,6 +198,30 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def backbone_identity(name_or_path: str, image_size: int | None = None, seed: int = 0) -> str:
+    """The :attr:`Backbone.identity` a build would give, without building the model."""
+    if name_or_path in _REGISTRY:
+        entry = _REGISTRY[name_or_path]
+        config = entry.make_config()
+        if entry.family in ("vit", "clip"):
+            config.image_size = image_size or entry.image_size
+        return f"{name_or_path}-s{seed}-{_config_digest(config)}"
+    path = Path(name_or_path).expanduser()
+    return f"dir-{_weights_digest(path)}" if path.is_dir() else f"hub-{name_or_path}"
+
+
+def backbone_normalisation(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the backbone's weights expect, without building the model."""
+    if name_or_path in _REGISTRY:
+        entry = _REGISTRY[name_or_path]
+        return entry.mean, entry.std
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(str(path))
+        return _normalisation_of(str(path), _FAMILY_BY_MODEL_TYPE.get(config.model_type, "vit"))
+    return HALF_MEAN, HALF_STD
+
+
 def build_backbone(name_or_path: str, image_size: int | None = None, seed: int = 0) -> Backbone:
     """Build or load a backbone by registered name, local directory or hub id.
 
@@ -217,8 +241,7 @@ def build_backbone(name_or_path: str, image_size: int | None = None, seed: int =
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _MODEL_CLASSES[entry.family](config)
-        identity = f"{name_or_path}-s{seed}-{_config_digest(config)}"
-        return Backbone(model, entry.family, entry.mean, entry.std, size, identity)
+        return Backbone(model, entry.family, entry.mean, entry.std, size, backbone_identity(name_or_path, size, seed))
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -128,6 +128,16 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def begin_epoch(self, epoch: int) -> float | None:
+        """Called by the loop before each epoch (0-based); a method with stages changes itself here.
+
+        Return None to go on. Return a factor to start a new stage: the loop then
+        reloads the best weights so far, rebuilds the optimizer over the
+        now-trainable parameters at ``lr * factor`` and restarts the schedule
+        (cross-domain staged fine-tuning returns 0.1 when it unfreezes).
+        """
+        return None
+
     def frozen_modules(self) -> list[nn.Module]:
         """Submodules that never train; kept in eval mode by :meth:`train`."""
         return []

@@ -1,0 +1,246 @@
+"""The preload store: per-split Parquet shards of everything a method's trials read.
+
+A store holds, for every image of a dataset, the tensors one method consumes:
+uint8 images at the sizes the method asks for and the frozen backbone's
+features (float16 by default). It is written once by the preload step and
+only read afterwards (by Ray Data in a sweep, by pyarrow in benchmarks).
+
+Layout under ``<cache_dir>/stores/<key>/``::
+
+    store.json                   key inputs, column specs, per-split rows/shards (written last)
+    train/part-00000.parquet     shards of at most ``rows_per_shard`` rows
+    train/part-00000.sha256      checksum of the finished shard (written after it)
+    val/...  test/...
+
+Tensor columns are Arrow ``binary`` values holding the raw little-endian bytes
+of one sample's tensor; shapes and dtypes live in ``store.json``. Fixed-shape
+bytes decode with one ``np.frombuffer`` per batch, and the files stay readable
+by pyarrow alone.
+
+Why the pieces exist: the key covers everything that changes the tensors, so a
+stale store can never be read; a shard without a matching checksum is redone,
+so an interrupted preload resumes where it stopped and a corrupted shard is
+rebuilt instead of silently training on garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medsweep.errors import StoreError
+
+STORE_FORMAT = 1
+LABEL = "label"
+INDEX = "index"
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One tensor column: per-sample shape and numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def store_key(parts: dict[str, Any]) -> str:
+    """Content address of a store: a hash of every input that changes its tensors."""
+    blob = json.dumps({"format": STORE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PreloadStore:
+    """A store folder; see the module docstring for its layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "store.json"
+
+    def is_complete(self) -> bool:
+        return self.meta_path.is_file()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if not self.is_complete():
+            raise StoreError(f"preload store {self.root} is incomplete; run `medsweep preload` again to finish it")
+        return json.loads(self.meta_path.read_text())
+
+    @property
+    def columns(self) -> list[ColumnSpec]:
+        return [ColumnSpec(c["name"], tuple(c["shape"]), c["dtype"]) for c in self.meta["columns"]]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.meta["task"] == "multilabel"
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / split / name for name in self.meta["splits"][split]["shards"]]
+
+    def num_rows(self, split: str) -> int:
+        return int(self.meta["splits"][split]["rows"])
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.parquet"))
+
+    def bytes_per_image(self) -> int:
+        return sum(c.nbytes for c in self.columns)
+
+    # -- integrity --------------------------------------------------------------
+    def verify(self, split: str | None = None) -> list[Path]:
+        """Shards whose checksum does not match (corrupted, truncated, missing)."""
+        splits = [split] if split else list(self.meta["splits"])
+        bad = []
+        for name in splits:
+            for shard in self.shard_paths(name):
+                if not _shard_ok(shard):
+                    bad.append(shard)
+        return bad
+
+
+def _checksum_path(shard: Path) -> Path:
+    return shard.with_suffix(".sha256")
+
+
+def _shard_ok(shard: Path) -> bool:
+    check = _checksum_path(shard)
+    return shard.is_file() and check.is_file() and check.read_text().strip() == _sha256(shard)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+class StoreWriter:
+    """Writes a store shard by shard; finished shards survive an interruption.
+
+    Usage: for each split, :meth:`pending_shards` says which shard indices still
+    need writing; :meth:`write_shard` writes one atomically with its checksum;
+    :meth:`finish` writes ``store.json`` once every shard is there.
+    """
+
+    def __init__(self, root: Path, columns: list[ColumnSpec], task: str, key_parts: dict[str, Any]) -> None:
+        self.store = PreloadStore(root)
+        self.columns = columns
+        self.task = task
+        self.key_parts = key_parts
+        root.mkdir(parents=True, exist_ok=True)
+
+    def pending_shards(self, split: str, num_shards: int) -> list[int]:
+        return [i for i in range(num_shards) if not _shard_ok(self.store.root / split / shard_name(i))]
+
+    def write_shard(
+        self,
+        split: str,
+        index: int,
+        indices: np.ndarray,
+        labels: np.ndarray,
+        tensors: dict[str, np.ndarray],
+    ) -> Path:
+        """Write one shard: ``indices`` [n], ``labels`` [n] or [n, C], ``tensors[col]`` [n, *shape]."""
+        arrays: dict[str, pa.Array] = {INDEX: pa.array(indices.astype(np.int64))}
+        if labels.ndim == 1:
+            arrays[LABEL] = pa.array(labels.astype(np.int64))
+        else:
+            arrays[LABEL] = pa.FixedSizeListArray.from_arrays(pa.array(labels.astype(np.float32).ravel()), labels.shape[1])
+        for spec in self.columns:
+            values = np.ascontiguousarray(tensors[spec.name], dtype=spec.dtype)
+            if values.shape[1:] != spec.shape:
+                raise ValueError(f"column {spec.name}: expected per-sample shape {spec.shape}, got {values.shape[1:]}")
+            arrays[spec.name] = pa.array([row.tobytes() for row in values], type=pa.binary())
+        folder = self.store.root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / shard_name(index)
+        tmp = final.with_suffix(".parquet.tmp")
+        pq.write_table(pa.table(arrays), tmp, compression="none", row_group_size=max(1, len(indices)))
+        os.replace(tmp, final)
+        _checksum_path(final).write_text(_sha256(final))
+        return final
+
+    def finish(self, split_rows: dict[str, int], split_shards: dict[str, int], extra: dict[str, Any]) -> PreloadStore:
+        meta = {
+            "format": STORE_FORMAT,
+            "key": self.store.key,
+            "key_parts": self.key_parts,
+            "task": self.task,
+            "columns": [asdict(c) for c in self.columns],
+            "splits": {
+                split: {"rows": split_rows[split], "shards": [shard_name(i) for i in range(split_shards[split])]}
+                for split in split_rows
+            },
+            **extra,
+        }
+        tmp = self.store.meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, self.store.meta_path)
+        return self.store
+
+
+def discard_shard(shard: Path) -> None:
+    """Remove a bad shard so the next preload rewrites it (and the store is marked incomplete)."""
+    shard.unlink(missing_ok=True)
+    _checksum_path(shard).unlink(missing_ok=True)
+    meta = shard.parent.parent / "store.json"
+    meta.unlink(missing_ok=True)
+
+
+def list_stores(cache_dir: Path) -> list[PreloadStore]:
+    folder = Path(cache_dir) / "stores"
+    return sorted((PreloadStore(p) for p in folder.iterdir() if p.is_dir()), key=lambda s: s.key) if folder.is_dir() else []
+
+
+def remove_store(store: PreloadStore) -> None:
+    shutil.rmtree(store.root, ignore_errors=True)
+
+
+def decode_columns(batch: dict[str, np.ndarray], columns: Iterable[ColumnSpec]) -> dict[str, np.ndarray]:
+    """Binary tensor columns of a numpy batch (object arrays of bytes) to ``[n, *shape]`` arrays."""
+    out: dict[str, np.ndarray] = {}
+    for spec in columns:
+        raw = batch[spec.name]
+        out[spec.name] = np.frombuffer(bytearray().join(raw), dtype=spec.dtype).reshape(len(raw), *spec.shape)
+    return out
+
+
+def iter_parquet_batches(paths: list[Path], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Read shards with pyarrow alone (no Ray): used by ``medsweep train`` tests and benchmarks."""
+    for path in paths:
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            yield {name: column_to_numpy(record_batch.column(name)) for name in record_batch.schema.names}
+
+
+def column_to_numpy(column: pa.Array) -> np.ndarray:
+    if pa.types.is_fixed_size_list(column.type):
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    if pa.types.is_binary(column.type):
+        return np.array(column.to_pylist(), dtype=object)
+    return column.to_numpy()

@@ -1,0 +1,250 @@
+"""The one training loop, for every method, for a sweep trial and for `medsweep train`.
+
+It reads top to bottom: build the method from the flat config, set up the
+optimizer and a per-iteration cosine schedule, restore a checkpoint if there
+is one, then per epoch: (stage hook) -> train -> validate -> checkpoint ->
+report. Whoever runs it (a Ray Tune trial in Train local mode, Ray Train DDP
+workers, a plain process) hands it a :class:`TrialIO`; the loop itself knows
+nothing about Ray, so it is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsweep.datasets.store import LABEL, ColumnSpec, decode_columns
+from medsweep.trainables.backbones import backbone_normalisation
+from medsweep.trainables.config import TrainConfig
+from medsweep.trainables.inputs import model_inputs, steps_per_epoch
+from medsweep.trainables.memory import step_memory_bytes
+from medsweep.trainables.methods import Method, build_method
+from medsweep.trainables.metrics import classification_metrics
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DIVERGENCE_LOSS = 1e4
+
+
+class TrialIO(Protocol):
+    """What the loop needs from its runner."""
+
+    world_size: int
+    rank: int
+    columns: list[ColumnSpec]
+
+    def num_rows(self, split: str) -> int: ...
+
+    def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterable[dict[str, np.ndarray]]:
+        """Numpy batches of this worker's rows of ``split`` (train: a disjoint shard per worker)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None:
+        """A local folder holding the last reported checkpoint, if the trial is resuming."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Wrap for data parallelism (DDP) where there are several workers."""
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores."""
+
+    epoch: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    lr_factor: float = 1.0
+    stage_start: int = 0
+    train_step_seconds: float = 0.0
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def make_optimizer(method: Method, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    groups = method.param_groups(cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if cfg.optimizer == "adam":  # L2 through weight_decay, as the cross-domain and TTL code
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then per-iteration cosine decay to 0 (FPT and LoRA-medical both do this)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def device_for_trial() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str, Any]:
+    """Train ``config["method"]`` with the flat ``config``; report every epoch through ``io``.
+
+    Returns the last reported metrics. A loss that turns non-finite (or
+    explodes past ``DIVERGENCE_LOSS``) ends the trial with ``status: diverged``.
+    """
+    cfg = TrainConfig.from_dict(config)
+    torch.manual_seed(cfg.seed)
+    method = build_method(config["method"], config)
+    task = method.config.task
+    device = device_for_trial()
+    method.to(device)
+    model = io.prepare_model(method)
+    mean, std = backbone_normalisation(method.config.backbone)
+    stored_names = {c.name for c in io.columns}
+    images = {k: v for k, v in method.image_inputs().items() if k in stored_names}
+    features = tuple(k for k in method.feature_keys() if k in stored_names)
+    per_worker_batch = max(1, cfg.batch_size // io.world_size)
+    steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
+    learnable, total = method.parameter_counts()
+
+    state = LoopState()
+    restored = io.latest_checkpoint()
+    blob = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=False) if restored else None
+    if blob is not None:
+        state = blob["state"]
+        _replay_stages(method, state.epoch)
+        method.load_state_dict(blob["model"], strict=False)
+    optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
+    if blob is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng"])
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + io.rank)
+
+    def batch_of(arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        decoded = decode_columns(arrays, io.columns)
+        inputs = model_inputs(decoded, images, features, mean, std, device, generator if train else None)
+        return inputs, torch.from_numpy(np.asarray(arrays[LABEL])).to(device)
+
+    memory_bytes: int | None = None
+    metrics: dict[str, Any] = {}
+    for epoch in range(state.epoch, cfg.epochs):
+        factor = method.begin_epoch(epoch)
+        if factor is not None:  # a new stage: restart from the best weights at a scaled lr
+            state.lr_factor *= factor
+            state.stage_start = epoch
+            if state.best_state:
+                method.load_state_dict(state.best_state, strict=False)
+            optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
+        epoch_start = time.perf_counter()
+        model.train()
+        losses: list[float] = []
+        for arrays in io.batches("train", per_worker_batch, epoch, shuffle=True):
+            step_start = time.perf_counter()
+            inputs, labels = batch_of(arrays, train=True)
+            if memory_bytes is None:
+                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task), cfg.optimizer, device)
+                optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), labels, task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            state.train_step_seconds += time.perf_counter() - step_start
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task)
+        diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
+        improved = not diverged and math.isfinite(val["auc"]) and val["auc"] > state.best_auc
+        if improved:
+            state.best_auc, state.best_epoch = val["auc"], epoch
+            state.best_state = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
+        state.epoch = epoch + 1
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            **{f"val_{k}": v for k, v in val.items()},
+            "best_val_auc": state.best_auc if math.isfinite(state.best_auc) else float("nan"),
+            "best_epoch": state.best_epoch + 1,
+            "learnable_params": learnable,
+            "total_params": total,
+            "learnable_pct": 100.0 * learnable / total,
+            "peak_mem_mb": (memory_bytes or 0) / 2**20,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "train_step_seconds": state.train_step_seconds,
+            "status": "diverged" if diverged else "running",
+        }
+        checkpoint_dir = None
+        if io.rank == 0 and not diverged:
+            checkpoint_dir = _save(checkpoint_root / f"epoch-{epoch + 1:04d}", method, optimizer, scheduler, state)
+        io.report(metrics, checkpoint_dir)
+        if diverged:
+            break
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of, task: str) -> dict[str, float]:
+    """Loss and classification metrics over every batch (eval mode, no augmentation)."""
+    model.eval()
+    all_logits, all_labels, losses = [], [], []
+    for arrays in batches:
+        inputs, labels = batch_of(arrays, train=False)
+        logits = model(inputs)
+        losses.append(loss_fn(logits, labels, task).item() * len(labels))
+        all_logits.append(logits.float().cpu().numpy())
+        all_labels.append(labels.cpu().numpy())
+    logits_np, labels_np = np.concatenate(all_logits), np.concatenate(all_labels)
+    return {"loss": float(np.sum(losses) / len(labels_np)), **classification_metrics(logits_np, labels_np, task)}
+
+
+def _save(folder: Path, method: Method, optimizer, scheduler, state: LoopState) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": method.trainable_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "rng": torch.get_rng_state(),
+        },
+        folder / CHECKPOINT_FILE,
+    )
+    return folder
+
+
+def _optimizer_for_stage(method: Method, cfg: TrainConfig, state: LoopState, steps: int):
+    """Optimizer and schedule of the current stage (warm-up only in the first)."""
+    optimizer = make_optimizer(method, cfg, cfg.lr * state.lr_factor)
+    warmup = int(cfg.warmup_epochs * steps) if state.stage_start == 0 else 0
+    return optimizer, cosine_schedule(optimizer, warmup, (cfg.epochs - state.stage_start) * steps)
+
+
+def _replay_stages(method: Method, epochs_done: int) -> None:
+    """Put a staged method into the stage it was in after ``epochs_done`` epochs."""
+    for epoch in range(epochs_done):
+        method.begin_epoch(epoch)
+
+
+def load_trained(method_name: str, config: dict[str, Any], checkpoint: Path) -> Method:
+    """A method rebuilt from its flat config with a checkpoint's learnable weights."""
+    method = build_method(method_name, config)
+    blob = torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    _replay_stages(method, blob["state"].epoch)
+    method.load_state_dict(blob["model"], strict=False)
+    return method

@@ -1,0 +1,79 @@
+"""Validation and test metrics, as the works report them.
+
+Multi-class: macro one-vs-rest AUC on softmax probabilities, accuracy, macro
+F1/precision/recall and quadratic kappa (graded labels such as DR grades).
+Multi-label: mean AUC over the labels that have both outcomes in the split
+(NIH ChestX-ray14 style). The FPT paper's efficiency scores PPE and PME are
+here too because the leaderboard ranks by them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
+    """Metrics of ``logits`` [N, C] against ``labels`` ([N] class ids or [N, C] 0/1)."""
+    if task == "multilabel":
+        return _multilabel(logits, labels)
+    return _multiclass(logits, labels.astype(np.int64))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _multiclass(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    num_classes = logits.shape[1]
+    probs = _softmax(logits.astype(np.float64))
+    preds = probs.argmax(axis=1)
+    present = np.unique(labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(present) < 2:
+            auc = float("nan")
+        elif num_classes == 2:
+            auc = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            # One-vs-rest per class present in this split, averaged (macro).
+            aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+            auc = float(np.mean(aucs))
+        return {
+            "auc": auc,
+            "accuracy": float(accuracy_score(labels, preds)),
+            "f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+            "precision": float(precision_score(labels, preds, average="macro", zero_division=0)),
+            "recall": float(recall_score(labels, preds, average="macro", zero_division=0)),
+            "kappa": float(cohen_kappa_score(labels, preds, weights="quadratic")) if len(present) > 1 else 0.0,
+        }
+
+
+def _multilabel(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    aucs = [
+        roc_auc_score(labels[:, c], probs[:, c])
+        for c in range(labels.shape[1])
+        if 0 < labels[:, c].sum() < len(labels)
+    ]
+    preds = (probs >= 0.5).astype(np.int64)
+    return {
+        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "accuracy": float((preds == labels).mean()),
+        "f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+    }
+
+
+def ppe(score: float, learnable_pct: float) -> float:
+    """Performance-parameter efficiency (FPT paper): score * exp(-log10(r/100 + 1)), r in percent."""
+    return score * math.exp(-math.log10(learnable_pct / 100 + 1))
+
+
+def pme(score: float, memory: float, memory_full: float) -> float:
+    """Performance-memory efficiency (FPT paper): score * exp(-log10(m/m_full + 1))."""
+    return score * math.exp(-math.log10(memory / memory_full + 1))
