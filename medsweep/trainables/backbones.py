@@ -240,7 +240,10 @@ def build_backbone(name_or_path: str, image_size: int | None = None, seed: int =
             config.image_size = size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _MODEL_CLASSES[entry.family](config)
+            # ViT's pooler (dense + tanh over CLS) is never read by any method; leaving it
+            # out keeps it out of parameter counts.
+            kwargs = {"add_pooling_layer": False} if entry.family == "vit" else {}
+            model = _MODEL_CLASSES[entry.family](config, **kwargs)
         return Backbone(model, entry.family, entry.mean, entry.std, size, backbone_identity(name_or_path, size, seed))
 
     path = Path(name_or_path).expanduser()
@@ -267,6 +270,8 @@ def _load_pretrained(source: str, identity: str) -> Backbone:
         raise ConfigError(f"backbone {source!r} has model type {config.model_type!r}; supported: ViT, CLIP, ConvNeXt, ResNet")
     if config.model_type == "clip":
         model = CLIPVisionModel.from_pretrained(source)
+    elif family == "vit":
+        model = ViTModel.from_pretrained(source, add_pooling_layer=False)
     else:
         model = AutoModel.from_pretrained(source)
     mean, std = _normalisation_of(source, family)

@@ -137,7 +137,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     def batch_of(arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         decoded = decode_columns(arrays, io.columns)
         inputs = model_inputs(decoded, images, features, mean, std, device, generator if train else None)
-        return inputs, torch.from_numpy(np.asarray(arrays[LABEL])).to(device)
+        return inputs, torch.tensor(arrays[LABEL], device=device)
 
     memory_bytes: int | None = None
     metrics: dict[str, Any] = {}

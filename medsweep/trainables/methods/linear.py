@@ -3,6 +3,12 @@
 The frozen path has no augmentation, so the pooled feature of every image is
 preloaded once and a trial only trains the head (the cheapest baseline of the
 FPT and cross-domain works).
+
+A BatchNorm without affine parameters standardises the feature before the
+head, as MAE's and DINO's linear-probing protocols do: frozen features can sit
+at any scale (a randomly initialised tiny ViT's CLS varies by ~0.03), and
+without it one learning rate cannot suit every backbone. It adds no learnable
+parameters.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class LinearProbe(Method):
         super().__init__(config)
         self.backbone = build_backbone(config.backbone, config.image_size).freeze()
         self.encoder = self.backbone.model  # registered as a submodule so counts include it
+        self.norm = nn.BatchNorm1d(feature_dim(self.backbone), affine=False)
         self.head = nn.Linear(feature_dim(self.backbone), config.num_classes)
 
     def image_inputs(self) -> dict[str, ImageInput]:
@@ -44,7 +51,7 @@ class LinearProbe(Method):
         return {"pooled": pooled_features(self.backbone, pixel_values)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.features(batch)["pooled"])
+        return self.head(self.norm(self.features(batch)["pooled"]))
 
 
 register_method("linear", LinearConfig, LinearProbe, "linear probe on the frozen backbone's pooled feature")

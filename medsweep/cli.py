@@ -1,0 +1,290 @@
+"""The ``medsweep`` command.
+
+Subcommands: ``sweep`` (the main job; no arguments runs the built-in demo),
+``best`` (the answer of a finished sweep), ``train`` (one run of one config,
+the same loop as a trial), ``preload`` (build or list preload stores),
+``params`` and ``probe`` (what a method costs), ``spaces show`` (a method's
+space and recommended point).
+
+Bad input raises :class:`medsweep.errors.MedsweepError` somewhere below; it is
+printed here as one line and the command exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medsweep.errors import MedsweepError
+
+DEFAULT_CACHE = Path(".medsweep-cache")
+# Config keys that describe the data, backbone or budget rather than a choice the search made.
+NOT_HYPERPARAMETERS = ("method", "backbone", "image_size", "num_classes", "task", "epochs", "seed", "workers")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2) instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"medsweep: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` overrides, values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    fixed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MedsweepError(f"--set expects key=value, got {pair!r}")
+        fixed[key.strip()] = yaml.safe_load(value)
+    return fixed
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="vit-small-demo", help="registered name, save_pretrained folder or hub id")
+    parser.add_argument("--image-size", type=int, default=128, help="input size of the backbone / frozen path")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where preload stores and the synthetic set live")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="medsweep", description="Find the best PETL method and hyperparameters for a medical image dataset.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sweep = sub.add_parser("sweep", help="run a sweep (no arguments: the built-in synthetic demo)")
+    sweep.add_argument("--dataset", default="synthetic", help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
+    sweep.add_argument("--method", action="append", dest="methods", help="method to sweep (repeatable); default fpt_plus and linear")
+    sweep.add_argument("--trials", type=int, default=8, help="number of trials (recommended points first, then TPE)")
+    sweep.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (ASHA stops weak trials sooner)")
+    sweep.add_argument("--fraction", type=float, default=None, help="label fraction of the training set in percent (1, 10, 100...)")
+    sweep.add_argument("--grace-period", type=int, default=2, help="epochs every trial runs before ASHA may stop it")
+    sweep.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction each trial reserves (default 0.25 with GPUs, else 0)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sweep.add_argument("--workers", type=int, default=1, help="DDP workers for full fine-tuning trials")
+    sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
+    sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
+    sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    _add_common(sweep)
+
+    best = sub.add_parser("best", help="print the best configuration per dataset and method of a finished sweep")
+    best.add_argument("dir", type=Path)
+    best.add_argument("--json", action="store_true")
+
+    train = sub.add_parser("train", help="train one configuration (the loop a trial runs), without a sweep")
+    train.add_argument("--dataset", default="synthetic")
+    train.add_argument("--method", required=True)
+    train.add_argument("--epochs", type=_positive_int, default=6)
+    train.add_argument("--lr", type=float, default=None, help="default: the method's recommended learning rate")
+    train.add_argument("--batch-size", type=_positive_int, default=16)
+    train.add_argument("--out", type=Path, default=None, help="where to write metrics.jsonl, config.json, checkpoints")
+    _add_common(train)
+
+    pre = sub.add_parser("preload", help="build the preload store of a method over a dataset, or list stores")
+    pre.add_argument("--dataset", default="synthetic")
+    pre.add_argument("--method", default="fpt_plus")
+    pre.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
+    pre.add_argument("--list", action="store_true", help="list stores in the cache with their sizes")
+    _add_common(pre)
+
+    params = sub.add_parser("params", help="total and learnable parameters of a method")
+    params.add_argument("--method", required=True)
+    params.add_argument("--num-classes", type=_positive_int, default=5)
+    params.add_argument("--json", action="store_true")
+    _add_common(params)
+
+    probe = sub.add_parser("probe", help="peak memory of one training step")
+    probe.add_argument("--method", required=True)
+    probe.add_argument("--batch-size", type=_positive_int, default=16)
+    probe.add_argument("--num-classes", type=_positive_int, default=5)
+    probe.add_argument("--json", action="store_true")
+    _add_common(probe)
+
+    spaces = sub.add_parser("spaces", help="search spaces and recommended points")
+    spaces_sub = spaces.add_subparsers(dest="spaces_command", required=True, parser_class=_Parser)
+    show = spaces_sub.add_parser("show", help="print a method's space and recommended starting point")
+    show.add_argument("method")
+    show.add_argument("--dataset", default=None)
+    show.add_argument("--fraction", type=float, default=None, help="label fraction in percent (1, 10, 100)")
+    show.add_argument("--weights", default=None, help="LoRA-medical pretrained weights: mrm or cxr_mae")
+    show.add_argument("--json", action="store_true")
+    return parser
+
+
+def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[str, Any]:
+    return {"method": method, "backbone": args.backbone, "image_size": args.image_size, "seed": args.seed, **extra, **_set_pairs(args.set)}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import DEFAULT_METHODS, SweepSettings, run_sweep
+
+    settings = SweepSettings(
+        dataset=args.dataset,
+        methods=args.methods or list(DEFAULT_METHODS),
+        trials=args.trials,
+        max_epochs=args.max_epochs,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        workers=args.workers,
+        wandb=args.wandb,
+        seed=args.seed,
+        out=args.out,
+        cache_dir=args.cache_dir,
+        address=args.address,
+        grace_period=args.grace_period,
+        fraction=args.fraction,
+        fixed=_set_pairs(args.set),
+    )
+    run_sweep(settings, SweepConsole(quiet=args.quiet))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from medsweep.search.export import read_best
+
+    best = read_best(args.dir)
+    if args.json:
+        print(json.dumps(best, indent=2, default=str))
+        return 0
+    for dataset, entry in best.items():
+        print(f"{dataset}: best method {entry['best_method']}")
+        for method, item in entry["per_method"].items():
+            val, config = item["validation"], item["config"]
+            searched = {k: v for k, v in config.items() if k not in NOT_HYPERPARAMETERS}
+            print(
+                f"  {method:<10} val AUC {val['best_val_auc']:.4f}  learnable {val.get('learnable_pct', float('nan')):.3g}%  "
+                f"trial {item['trial_id']}  {searched}"
+            )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from medsweep.datasets import load_dataset
+    from medsweep.search.console import SweepConsole
+    from medsweep.spaces import recommended
+    from medsweep.trainables.runner import train_once
+
+    console = SweepConsole()
+    spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
+    console.dataset(spec)
+    config = {**recommended(args.method, dataset=spec.name), **_method_config(args, args.method)}
+    config.update(epochs=args.epochs, batch_size=args.batch_size, **({"lr": args.lr} if args.lr else {}))
+    out = args.out or Path("runs") / f"{args.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+    def on_epoch(m: dict[str, Any]) -> None:
+        console.console.print(
+            f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+            f"val_auc {m['val_auc']:.4f}  val_acc {m['val_accuracy']:.3f}  ({m['epoch_seconds']:.1f} s)"
+        )
+
+    reports = train_once(spec, config, args.cache_dir, out, console.progress, lambda r: console.store_ready(args.method, r), on_epoch)
+    best = max(r["best_val_auc"] for r in reports)
+    console.console.print(f"best val_auc {best:.4f}; config, metrics.jsonl and checkpoints in {out}")
+    return 0
+
+
+def cmd_preload(args: argparse.Namespace) -> int:
+    from medsweep.datasets.store import list_stores
+
+    if args.list:
+        stores = list_stores(args.cache_dir)
+        if not stores:
+            print(f"no preload stores under {args.cache_dir}")
+        for store in stores:
+            state = "complete" if store.is_complete() else "incomplete (resume with `medsweep preload`)"
+            detail = ""
+            if store.is_complete():
+                meta = store.meta
+                rows = sum(s["rows"] for s in meta["splits"].values())
+                detail = f" {meta.get('method')} on {meta.get('dataset')}, {rows} images, {store.bytes_per_image() / 1024:.1f} KiB/image"
+            print(f"{store.key}  {store.size_bytes() / 2**20:8.1f} MB  {state}{detail}")
+        return 0
+    from medsweep.datasets import load_dataset
+    from medsweep.search.console import SweepConsole
+    from medsweep.trainables.methods import build_method
+    from medsweep.trainables.preload import preload
+
+    console = SweepConsole()
+    spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
+    console.dataset(spec)
+    method = build_method(args.method, _method_config(args, args.method, num_classes=spec.num_classes, task=spec.task))
+    result = preload(spec, method, args.cache_dir, feature_dtype=args.feature_dtype, progress=console.progress)
+    console.store_ready(args.method, result)
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from medsweep.trainables.methods import build_method
+
+    method = build_method(args.method, _method_config(args, args.method, num_classes=args.num_classes))
+    learnable, total = method.parameter_counts()
+    report = {"method": args.method, "backbone": args.backbone, "image_size": args.image_size, "learnable": learnable, "total": total, "learnable_pct": 100 * learnable / total}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.method} on {args.backbone} at {args.image_size} px: {learnable:,} learnable of {total:,} parameters ({report['learnable_pct']:.3f}%)")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from medsweep.trainables.probe import probe_memory
+
+    report = probe_memory(_method_config(args, args.method, num_classes=args.num_classes), args.batch_size)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.method} on {args.backbone} at {args.image_size} px, batch {args.batch_size}: peak {report['peak_mb']:.1f} MB ({report['device']})")
+    return 0
+
+
+def cmd_spaces(args: argparse.Namespace) -> int:
+    from medsweep.spaces import describe, format_describe
+
+    desc = describe(args.method, dataset=args.dataset, fraction=args.fraction, weights=args.weights)
+    print(json.dumps(desc, indent=2, default=str) if args.json else format_describe(desc))
+    return 0
+
+
+COMMANDS = {
+    "sweep": cmd_sweep,
+    "best": cmd_best,
+    "train": cmd_train,
+    "preload": cmd_preload,
+    "params": cmd_params,
+    "probe": cmd_probe,
+    "spaces": cmd_spaces,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MedsweepError as error:
+        print(f"medsweep: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medsweep: interrupted; finished work is kept (preload shards, trial checkpoints)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The sweep's answer: a leaderboard (CSV and Parquet) and ``best.yaml``.
+
+One leaderboard row per trial: id, method, every hyperparameter, best
+validation AUC, epochs run, cost (learnable parameters, peak step memory),
+the FPT paper's PPE and PME, and how the trial ended.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from medsweep.datasets.spec import DatasetSpec
+from medsweep.search.space import trial_config
+from medsweep.trainables.metrics import pme, ppe
+
+# Config keys that are plumbing, not hyperparameters.
+INTERNAL_KEYS = ("store_key", "gpus_per_trial", "cpus_per_trial")
+VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
+
+
+def trial_status(error: Any, last: dict[str, Any], max_epochs: int) -> str:
+    if error is not None:
+        return "error"
+    if last.get("status") == "diverged":
+        return "diverged"
+    if int(last.get("epoch", 0)) < max_epochs:
+        return "stopped early"
+    return "completed"
+
+
+def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataFrame:
+    """One row per trial, best first (by best validation AUC)."""
+    rows = []
+    for result in grid:
+        config = {k: v for k, v in trial_config(result.config or {}).items() if k not in INTERNAL_KEYS}
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        last = dict(result.metrics or {})
+        best: dict[str, Any] = {}
+        if not history.empty and "val_auc" in history:
+            best = history.loc[history["val_auc"].fillna(-1).idxmax()].to_dict()
+        best_auc = float(best.get("val_auc", float("nan")))
+        pct = float(last.get("learnable_pct", float("nan")))
+        mem = float(last.get("peak_mem_mb", float("nan")))
+        rows.append(
+            {
+                "trial_id": last.get("trial_id") or Path(result.path).name,
+                **config,
+                "config_json": json.dumps(config, sort_keys=True, default=str),
+                "best_val_auc": best_auc,
+                "best_epoch": int(best.get("epoch", 0)),
+                **{f"best_{m}": float(best.get(m, float("nan"))) for m in VAL_METRICS[1:]},
+                "epochs_run": int(last.get("epoch", 0)),
+                "learnable_params": last.get("learnable_params"),
+                "learnable_pct": pct,
+                "peak_mem_mb": mem,
+                "ppe": ppe(best_auc, pct) if math.isfinite(best_auc) and math.isfinite(pct) else float("nan"),
+                "pme": pme(best_auc, mem, memory_full_mb) if memory_full_mb and math.isfinite(mem) else float("nan"),
+                "train_step_seconds": float(last.get("train_step_seconds", float("nan"))),
+                "trial_seconds": float(last.get("time_total_s", float("nan"))),
+                "status": trial_status(result.error, last, settings.max_epochs),
+            }
+        )
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python for YAML."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+RESULT_COLUMNS = (
+    "best_val_auc",
+    "best_epoch",
+    *(f"best_{m}" for m in VAL_METRICS[1:]),
+    "epochs_run",
+    "learnable_params",
+    "learnable_pct",
+    "peak_mem_mb",
+    "ppe",
+    "pme",
+    "status",
+)
+
+
+def _entry(row: pd.Series) -> dict[str, Any]:
+    """One best.yaml entry: the exact config the trial ran with, then its validation metrics and cost."""
+    metrics = {c: _plain(row[c]) for c in RESULT_COLUMNS if c in row and row[c] == row[c]}
+    return {"trial_id": row["trial_id"], "config": json.loads(row["config_json"]), "validation": metrics}
+
+
+def best_configs(board: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
+    """Best trial per method and overall, with validation metrics and cost."""
+    usable = board[board["status"] != "error"].dropna(subset=["best_val_auc"]) if not board.empty else board
+    per_method = {method: _entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
+    overall = usable.iloc[0]["method"] if not usable.empty else None
+    return {
+        spec.name: {
+            "task": spec.task,
+            "classes": spec.classes,
+            "best_method": overall,
+            "best": dict(per_method[overall]) if overall else None,
+            "per_method": per_method,
+        }
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Write repeated entries out in full (no &id001 anchors): best.yaml is read by people."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -> None:
+    board.to_csv(out / "leaderboard.csv", index=False)
+    board.to_parquet(out / "leaderboard.parquet", index=False)
+    (out / "best.yaml").write_text(yaml.dump(best_configs(board, spec), Dumper=_NoAliasDumper, sort_keys=False))
+
+
+def read_best(out: Path) -> dict[str, Any]:
+    path = Path(out) / "best.yaml"
+    if not path.is_file():
+        from medsweep.errors import ConfigError
+
+        raise ConfigError(f"{out} has no best.yaml; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,54 @@
+"""Bind the pure spaces of :mod:`medsweep.spaces` to one sweep's fixed values.
+
+The spaces package knows methods and published recommendations; a sweep adds
+what is not searched (dataset shape, backbone, epoch budget, its store key,
+resources). :class:`SweepSpace` returns those as define-by-run constants, so
+every trial's config arrives complete and flat keys win over recommended
+constants (the sweep's ``--max-epochs`` over a table's 100 epochs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import BaseTrial
+
+from medsweep.spaces import Space, cross_method_space, points_to_evaluate, replay, to_trial_config, validate
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """A picklable define-by-run space: the method space, then the sweep's fixed values per method."""
+
+    inner: Space
+    fixed: dict[str, dict[str, Any]]
+
+    def __call__(self, trial: BaseTrial) -> dict[str, Any]:
+        constants = self.inner(trial) or {}
+        method = constants.get("method") or trial.params["method"]
+        return {**constants, **self.fixed[method]}
+
+
+def build_search(
+    methods: list[str],
+    fixed: dict[str, dict[str, Any]],
+    *,
+    dataset: str | None = None,
+) -> tuple[SweepSpace, list[dict[str, Any]]]:
+    """The sweep's space and its recommended points (run first), validated before launch."""
+    space = SweepSpace(cross_method_space(methods, dataset=dataset), fixed)
+    points = points_to_evaluate(methods, dataset=dataset)
+    for point in points:
+        config = replay(space, point)
+        validate(config["method"], {k: v for k, v in config.items() if k not in SWEEP_KEYS})
+    return space, points
+
+
+# Keys a sweep adds to every trial config; not part of any method's schema.
+SWEEP_KEYS = ("backbone", "image_size", "num_classes", "task", "store_key", "gpus_per_trial", "cpus_per_trial", "workers")
+
+
+def trial_config(tune_config: dict[str, Any]) -> dict[str, Any]:
+    """The flat config a trial runs with, from Tune's config (prefixed params + constants)."""
+    return to_trial_config(tune_config)
