@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
     sweep.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
+    sweep.add_argument("--search", default="tpe", choices=["tpe", "random"], help="Optuna sampler after the recommended points")
+    sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
+    sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
 
@@ -149,6 +152,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         address=args.address,
         grace_period=args.grace_period,
         fraction=args.fraction,
+        preload_features=not args.no_preload,
+        search=args.search,
+        early_stopping=not args.no_early_stopping,
         fixed=_set_pairs(args.set),
     )
     run_sweep(settings, SweepConsole(quiet=args.quiet))

@@ -65,6 +65,9 @@ class SweepSettings:
     address: str | None = None
     grace_period: int = 2
     fraction: float | None = None
+    preload_features: bool = True
+    search: str = "tpe"
+    early_stopping: bool = True
     fixed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class SweepSettings:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
+        if self.search not in ("tpe", "random"):
+            raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
         if self.fraction is not None and not 0 < self.fraction <= 100:
             raise ConfigError(f"--fraction is a percentage of the training set in (0, 100], got {self.fraction}")
         unknown = [key for key in self.fixed if not any(key in _settable_keys(m) for m in self.methods)]
@@ -149,7 +154,9 @@ def prepare_stores(
     results = {}
     for method_name in settings.methods:
         method = build_method(method_name, fixed_config(settings, spec, method_name))
-        result = preload(spec, method, settings.cache_dir, progress=console.progress)
+        result = preload(
+            spec, method, settings.cache_dir, progress=console.progress, with_features=settings.preload_features
+        )
         console.store_ready(method_name, result)
         results[method_name] = result
     return results

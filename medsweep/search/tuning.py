@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from optuna.samplers import TPESampler
+from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
@@ -132,11 +132,11 @@ def run_tuner(
         metric=METRIC,
         mode="max",
         points_to_evaluate=points,
-        sampler=TPESampler(seed=settings.seed),
+        sampler=TPESampler(seed=settings.seed) if settings.search == "tpe" else RandomSampler(seed=settings.seed),
         study_name=STUDY_NAME,
         storage=JournalStorage(JournalFileBackend(str(out / STUDY_FILE))),
     )
-    scheduler = ASHAScheduler(
+    scheduler = None if not settings.early_stopping else ASHAScheduler(
         time_attr="epoch",
         metric=METRIC,
         mode="max",

@@ -39,32 +39,37 @@ class PreloadResult:
     images_processed: int
 
 
-def store_columns(method: Method, feature_dtype: str) -> list[ColumnSpec]:
-    """The columns a method's store needs: stored images, then frozen features (shapes by a dry run)."""
+def store_columns(method: Method, feature_dtype: str, with_features: bool = True) -> list[ColumnSpec]:
+    """The columns a method's store needs: stored images, then frozen features (shapes by a dry run).
+
+    ``with_features=False`` stores the frozen input image instead, so every
+    trial runs the frozen backbone itself (the baseline preloading is measured against).
+    """
+    with_features = with_features and method.preloadable
     columns = [
         ColumnSpec(name, (3, spec.size, spec.size), "uint8")
-        for name, spec in sorted(method.stored_inputs(preloaded=True).items())
+        for name, spec in sorted(method.stored_inputs(preloaded=with_features).items())
     ]
-    if method.preloadable:
+    if with_features:
         size = method.image_inputs()[method.frozen_input].size
         probe = method.frozen_features(torch.zeros(1, 3, size, size))
         columns += [ColumnSpec(k, tuple(v.shape[1:]), feature_dtype) for k, v in sorted(probe.items())]
     return columns
 
 
-def store_key_parts(spec: DatasetSpec, method: Method, feature_dtype: str) -> dict:
+def store_key_parts(spec: DatasetSpec, method: Method, feature_dtype: str, with_features: bool = True) -> dict:
     """Everything that changes the stored tensors (the cache key's inputs)."""
     config = method.config
     mean, std = backbone_normalisation(config.backbone)
-    frozen = method.preload_key() if method.preloadable else {}
+    with_features = with_features and method.preloadable
     return {
         "dataset": spec.manifest_hash(),
         "task": spec.task,
-        "backbone": backbone_identity(config.backbone, config.image_size) if method.preloadable else None,
-        "method_frozen_path": frozen,
-        "images": {k: v.size for k, v in method.stored_inputs(preloaded=True).items()},
+        "backbone": backbone_identity(config.backbone, config.image_size) if with_features else None,
+        "method_frozen_path": method.preload_key() if with_features else {},
+        "images": {k: v.size for k, v in method.stored_inputs(preloaded=with_features).items()},
         "normalisation": [list(mean), list(std)],
-        "feature_dtype": feature_dtype if method.preloadable else None,
+        "feature_dtype": feature_dtype if with_features else None,
         "resize": "square-bicubic",
     }
 
@@ -78,24 +83,27 @@ def preload(
     batch_size: int = 16,
     splits: tuple[str, ...] = SPLITS,
     progress: Callable[[str, int], Progress] | None = None,
+    with_features: bool = True,
 ) -> PreloadResult:
     """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run.
 
     Args:
         progress: ``progress(description, total)`` returns a callback advanced by
             the number of images done (the CLI passes a rich progress bar).
+        with_features: False stores the frozen input image instead of the
+            frozen features (trials then run the frozen backbone themselves).
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
     started = time.perf_counter()
-    parts = store_key_parts(spec, method, feature_dtype)
+    parts = store_key_parts(spec, method, feature_dtype, with_features)
     root = Path(cache_dir) / "stores" / store_key(parts)
     store = PreloadStore(root)
     if store.is_complete() and not store.verify():
         return PreloadResult(store, True, time.perf_counter() - started, 0)
 
     method.eval()
-    columns = store_columns(method, feature_dtype)
+    columns = store_columns(method, feature_dtype, with_features)
     writer = StoreWriter(root, columns, spec.task, parts)
     rows_per_shard = max(1, min(MAX_ROWS_PER_SHARD, SHARD_TARGET_BYTES // max(1, sum(c.nbytes for c in columns))))
     mean, std = backbone_normalisation(method.config.backbone)
