@@ -22,7 +22,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -34,3 +34,38 @@ def synthetic_root(tmp_path_factory) -> Path:
     from medsweep.datasets import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), seed=0, image_size=64, n_train=90, n_val=45, n_test=30)
+
+
+@pytest.fixture(scope="session")
+def synthetic_spec(synthetic_root):
+    from medsweep.datasets import load_imagefolder
+
+    return load_imagefolder(synthetic_root, name="synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
+    """One real sweep (FPT+ and linear on vit-tiny, 4 trials x 2 epochs, W&B offline), shared by tests.
+
+    Returns (output folder, settings, console text).
+    """
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import SweepSettings, run_sweep
+
+    out = tmp_path_factory.mktemp("sweep")
+    settings = SweepSettings(
+        dataset=str(synthetic_root),
+        methods=["fpt_plus", "linear"],
+        trials=4,
+        max_epochs=2,
+        grace_period=1,
+        backbone="vit-tiny",
+        image_size=64,
+        wandb="offline",
+        out=out,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        fixed={"side_reduction": 2},
+    )
+    console = SweepConsole(record=True)
+    run_sweep(settings, console)
+    return out, settings, console.text()

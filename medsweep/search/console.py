@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,20 @@ def _short(config: dict[str, Any]) -> str:
 class SweepConsole:
     """Prints to stderr-free stdout with rich; quiet=True keeps only the final table (tests)."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, record: bool = False) -> None:
+        """``record=True`` keeps everything printed (for :meth:`text`) instead of writing to the terminal."""
         self.quiet = quiet
-        self.console = Console(highlight=False, quiet=quiet, width=max(120, Console().width))
+        self.console = Console(
+            highlight=False,
+            quiet=quiet,
+            width=max(120, Console().width),
+            record=record,
+            file=io.StringIO() if record else None,
+        )
+
+    def text(self) -> str:
+        """What was printed so far (``record=True`` consoles)."""
+        return self.console.export_text(clear=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray Tune pickles its callbacks with the experiment state (for resume); a

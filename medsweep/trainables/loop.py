@@ -118,7 +118,6 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     features = tuple(k for k in method.feature_keys() if k in stored_names)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
-    learnable, total = method.parameter_counts()
 
     state = LoopState()
     restored = io.latest_checkpoint()
@@ -168,13 +167,14 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
             losses.append(loss.item())
             state.train_step_seconds += time.perf_counter() - step_start
         train_loss = float(np.mean(losses)) if losses else float("nan")
-        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task)
         diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
+        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task)
         improved = not diverged and math.isfinite(val["auc"]) and val["auc"] > state.best_auc
         if improved:
             state.best_auc, state.best_epoch = val["auc"], epoch
             state.best_state = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
         state.epoch = epoch + 1
+        learnable, total = method.parameter_counts()  # a staged method changes them between stages
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,

@@ -17,7 +17,13 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precisi
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
-    """Metrics of ``logits`` [N, C] against ``labels`` ([N] class ids or [N, C] 0/1)."""
+    """Metrics of ``logits`` [N, C] against ``labels`` ([N] class ids or [N, C] 0/1).
+
+    Non-finite logits (a diverged model) give NaN metrics rather than an error.
+    """
+    if not np.isfinite(logits).all():
+        names = ("auc", "accuracy", "f1") if task == "multilabel" else ("auc", "accuracy", "f1", "precision", "recall", "kappa")
+        return {name: float("nan") for name in names}
     if task == "multilabel":
         return _multilabel(logits, labels)
     return _multiclass(logits, labels.astype(np.int64))

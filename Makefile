@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv on first use; torch is pinned to the CPU wheel this project is built with.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test,dashboard]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## the built-in default sweep (synthetic data, FPT+ and linear probe, 8 trials)
+	$(BIN)/medsweep sweep
+
+test: install  ## the whole suite, slow end-to-end tests included (as CI runs it)
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .medsweep-cache sweeps runs

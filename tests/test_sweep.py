@@ -1,0 +1,85 @@
+"""A real sweep end to end: Ray Data, Ray Train local mode, Tune + Optuna + ASHA, W&B offline, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from medsweep.search.sweep import load_study
+from medsweep.spaces import points_to_evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_writes_a_leaderboard_with_one_row_per_trial(tiny_sweep):
+    out, settings, _ = tiny_sweep
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == settings.trials
+    assert board["trial_id"].is_unique
+    assert set(board["method"]) == {"fpt_plus", "linear"}
+    for column in ("lr", "best_val_auc", "epochs_run", "learnable_params", "learnable_pct", "peak_mem_mb", "ppe", "status"):
+        assert column in board, column
+    assert board["status"].isin(["completed", "stopped early"]).all()
+    assert (board["epochs_run"] >= 1).all() and (board["epochs_run"] <= settings.max_epochs).all()
+    assert board["best_val_auc"].is_monotonic_decreasing
+    assert pd.read_parquet(out / "leaderboard.parquet").equals(pd.read_parquet(out / "leaderboard.parquet"))
+    fpt = board[board["method"] == "fpt_plus"]
+    assert (fpt["keep_ratio"] > 0).all() and (fpt["keep_ratio"] <= 1).all()
+
+
+def test_recommended_points_run_first_then_tpe(tiny_sweep):
+    out, settings, _ = tiny_sweep
+    trials = sorted(load_study(out).trials, key=lambda t: t.number)
+    assert len(trials) == settings.trials
+    expected = points_to_evaluate(settings.methods, dataset="synthetic")
+    for trial, point in zip(trials, expected):
+        assert trial.params == pytest.approx(point)
+    # Every trial ran with the sweep's fixed values over the space's constants.
+    for config in pd.read_csv(out / "leaderboard.csv")["config_json"].map(json.loads):
+        assert config["backbone"] == "vit-tiny" and config["epochs"] == settings.max_epochs
+
+
+def test_best_yaml_names_the_best_config_per_method(tiny_sweep):
+    out, _, _ = tiny_sweep
+    (best,) = yaml.safe_load((out / "best.yaml").read_text()).values()
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert best["best_method"] == board.iloc[0]["method"]
+    assert set(best["per_method"]) == {"fpt_plus", "linear"}
+    for method, entry in best["per_method"].items():
+        top = board[board["method"] == method].iloc[0]
+        assert entry["trial_id"] == top["trial_id"]
+        assert entry["validation"]["best_val_auc"] == pytest.approx(top["best_val_auc"])
+        assert entry["config"]["method"] == method
+        assert isinstance(entry["config"]["batch_size"], int)
+
+
+def test_each_trial_streams_to_its_own_offline_wandb_run(tiny_sweep):
+    out, settings, _ = tiny_sweep
+    runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == settings.trials
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert {p.stem.removeprefix("run-") for p in runs} == set(board["trial_id"])
+
+
+def test_console_reports_preload_data_and_trials(tiny_sweep):
+    _, settings, text = tiny_sweep
+    assert "preload fpt_plus: store" in text and "written in" in text
+    assert "materialized in the object store" in text
+    assert text.count("done ") == settings.trials
+    assert "leaderboard" in text
+
+
+def test_second_sweep_on_the_same_inputs_reuses_the_stores(tiny_sweep, tmp_path):
+    from medsweep.datasets import load_dataset
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import prepare_stores
+
+    _, settings, _ = tiny_sweep
+    spec = load_dataset(settings.dataset, cache_dir=settings.cache_dir)
+    console = SweepConsole(record=True)
+    results = prepare_stores(settings, spec, console)
+    assert all(r.reused for r in results.values())
+    assert console.text().count("reused") == 2
