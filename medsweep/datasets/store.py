@@ -7,6 +7,7 @@ only read afterwards (by Ray Data in a sweep, by pyarrow in benchmarks).
 
 Layout under ``<cache_dir>/stores/<key>/``::
 
+    layout.json                  rows per shard (written first: a resumed run keeps the same rows per shard)
     store.json                   key inputs, column specs, per-split rows/shards (written last)
     train/part-00000.parquet     shards of at most ``rows_per_shard`` rows
     train/part-00000.sha256      checksum of the finished shard (written after it)
@@ -43,6 +44,7 @@ from medsweep.errors import StoreError
 STORE_FORMAT = 1
 LABEL = "label"
 INDEX = "index"
+LAYOUT_FILE = "layout.json"
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,11 @@ class PreloadStore:
     def num_rows(self, split: str) -> int:
         return int(self.meta["splits"][split]["rows"])
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*.parquet"))
+    def size_bytes(self, splits: Iterable[str] | None = None) -> int:
+        """Bytes of Parquet on disk (``splits`` only, if given): uncompressed shards, so about their Arrow size."""
+        if splits is None:
+            return sum(p.stat().st_size for p in self.root.rglob("*.parquet"))
+        return sum(p.stat().st_size for split in splits for p in self.shard_paths(split))
 
     def bytes_per_image(self) -> int:
         return sum(c.nbytes for c in self.columns)
@@ -154,6 +159,22 @@ class StoreWriter:
         self.task = task
         self.key_parts = key_parts
         root.mkdir(parents=True, exist_ok=True)
+
+    def claim_layout(self, rows_per_shard: int) -> int:
+        """The store's rows per shard: the one an earlier (interrupted) run recorded, else ``rows_per_shard``.
+
+        Why: a kept shard covers rows ``[i * n, (i + 1) * n)``; a resumed or
+        repaired run that cut shards differently would duplicate some rows and
+        drop others. The first run records ``n``; later runs reuse it even if
+        the shard size they were asked for differs.
+        """
+        path = self.store.root / LAYOUT_FILE
+        if path.is_file():
+            return int(json.loads(path.read_text())["rows_per_shard"])
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"rows_per_shard": rows_per_shard}))
+        os.replace(tmp, path)
+        return rows_per_shard
 
     def pending_shards(self, split: str, num_shards: int) -> list[int]:
         return [i for i in range(num_shards) if not _shard_ok(self.store.root / split / shard_name(i))]
@@ -205,6 +226,11 @@ class StoreWriter:
         return self.store
 
 
+def shard_indices(shard: Path) -> np.ndarray:
+    """The dataset positions a shard holds (its ``index`` column alone, without reading the tensors)."""
+    return pq.read_table(shard, columns=[INDEX]).column(INDEX).to_numpy()
+
+
 def discard_shard(shard: Path) -> None:
     """Remove a bad shard so the next preload rewrites it (and the store is marked incomplete)."""
     shard.unlink(missing_ok=True)
@@ -236,6 +262,31 @@ def iter_parquet_batches(paths: list[Path], batch_size: int) -> Iterator[dict[st
     for path in paths:
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
             yield {name: column_to_numpy(record_batch.column(name)) for name in record_batch.schema.names}
+
+
+def read_shard_batch(batch: pa.Table) -> pa.Table:
+    """The shards named in ``batch``'s ``path`` column, as one table: Ray Data's per-shard read function.
+
+    It lives here, not next to the Ray code that uses it, because Ray imports
+    a map function's module in every read worker: this one needs only pyarrow
+    (~0.5 s), the search package pulls in torch and Ray Train (~10 s here).
+    """
+    return pa.concat_tables([_tensor_labels(pq.read_table(path)) for path in batch.column("path").to_pylist()])
+
+
+def _tensor_labels(table: pa.Table) -> pa.Table:
+    """Multi-label vectors as Arrow's canonical fixed-shape tensor, a zero-copy view of the stored list.
+
+    Why: Ray Data turns a fixed-shape tensor column into one ``[n, C]`` array
+    per batch, but a fixed-size list into an object array of rows, which
+    ``torch.tensor`` rejects.
+    """
+    label = table.column(LABEL)
+    if not pa.types.is_fixed_size_list(label.type):
+        return table
+    tensor_type = pa.fixed_shape_tensor(label.type.value_type, [label.type.list_size])
+    chunks = [pa.ExtensionArray.from_storage(tensor_type, chunk) for chunk in label.chunks]
+    return table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.chunked_array(chunks, type=tensor_type))
 
 
 def column_to_numpy(column: pa.Array) -> np.ndarray:

@@ -16,10 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from medsweep.datasets.images import load_image, resize_square
 from medsweep.datasets.spec import SPLITS, DatasetSpec, Sample
-from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter, store_key
+from medsweep.datasets.store import (
+    ColumnSpec,
+    PreloadStore,
+    StoreWriter,
+    discard_shard,
+    shard_indices,
+    shard_name,
+    store_key,
+)
+from medsweep.errors import DatasetError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
 from medsweep.trainables.methods.base import Method
@@ -33,10 +43,21 @@ Progress = Callable[[int], None]
 
 @dataclass
 class PreloadResult:
+    """What :func:`preload` did.
+
+    ``reused``: the store was complete and every checksum matched, nothing was
+    written. Otherwise ``shards_written`` shards (all of a new store, the
+    missing ones of an interrupted one, the corrupt ones of a damaged one)
+    holding ``images_processed`` images were written. ``skipped_images``: images
+    left out as unreadable (``skip_bad_images``), also reported on reuse.
+    """
+
     store: PreloadStore
     reused: bool
     seconds: float
     images_processed: int
+    shards_written: int = 0
+    skipped_images: int = 0
 
 
 def store_columns(method: Method, feature_dtype: str, with_features: bool = True) -> list[ColumnSpec]:
@@ -84,49 +105,98 @@ def preload(
     splits: tuple[str, ...] = SPLITS,
     progress: Callable[[str, int], Progress] | None = None,
     with_features: bool = True,
+    shard_target_bytes: int = SHARD_TARGET_BYTES,
+    skip_bad_images: bool = False,
 ) -> PreloadResult:
-    """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run.
+    """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run, repairs a damaged one.
+
+    A complete store whose checksums all match is reused. A complete store
+    with corrupt or missing shards loses its ``store.json`` and those shards
+    (so nothing reads it half-repaired), then only they are rewritten. An
+    interrupted store keeps its finished shards and only the missing ones are
+    written.
 
     Args:
         progress: ``progress(description, total)`` returns a callback advanced by
             the number of images done (the CLI passes a rich progress bar).
         with_features: False stores the frozen input image instead of the
             frozen features (trials then run the frozen backbone themselves).
+        shard_target_bytes: about how many bytes one shard holds (a new store
+            only: an existing one keeps the rows per shard it was started with).
+        skip_bad_images: leave unreadable images out of the store (counted in
+            the result and listed in ``store.json``) instead of stopping at the first.
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
+    if shard_target_bytes < 1:
+        raise ValueError(f"shard_target_bytes must be positive, got {shard_target_bytes}")
     started = time.perf_counter()
     parts = store_key_parts(spec, method, feature_dtype, with_features)
     root = Path(cache_dir) / "stores" / store_key(parts)
     store = PreloadStore(root)
-    if store.is_complete() and not store.verify():
-        return PreloadResult(store, True, time.perf_counter() - started, 0)
+    if store.is_complete():
+        bad = store.verify()
+        if not bad:
+            return PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store))
+        for shard in bad:
+            discard_shard(shard)
 
     method.eval()
     columns = store_columns(method, feature_dtype, with_features)
     writer = StoreWriter(root, columns, spec.task, parts)
-    rows_per_shard = max(1, min(MAX_ROWS_PER_SHARD, SHARD_TARGET_BYTES // max(1, sum(c.nbytes for c in columns))))
-    mean, std = backbone_normalisation(method.config.backbone)
-    todo = {
-        split: writer.pending_shards(split, math.ceil(len(spec.splits[split]) / rows_per_shard))
-        for split in splits
-    }
-    total = sum(min(rows_per_shard, len(spec.splits[s]) - i * rows_per_shard) for s in splits for i in todo[s])
+    rows = writer.claim_layout(_rows_per_shard(columns, shard_target_bytes))
+    counts = {split: math.ceil(len(spec.splits[split]) / rows) for split in splits}
+    todo = {split: writer.pending_shards(split, counts[split]) for split in splits}
+    total = sum(min(rows, len(spec.splits[s]) - i * rows) for s in splits for i in todo[s])
     advance = progress(f"preload {method.name} -> {root.name}", total) if progress else (lambda n: None)
+    mean, std = backbone_normalisation(method.config.backbone)
     for split in splits:
         samples = spec.splits[split]
         for shard in todo[split]:
-            chunk = samples[shard * rows_per_shard : (shard + 1) * rows_per_shard]
-            indices = np.arange(shard * rows_per_shard, shard * rows_per_shard + len(chunk))
-            tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance)
-            writer.write_shard(split, shard, indices, _labels(chunk, spec), tensors)
-    shards = {s: math.ceil(len(spec.splits[s]) / rows_per_shard) for s in splits}
+            chunk = samples[shard * rows : (shard + 1) * rows]
+            kept, tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance, skip_bad_images)
+            indices = shard * rows + kept
+            writer.write_shard(split, shard, indices, _labels([chunk[i] for i in kept], spec), tensors)
+    skipped = {split: _skipped_paths(writer.store, spec, split, counts[split]) for split in splits}
     store = writer.finish(
-        {s: len(spec.splits[s]) for s in splits},
-        shards,
-        {"dataset": spec.name, "classes": spec.classes, "method": method.name, "rows_per_shard": rows_per_shard},
+        {s: len(spec.splits[s]) - len(skipped[s]) for s in splits},
+        counts,
+        {
+            "dataset": spec.name,
+            "classes": spec.classes,
+            "method": method.name,
+            "rows_per_shard": rows,
+            "skipped": skipped,
+        },
     )
-    return PreloadResult(store, False, time.perf_counter() - started, total)
+    written = sum(len(shards) for shards in todo.values())
+    return PreloadResult(store, False, time.perf_counter() - started, total, written, _skipped_count(store))
+
+
+def _rows_per_shard(columns: list[ColumnSpec], target_bytes: int) -> int:
+    """Rows that keep a shard near ``target_bytes``, capped so tiny rows still make a few shards."""
+    return max(1, min(MAX_ROWS_PER_SHARD, target_bytes // max(1, sum(c.nbytes for c in columns))))
+
+
+def _skipped_paths(store: PreloadStore, spec: DatasetSpec, split: str, num_shards: int) -> list[str]:
+    """Images of ``split`` no shard holds (left out as unreadable), read back from the shards themselves.
+
+    Why from the shards: shards written by an earlier, interrupted run skipped
+    their own images, and this run has no other record of them.
+    """
+    present = np.zeros(len(spec.splits[split]), dtype=bool)
+    for i in range(num_shards):
+        present[shard_indices(store.root / split / shard_name(i))] = True
+    if len(present) and not present.any():
+        raise DatasetError(
+            f"no image of the {split} split of {spec.name} could be read (first: {spec.splits[split][0].path}); "
+            "fix the files (or the paths the dataset lists) and preload again"
+        )
+    return [str(spec.splits[split][i].path) for i in np.flatnonzero(~present)]
+
+
+def _skipped_count(store: PreloadStore) -> int:
+    return sum(len(paths) for paths in store.meta.get("skipped", {}).values())
 
 
 def _labels(samples: list[Sample], spec: DatasetSpec) -> np.ndarray:
@@ -135,7 +205,6 @@ def _labels(samples: list[Sample], spec: DatasetSpec) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.int64)
 
 
-@torch.no_grad()
 def _shard_tensors(
     method: Method,
     samples: list[Sample],
@@ -144,25 +213,59 @@ def _shard_tensors(
     std: tuple[float, ...],
     batch_size: int,
     advance: Progress,
+    skip_bad_images: bool,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decode, resize and (for preloadable methods) run the frozen path, in mini-batches.
+
+    Returns the positions in ``samples`` of the images kept (all, unless some
+    were unreadable and ``skip_bad_images``) and their tensors.
+    """
+    out: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in columns}
+    kept: list[int] = []
+    for start in range(0, len(samples), batch_size):
+        batch = range(start, min(start + batch_size, len(samples)))
+        positions, pictures = _read_images(samples, batch, skip_bad_images)
+        if pictures:
+            kept += positions
+            for name, values in _batch_tensors(method, pictures, columns, mean, std).items():
+                out[name].append(values)
+        advance(len(batch))
+    return np.array(kept, dtype=np.int64), {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+@torch.no_grad()
+def _batch_tensors(
+    method: Method,
+    pictures: list[Image.Image],
+    columns: list[ColumnSpec],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> dict[str, np.ndarray]:
-    """Decode, resize and (for preloadable methods) run the frozen path, in mini-batches."""
+    """One mini-batch of decoded images to every column: stored images resized, features by the frozen path."""
     image_sizes = {name: spec.size for name, spec in method.image_inputs().items()}
     stored_images = [c.name for c in columns if c.dtype == "uint8" and c.name in image_sizes]
     feature_cols = [c for c in columns if c.name not in stored_images]
-    out: dict[str, list[np.ndarray]] = {c.name: [] for c in columns}
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        pictures = [load_image(s.path) for s in batch]
-        needed = set(stored_images) | ({method.frozen_input} if feature_cols else set())
-        resized = {
-            name: np.stack([resize_square(p, image_sizes[name]).transpose(2, 0, 1) for p in pictures])
-            for name in needed
-        }
-        for name in stored_images:
-            out[name].append(resized[name])
-        if feature_cols:
-            features = method.frozen_features(normalise(torch.from_numpy(resized[method.frozen_input]), mean, std))
-            for col in feature_cols:
-                out[col.name].append(features[col.name].numpy().astype(col.dtype))
-        advance(len(batch))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    needed = set(stored_images) | ({method.frozen_input} if feature_cols else set())
+    resized = {
+        name: np.stack([resize_square(p, image_sizes[name]).transpose(2, 0, 1) for p in pictures]) for name in needed
+    }
+    out = {name: resized[name] for name in stored_images}
+    if feature_cols:
+        features = method.frozen_features(normalise(torch.from_numpy(resized[method.frozen_input]), mean, std))
+        out.update({col.name: features[col.name].numpy().astype(col.dtype) for col in feature_cols})
+    return out
+
+
+def _read_images(samples: list[Sample], positions: range, skip_bad_images: bool) -> tuple[list[int], list[Image.Image]]:
+    """Decode ``samples[positions]``; an unreadable one stops the preload, or is left out with ``skip_bad_images``."""
+    kept: list[int] = []
+    pictures: list[Image.Image] = []
+    for position in positions:
+        try:
+            pictures.append(load_image(samples[position].path))
+        except DatasetError:
+            if not skip_bad_images:
+                raise
+            continue
+        kept.append(position)
+    return kept, pictures
