@@ -1,0 +1,291 @@
+"""The final answer: bootstrap CI, test split kept out of the search, retraining a real sweep's best config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from medsweep.errors import ConfigError
+from medsweep.search.final import (
+    FINAL_JSON,
+    FINAL_YAML,
+    bootstrap_auc_ci,
+    load_settings,
+    predict,
+    probabilities,
+    resampled_auc,
+    retrain_best,
+    run,
+)
+from medsweep.search.sweep import SweepSettings
+from medsweep.trainables.loop import load_trained
+from medsweep.trainables.methods import build_method
+from medsweep.trainables.metrics import classification_metrics
+from medsweep.trainables.preload import PreloadResult, preload
+
+LINEAR = {"method": "linear", "backbone": "vit-tiny", "image_size": 64, "seed": 0}
+
+
+def _labels(n: int = 60, classes: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+def _logits(labels: np.ndarray, seed: int, classes: int = 3, signal: float = 1.5) -> np.ndarray:
+    """Logits that carry some signal about ``labels`` (AUC well above 0.5, below 1), one model per seed."""
+    logits = np.random.default_rng(100 + seed).normal(size=(len(labels), classes))
+    logits[np.arange(len(labels)), labels] += signal
+    return logits
+
+
+# ------------------------------------------------------------------ bootstrap
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_vectorised_auc_matches_the_reported_metric(classes):
+    labels = _labels(classes=classes)
+    logits = np.round(_logits(labels, 0, classes), 1)  # ties, counted half by both
+    expected = classification_metrics(logits, labels, "multiclass")["auc"]
+    got = resampled_auc(probabilities(logits, "multiclass"), labels, "multiclass", np.ones((1, len(labels)), dtype=int))
+    assert got[0] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_resample_counts_give_the_auc_of_the_resampled_images(task):
+    rng = np.random.default_rng(4)
+    if task == "multilabel":
+        labels = (rng.random((40, 3)) < 0.4).astype(np.float32)
+        logits = np.round(rng.normal(size=(40, 3)) + labels, 1)
+    else:
+        labels = _labels(n=40)
+        logits = np.round(_logits(labels, 1), 1)
+    index = rng.integers(0, 40, size=(5, 40))
+    counts = np.stack([np.bincount(row, minlength=40) for row in index])
+    got = resampled_auc(probabilities(logits, task), labels, task, counts)
+    expected = [classification_metrics(logits[row], labels[row], task)["auc"] for row in index]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_vectorised_auc_matches_for_multilabel_and_skips_one_outcome_labels():
+    rng = np.random.default_rng(2)
+    labels = (rng.random((50, 4)) < 0.4).astype(np.float32)
+    labels[:, 3] = 0  # no positive: left out, as in the metric
+    logits = rng.normal(size=(50, 4)) + labels
+    expected = classification_metrics(logits, labels, "multilabel")["auc"]
+    got = resampled_auc(probabilities(logits, "multilabel"), labels, "multilabel", np.ones((1, 50), dtype=int))
+    assert got[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_ci_covers_the_mean_over_seeds_and_is_deterministic():
+    labels = _labels()
+    logits = [_logits(labels, seed) for seed in range(3)]
+    probs = [probabilities(x, "multiclass") for x in logits]
+    point = np.mean([classification_metrics(x, labels, "multiclass")["auc"] for x in logits])
+
+    first = bootstrap_auc_ci(probs, labels, "multiclass", seed=7)
+    again = bootstrap_auc_ci(probs, labels, "multiclass", seed=7)
+    other = bootstrap_auc_ci(probs, labels, "multiclass", seed=8)
+
+    assert first == again
+    assert (first["low"], first["high"]) != (other["low"], other["high"])
+    assert first["point"] == pytest.approx(point)
+    assert first["low"] < first["point"] < first["high"]
+    assert 0.5 < first["low"] and first["high"] < 1.0
+    assert first["resamples_used"] == first["resamples"] == 1000
+
+
+def test_bootstrap_ci_narrows_with_more_test_images():
+    def width(n: int) -> float:
+        labels = _labels(n=n)
+        ci = bootstrap_auc_ci([probabilities(_logits(labels, 0), "multiclass")], labels, "multiclass", resamples=300)
+        return ci["high"] - ci["low"]
+
+    assert width(800) < width(50) / 2
+
+
+# ------------------------------------------------------------------ retraining without Ray
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One preload cache for this module: the linear store is built once, then reused."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _hand_made_sweep(folder: Path, spec, cache: Path, **config) -> SweepSettings:
+    """A sweep folder holding only what retrain_best reads: best.yaml with one linear config."""
+    config = {**LINEAR, "epochs": 2, "lr": 1e-2, "batch_size": 16, **config}
+    entry = {"trial_id": "hand0001", "config": config, "validation": {"best_val_auc": 0.7}}
+    best = {"task": spec.task, "classes": spec.classes, "best_method": "linear", "best": entry, "per_method": {"linear": entry}}
+    (folder / "best.yaml").write_text(yaml.safe_dump({spec.name: best}))
+    return SweepSettings(methods=["linear"], backbone="vit-tiny", image_size=64, out=folder, cache_dir=cache)
+
+
+def test_retrain_best_reports_each_seed_the_mean_and_a_ci(synthetic_spec, cache, tmp_path):
+    document = retrain_best(tmp_path, synthetic_spec, _hand_made_sweep(tmp_path, synthetic_spec, cache), seeds=2)
+    assert yaml.safe_load((tmp_path / FINAL_YAML).read_text()) == json.loads((tmp_path / FINAL_JSON).read_text())
+    method = document[synthetic_spec.name]["methods"]["linear"]
+    assert [s["seed"] for s in method["seeds"]] == [0, 1]
+    assert method["seeds"][0]["test"] != method["seeds"][1]["test"]  # different seeds, different models
+    for seed in method["seeds"]:
+        assert seed["status"] == "ok" and seed["best_epoch"] in (1, 2)
+        logged = [json.loads(line) for line in (tmp_path / seed["checkpoint"]).parent.joinpath("metrics.jsonl").open()]
+        assert [m["epoch"] for m in logged] == [1, 2]  # the full budget
+        assert seed["val"]["auc"] == max(m["val_auc"] for m in logged)
+    assert method["mean"]["test_auc"] == pytest.approx(np.mean([s["test"]["auc"] for s in method["seeds"]]))
+    assert method["test_auc_ci"]["low"] <= method["mean"]["test_auc"] <= method["test_auc_ci"]["high"]
+
+
+def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache, tmp_path):
+    settings = _hand_made_sweep(tmp_path, synthetic_spec, cache, lr=1e12, optimizer="sgd", grad_clip=0.0)
+    method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1)[synthetic_spec.name]["methods"]["linear"]
+    assert method["seeds"][0]["status"] == "diverged" and method["seeds"][0]["test"] == {}
+    assert method["test_auc_ci"] is None and method["mean"] == {}
+
+
+# ------------------------------------------------------------------ the test split stays out of the search
+
+
+def test_search_materializes_only_the_train_and_val_shards(synthetic_spec, cache, monkeypatch):
+    """The search's data step (``tuning.materialize``) never asks the store for a test shard, nor reads one.
+
+    Spies on ``PreloadStore.shard_paths`` (every reader needs it to find a file)
+    and on Ray Data's reader, which is replaced so no Ray starts.
+    """
+    from medsweep.datasets.store import PreloadStore
+    from medsweep.search import tuning
+
+    config = {**LINEAR, "num_classes": synthetic_spec.num_classes}
+    store = preload(synthetic_spec, build_method("linear", config), cache).store
+    asked, read = [], []
+    shard_paths = PreloadStore.shard_paths
+
+    def spy(self, split):
+        asked.append(split)
+        return shard_paths(self, split)
+
+    class _Read:
+        def __init__(self, paths):
+            read.extend(paths)
+
+        def materialize(self):
+            return self
+
+    monkeypatch.setattr(PreloadStore, "shard_paths", spy)
+    monkeypatch.setattr(tuning.ray.data, "read_parquet", _Read)
+    data = tuning.materialize(PreloadResult(store, True, 0.0, 0))
+
+    assert set(asked) == {"train", "val"}
+    assert set(read) == {str(p) for split in ("train", "val") for p in shard_paths(store, split)}
+    assert set(data.datasets) == set(data.rows) == {"train", "val"}
+
+
+def test_missing_best_yaml_is_a_one_line_error(synthetic_spec, tmp_path):
+    with pytest.raises(ConfigError, match="no best.yaml") as error:
+        retrain_best(tmp_path, synthetic_spec, SweepSettings(methods=["linear"], out=tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_zero_seeds_is_refused(synthetic_spec, tmp_path):
+    with pytest.raises(ConfigError, match="at least 1 seed"):
+        retrain_best(tmp_path, synthetic_spec, SweepSettings(methods=["linear"], out=tmp_path), seeds=0)
+
+
+def test_missing_sweep_json_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="no sweep.json"):
+        load_settings(tmp_path)
+
+
+# ------------------------------------------------------------------ a real sweep
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_sweep, tmp_path_factory):
+    """A copy of the shared tiny sweep, after ``medsweep final DIR --per-method`` (3 seeds)."""
+    source, _, _ = tiny_sweep
+    out = tmp_path_factory.mktemp("final") / "sweep"
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("wandb"))
+    run(argparse.Namespace(dir=out, seeds=3, per_method=True, cache_dir=None))
+    return out
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_final_yaml_has_three_seeds_with_test_metrics_and_a_ci(finished):
+    document = yaml.safe_load((finished / FINAL_YAML).read_text())
+    assert _strict_json((finished / FINAL_JSON).read_text()) == json.loads(json.dumps(document))  # same content
+    (dataset, entry), = document.items()
+    best = yaml.safe_load((finished / "best.yaml").read_text())[dataset]
+    assert entry["best_method"] == best["best_method"]
+    assert set(entry["methods"]) == set(best["per_method"]) == {"fpt_plus", "linear"}
+    for name, method in entry["methods"].items():
+        assert method["config"] == best["per_method"][name]["config"]
+        assert [s["seed"] for s in method["seeds"]] == [0, 1, 2]
+        for seed in method["seeds"]:
+            assert seed["status"] == "ok"
+            assert 1 <= seed["best_epoch"] <= method["config"]["epochs"]
+            assert {"auc", "accuracy", "f1", "kappa"} <= set(seed["test"])
+            assert all(math.isfinite(v) for v in seed["test"].values())
+            assert (finished / seed["checkpoint"] / "checkpoint.pt").is_file()
+            assert not (finished / seed["checkpoint"]).parent.joinpath("epochs").exists()  # superseded epochs gone
+        ci = method["test_auc_ci"]
+        assert ci["point"] == pytest.approx(method["mean"]["test_auc"])
+        assert ci["low"] <= ci["point"] <= ci["high"]
+        assert ci["resamples"] == 1000
+        assert method["cost"]["learnable_params"] > 0 and method["cost"]["train_seconds_total"] > 0
+
+
+@pytest.mark.slow
+def test_the_kept_checkpoint_is_the_best_validation_epoch(finished):
+    settings = load_settings(finished)
+    entry = next(iter(yaml.safe_load((finished / FINAL_YAML).read_text()).values()))["methods"]["fpt_plus"]
+    seed = entry["seeds"][0]
+    config = {**entry["config"], "seed": seed["seed"]}
+    store = preload(_spec(settings), build_method("fpt_plus", config), settings.cache_dir).store
+    logits, labels = predict(load_trained("fpt_plus", config, finished / seed["checkpoint"]), store, "val")
+    assert classification_metrics(logits, labels, config["task"])["auc"] == pytest.approx(seed["val"]["auc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_test_metrics_appear_only_in_the_final_files(finished):
+    def keys(value):
+        if isinstance(value, dict):
+            return set(value) | {k for v in value.values() for k in keys(v)}
+        if isinstance(value, list):
+            return {k for v in value for k in keys(v)}
+        return set()
+
+    assert not [c for c in pd.read_csv(finished / "leaderboard.csv").columns if "test" in c]
+    assert not [k for k in keys(yaml.safe_load((finished / "best.yaml").read_text())) if "test" in str(k)]
+    for progress in (finished / "ray" / "tune").glob("trial-*/progress.csv"):
+        assert not [c for c in pd.read_csv(progress, nrows=0).columns if "test" in c]
+    assert "test_auc" in keys(yaml.safe_load((finished / FINAL_YAML).read_text()))
+
+
+@pytest.mark.slow
+def test_report_of_a_finished_sweep_shows_the_final_results(finished):
+    from medsweep.search.report import write_report
+
+    page = write_report(finished)
+    text = page.read_text()
+    assert "Final test results" in text and "Not run yet" not in text
+    assert "(final_test.png)" in text and (page.parent / "final_test.png").is_file()
+
+
+def _spec(settings: SweepSettings):
+    from medsweep.datasets import load_dataset
+
+    return load_dataset(settings.dataset, cache_dir=settings.cache_dir, seed=settings.seed, synthetic_size=settings.image_size)
