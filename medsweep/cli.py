@@ -13,6 +13,7 @@ printed here as one line and the command exits with code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--search", default="tpe", choices=["tpe", "random"], help="Optuna sampler after the recommended points")
     sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
     sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
+    sweep.add_argument("--final-seeds", type=int, default=3, help="retrain the best config with N seeds and test it once (0: skip)")
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
 
@@ -124,7 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--fraction", type=float, default=None, help="label fraction in percent (1, 10, 100)")
     show.add_argument("--weights", default=None, help="LoRA-medical pretrained weights: mrm or cxr_mae")
     show.add_argument("--json", action="store_true")
+
+    final = sub.add_parser("final", help="retrain a finished sweep's best configuration with several seeds and test it once")
+    final.add_argument("dir", type=Path, help="output folder of a finished sweep")
+    final.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    final.add_argument("--per-method", action="store_true", help="also retrain each other method's best configuration")
+    final.add_argument("--cache-dir", type=Path, default=None, help="preload cache (default: the sweep's)")
+
+    report = sub.add_parser("report", help="write a report (Markdown or HTML with plots) of a finished sweep")
+    report.add_argument("dir", type=Path, help="output folder of a finished sweep")
+    report.add_argument("--format", choices=["md", "html"], default="md")
     return parser
+
+
+# Commands whose code lives beside what they drive: module.run(args), imported only when used
+# (importing torch and Ray costs seconds; `medsweep --help` should not).
+MODULE_COMMANDS = {"final": "medsweep.search.final", "report": "medsweep.search.report"}
 
 
 def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[str, Any]:
@@ -283,6 +300,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in MODULE_COMMANDS:
+            return importlib.import_module(MODULE_COMMANDS[args.command]).run(args)
         return COMMANDS[args.command](args)
     except MedsweepError as error:
         print(f"medsweep: error: {error}", file=sys.stderr)

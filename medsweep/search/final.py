@@ -446,17 +446,6 @@ def load_settings(out: Path) -> SweepSettings:
     return SweepSettings(**{**{k: v for k, v in saved.items() if k in known}, "out": Path(out)})
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``medsweep final DIR``: the final retrain of a finished sweep (run_sweep can also do it at its end)."""
-    parser = subparsers.add_parser(
-        "final", help="retrain a finished sweep's best configuration with several seeds and test it once"
-    )
-    parser.add_argument("dir", type=Path, help="output folder of a finished sweep")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--per-method", action="store_true", help="also retrain each other method's best configuration")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="preload cache (default: the sweep's)")
-
-
 def run(args: argparse.Namespace) -> int:
     from medsweep.datasets import load_dataset
 

@@ -485,12 +485,6 @@ def _dataset_name(out: Path) -> str:
     return "?"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="write a report (Markdown or HTML with plots) of a finished sweep")
-    parser.add_argument("dir", type=Path, help="output folder of a finished sweep")
-    parser.add_argument("--format", choices=["md", "html"], default="md")
-
-
 def run(args: argparse.Namespace) -> int:
     page = write_report(args.dir, args.format)
     print(f"report written to {page} (plots and {PARETO_CSV} beside it)")
