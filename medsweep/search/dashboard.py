@@ -1,0 +1,52 @@
+"""``medsweep dashboard DIR``: browse a sweep's Optuna study in optuna-dashboard, during or after the sweep.
+
+The searcher writes every trial (its parameters, each epoch's ``val_auc`` as
+an intermediate value, the final value or FAIL) to the journal file
+``<out>/optuna-study.log``; optuna-dashboard reads the same file, so the
+dashboard needs no database, and it follows a running sweep as trials come
+in (the journal is append-only and read under its lock). The server is bound
+to 127.0.0.1 unless told otherwise: a dashboard can edit a study's notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medsweep.errors import ConfigError, MedsweepError
+
+
+def sweep_storage(out: Path):
+    """The sweep's study storage; a folder without a study is bad input."""
+    from medsweep.search.sweep import STUDY_FILE, study_storage  # imported here: `medsweep --help` must stay fast
+
+    if not (Path(out) / STUDY_FILE).is_file():
+        raise ConfigError(f"{out} has no {STUDY_FILE}; pass the --out folder of a sweep (the study is written once its search starts)")
+    return study_storage(out)
+
+
+def serve(out: Path, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the sweep's study until interrupted."""
+    storage = sweep_storage(out)
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise ConfigError("optuna-dashboard is not installed; install it with `pip install 'medsweep[dashboard]'`") from None
+    print(f"optuna-dashboard of {out}: http://{host}:{port}/dashboard (Ctrl-C stops it)", flush=True)
+    try:
+        run_server(storage, host=host, port=port)
+    except OSError as error:
+        raise MedsweepError(f"cannot serve on {host}:{port} ({error.strerror or error}); pick another --port") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``medsweep dashboard DIR [--port 8080] [--host 127.0.0.1]``."""
+    parser = subparsers.add_parser("dashboard", help="browse a sweep's Optuna study in optuna-dashboard")
+    parser.add_argument("dir", type=Path, help="the sweep's output folder")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+
+
+def run(args: argparse.Namespace) -> int:
+    serve(args.dir, args.host, args.port)
+    return 0

@@ -1,0 +1,117 @@
+"""``medsweep resume DIR``: finish a sweep whose driver died (SIGKILL, a lost head node, a closed session).
+
+What a resume reuses and what it redoes:
+
+* ``sweep.json`` gives back the same :class:`SweepSettings`; the dataset and
+  the preload stores are loaded the same way as by ``medsweep sweep`` (the
+  stores are found by cache key and reused, nothing is preloaded twice);
+* the stores are materialized again: the dead driver's object references are
+  gone with it;
+* Tune restores the experiment in ``<out>/ray/tune``: finished trials keep
+  their results and are never run again; unfinished and errored trials start
+  again from their last checkpoint (the loop restores it through
+  ``ray.tune.get_checkpoint``); the restored searcher continues the same
+  Optuna study and its sample counter, so the sweep ends with exactly
+  ``--trials`` trials (see :mod:`medsweep.search.tuning` for why the searcher
+  is restored by Tune rather than rebuilt);
+* if the driver died before Tune saved its experiment, the search starts
+  afresh on the same study, whose recommended points are already waiting in
+  its journal and are not enqueued a second time.
+
+Optuna trials that the dead driver had asked for after Tune's last
+experiment snapshot are unknown to the restored experiment and would stay
+``RUNNING`` in the study for ever; once the resumed search is over they are
+marked ``FAIL`` so that the dashboard and the sampler see no phantom trials.
+
+Tune's saved experiment records absolute paths (the study file inside the
+pickled searcher, the W&B folder inside the pickled callback): resume a sweep
+where it ran, not from a moved or copied folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medsweep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import SweepSettings
+
+# medsweep.search.sweep (torch, transformers) and Ray are imported inside the functions:
+# `medsweep --help` builds this module's parser and must not pay for them.
+
+
+def load_settings(out: Path) -> SweepSettings:
+    """The settings a sweep saved in ``sweep.json``, with ``out`` set to where the folder is now."""
+    path = Path(out) / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"{out} has no sweep.json; pass the --out folder of a sweep started with `medsweep sweep`")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); repair it, or run the sweep again with `medsweep sweep`") from None
+    from medsweep.search.sweep import SweepSettings
+
+    unknown = sorted(set(saved) - set(SweepSettings.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"{path} has settings this medsweep does not know ({', '.join(unknown)}); resume with the version that wrote it")
+    return SweepSettings(**{**saved, "out": Path(out)})
+
+
+def fail_orphaned_trials(out: Path) -> int:
+    """Mark the study's trials still ``RUNNING`` after the search ended as ``FAIL``; returns how many."""
+    from optuna.trial import TrialState
+
+    from medsweep.search.sweep import load_study
+
+    study = load_study(out)
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in orphans:
+        study.tell(trial.number, state=TrialState.FAIL)
+    return len(orphans)
+
+
+def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
+    """Continue the sweep in ``out`` to its planned number of trials, then write its answer."""
+    settings = load_settings(out)
+    from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import prepare_stores, sweep_dataset, write_answer
+
+    console = console or SweepConsole()
+    spec = sweep_dataset(settings)
+    console.dataset(spec)
+    tuning.start_ray(settings)
+    stores = prepare_stores(settings, spec, console)
+    if tuning.can_resume(settings):
+        console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")
+        grid = tuning.resume_tuner(settings, stores, console)
+    else:
+        console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
+        grid = tuning.run_tuner(settings, spec, stores, console)
+    orphans = fail_orphaned_trials(settings.out)
+    if orphans:
+        console.console.print(f"[bold]resume[/] {orphans} Optuna trial(s) asked for by the interrupted driver marked FAIL")
+    write_answer(grid, settings, spec, console)
+    return settings.out
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``medsweep resume DIR [--quiet]``."""
+    parser = subparsers.add_parser(
+        "resume",
+        help="continue an interrupted sweep: finished trials are kept, unfinished ones restart from their last checkpoint",
+    )
+    parser.add_argument("dir", type=Path, help="the sweep's output folder (the one holding sweep.json)")
+    parser.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medsweep.search.console import SweepConsole
+
+    resume_sweep(args.dir, SweepConsole(quiet=args.quiet))
+    return 0

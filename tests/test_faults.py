@@ -1,0 +1,323 @@
+"""Faults a long sweep meets, injected for real: a killed driver, a killed trial, a NaN loss, a lost node.
+
+Every process is killed with SIGKILL at a chosen moment, found by what it
+is: the ``medsweep sweep`` driver is the process group this test started;
+a trial is the Tune actor (``ray::ImplicitFunc``) whose working directory
+Tune named ``trial-<trial id>``; a node is a ``ray.cluster_utils.Cluster``
+worker. Each test waits until the sweep has saved what the fault must not
+lose (a finished trial, a trial checkpoint), then kills, then checks what
+came back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from medsweep.errors import ConfigError
+from medsweep.search import resume
+from medsweep.search.console import SweepConsole
+from medsweep.search.sweep import SweepSettings, load_study, run_sweep
+from medsweep.spaces import points_to_evaluate
+
+EPOCHS = 3
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    from medsweep.datasets import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("faults-data"), seed=0, image_size=32, n_train=45, n_val=30, n_test=15)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One preload cache for the module: the linear store is written once and reused."""
+    return tmp_path_factory.mktemp("faults-cache")
+
+
+def _sweep_argv(root: Path, out: Path, cache: Path, trials: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "medsweep.cli", "sweep",
+        "--dataset", str(root), "--method", "linear", "--trials", str(trials), "--max-epochs", str(EPOCHS),
+        "--backbone", "vit-tiny", "--image-size", "32", "--wandb", "disabled", "--no-early-stopping",
+        "--out", str(out), "--cache-dir", str(cache), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    """The trial's reported results, as Tune's driver wrote them (``result.json``, one line each)."""
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _trial_dirs(out: Path) -> list[Path]:
+    return sorted((out / "ray" / "tune").glob("trial-*"))
+
+
+def _checkpointed_early(out: Path) -> list[Path]:
+    """Trials with a checkpoint and at least two epochs still to run. A trial runs at most one report
+    ahead of the driver that writes ``result.json``, so a trial seen here cannot finish before a kill
+    that follows at once (seen with one epoch left: the last report was already on its way)."""
+    return [t for t in _trial_dirs(out) if list(t.glob("checkpoint_*")) and 0 < len(_results(t)) <= EPOCHS - 2]
+
+
+def _finished(out: Path) -> list[Path]:
+    return [t for t in _trial_dirs(out) if any(r["epoch"] == EPOCHS for r in _results(t))]
+
+
+def _start_driver(argv: list[str], log: Path) -> subprocess.Popen:
+    """A ``medsweep`` process in its own process group (so it can be killed whole), logging to a file."""
+    with log.open("w") as sink:
+        return subprocess.Popen(argv, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _wait_for(inject: Callable[[], bool], timeout: float, driver: subprocess.Popen, log: Path) -> None:
+    """Call ``inject`` until it reports that it injected its fault; fail if the driver ends first."""
+    deadline = time.monotonic() + timeout
+    while not inject():
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before the fault could be injected:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no fault moment within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _trial_processes(root_pid: int) -> dict[str, psutil.Process]:
+    """Tune trial actors under ``root_pid``, by trial id (their working directory is ``trial-<id>``)."""
+    found = {}
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ImplicitFunc"):
+                found[Path(proc.cwd()).name.removeprefix("trial-")] = proc
+        except psutil.Error:  # exited while we looked
+            continue
+    return found
+
+
+def _kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group, then any of its descendants that live in other groups (Ray workers)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _restored_from_checkpoint(results: list[dict]) -> bool:
+    """A report that is the first since a restore but not epoch 1: the loop resumed from a checkpoint."""
+    return any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for r in results)
+
+
+def _resume_args(out: Path) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="medsweep")
+    resume.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["resume", str(out), "--quiet"])
+
+
+def test_resume_names_the_fix_when_the_folder_holds_no_sweep(tmp_path):
+    with pytest.raises(ConfigError, match="has no sweep.json; pass the --out folder") as error:
+        resume.run(_resume_args(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path):
+    """SIGKILL the ``medsweep sweep`` process group once one trial has finished and the next holds a
+    checkpoint; ``medsweep resume`` must end with exactly the planned trials, none run twice."""
+    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials), log)
+    before: dict[str, str] = {}  # finished trial folder -> its result.json at the kill
+    interrupted: list[str] = []
+
+    def kill_driver_after_a_finished_and_a_checkpointed_trial() -> bool:
+        finished, early = _finished(out), _checkpointed_early(out)
+        if not (finished and early):
+            return False
+        _kill_process_group(driver)
+        before.update({t.name: (t / "result.json").read_text() for t in finished})
+        interrupted.extend(t.name for t in early)
+        return True
+
+    try:
+        _wait_for(kill_driver_after_a_finished_and_a_checkpointed_trial, 400, driver, log)
+    finally:
+        if driver.poll() is None:
+            _kill_process_group(driver)
+    assert driver.returncode == -signal.SIGKILL
+
+    assert resume.run(_resume_args(out)) == 0
+
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) == {"completed"}
+    assert (board["epochs_run"] == EPOCHS).all()
+    ids = {f"trial-{i}" for i in board["trial_id"]}
+    assert interrupted and set(before) | set(interrupted) <= ids
+    for name, text in before.items():  # a finished trial is read back, never run again
+        assert (out / "ray" / "tune" / name / "result.json").read_text() == text
+    for name in interrupted:  # an interrupted trial continues from its checkpoint
+        assert _restored_from_checkpoint(_results(out / "ray" / "tune" / name))
+    study = load_study(out)
+    states = [t.state.name for t in study.trials]
+    # An Optuna trial asked for after Tune's last snapshot is unknown to the restored run: it may be
+    # left over as FAIL (resume marks such orphans), never as RUNNING, and never counts as a trial.
+    assert states.count("COMPLETE") == trials and "RUNNING" not in states
+    (recommended,) = points_to_evaluate(["linear"])
+    assert sum(t.params == recommended for t in study.trials) == 1  # not enqueued again on resume
+    assert yaml.safe_load((out / "best.yaml").read_text())[tiny_root.name]["best_method"] == "linear"
+
+
+def _tiny_settings(root: Path, out: Path, cache: Path, methods: list[str], trials: int, **extra) -> SweepSettings:
+    return SweepSettings(
+        dataset=str(root),
+        methods=methods,
+        trials=trials,
+        max_epochs=EPOCHS,
+        backbone="vit-tiny",
+        image_size=32,
+        wandb="disabled",
+        out=out,
+        cache_dir=cache,
+        early_stopping=False,
+        **extra,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded_diverged(
+    ray_session, tiny_root, cache_dir, tmp_path
+):
+    """Two faults inside one sweep (one sweep instead of two keeps the suite short).
+
+    NaN: LoRA with ``alpha`` 1e30 (its update scaled by 1e30 / rank) turns its loss NaN in the first
+    epoch; it must end as ``diverged``, not ``error``, and the sweep must go on to the adapter trial.
+    ``lr`` itself cannot be fixed: it is searched, and a ``--set`` of a searched key is refused.
+    ``batch_size`` 16 is the adapter's own constant and gives LoRA three steps per epoch (at its
+    default 64 it takes one step an epoch and does not blow up in time).
+
+    Killed trial: the adapter trial's process (its Tune actor) is SIGKILLed after its first
+    checkpoint; Tune's ``max_failures`` starts it again and the loop restores the checkpoint
+    through ``ray.tune.get_checkpoint``.
+    """
+    settings = _tiny_settings(
+        tiny_root, tmp_path / "sweep", cache_dir, ["lora", "adapter"], trials=2, fixed={"alpha": 1e30, "batch_size": 16}
+    )
+    killed: list[str] = []
+
+    def kill_first_checkpointed_trial() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            running = _trial_processes(os.getpid())
+            for trial_dir in _checkpointed_early(settings.out):
+                trial_id = trial_dir.name.removeprefix("trial-")
+                if trial_id in running:
+                    running[trial_id].kill()
+                    killed.append(trial_id)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_first_checkpointed_trial, daemon=True)
+    killer.start()
+    run_sweep(settings, SweepConsole(quiet=True))
+    killer.join(timeout=5)
+
+    board = pd.read_csv(settings.out / "leaderboard.csv").set_index("method")
+    assert sorted(board.index) == ["adapter", "lora"]  # the sweep went on after the NaN trial
+    lora, adapter = board.loc["lora"], board.loc["adapter"]
+    assert lora["status"] == "diverged" and lora["epochs_run"] == 1 and math.isnan(lora["best_val_auc"])
+    assert not list((settings.out / "ray" / "tune" / f"trial-{lora['trial_id']}").glob("checkpoint_*"))  # NaN is never saved
+    assert killed == [adapter["trial_id"]], "the adapter trial was not caught between its first checkpoint and its end"
+    assert adapter["status"] == "completed" and adapter["epochs_run"] == EPOCHS
+    results = _results(settings.out / "ray" / "tune" / f"trial-{killed[0]}")
+    assert _restored_from_checkpoint(results)
+    assert sorted({r["epoch"] for r in results}) == list(range(1, EPOCHS + 1))
+    states = sorted(t.state.name for t in load_study(settings.out).trials)
+    assert states == ["COMPLETE", "FAIL"]  # Optuna refuses a NaN value: the diverged trial is FAIL, not RUNNING
+    assert yaml.safe_load((settings.out / "best.yaml").read_text())[tiny_root.name]["best_method"] == "adapter"
+
+
+def _hold_cluster(conn) -> None:
+    """In its own process (Cluster changes Ray's process-wide state): a head without CPUs, so every
+    trial runs on a worker, and two one-CPU workers; removes, without grace, the worker it is told to."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * MB})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * MB) for _ in range(2)]
+    conn.send((cluster.address, [node.all_processes["raylet"][0].process.pid for node in workers]))
+    while (message := conn.recv()) != "shutdown":
+        cluster.remove_node(workers[message], allow_graceful=False)
+        conn.send("removed")
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root, cache_dir, tmp_path):
+    """``medsweep sweep --address`` on a 3-node local cluster; the worker node running a trial that has
+    checkpointed is removed mid-trial; the trial restarts from that checkpoint on the other worker."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    keeper = context.Process(target=_hold_cluster, args=(child_conn,), daemon=True)
+    keeper.start()
+    driver = None
+    removed: list[str] = []
+    try:
+        assert conn.poll(120), "the local cluster did not start in 120 s"
+        address, raylets = conn.recv()
+        out, trials, log = tmp_path / "sweep", 2, tmp_path / "driver.log"
+        driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--address", address), log)
+
+        def remove_node_of_checkpointed_trial() -> bool:
+            for index, raylet in enumerate(raylets):
+                running = _trial_processes(raylet)
+                for trial_dir in _checkpointed_early(out):
+                    if trial_dir.name.removeprefix("trial-") in running:
+                        conn.send(index)
+                        assert conn.poll(60) and conn.recv() == "removed"
+                        removed.append(trial_dir.name)
+                        return True
+            return False
+
+        _wait_for(remove_node_of_checkpointed_trial, 400, driver, log)
+        assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        if driver is not None and driver.poll() is None:
+            _kill_process_group(driver)
+        conn.send("shutdown")
+        keeper.join(timeout=60)
+        if keeper.is_alive():
+            keeper.kill()
+
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) == {"completed"}
+    assert _restored_from_checkpoint(_results(out / "ray" / "tune" / removed[0]))
