@@ -40,16 +40,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _set_pairs(pairs: list[str]) -> dict[str, Any]:
-    """``--set key=value`` overrides, values parsed as YAML scalars (numbers, booleans, strings)."""
+def _scalar(text: str) -> Any:
+    """A ``--set`` value: int, then float (``1e-4``, which YAML 1.1 reads as a string), then YAML."""
     import yaml
 
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` overrides (numbers, booleans, strings)."""
     fixed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MedsweepError(f"--set expects key=value, got {pair!r}")
-        fixed[key.strip()] = yaml.safe_load(value)
+        fixed[key.strip()] = _scalar(value)
     return fixed
 
 
@@ -59,6 +69,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where preload stores and the synthetic set live")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a report (Markdown or HTML with plots) of a finished sweep")
     report.add_argument("dir", type=Path, help="output folder of a finished sweep")
     report.add_argument("--format", choices=["md", "html"], default="md")
+
+    for name in ("resume", "dashboard", "sync"):  # these modules import nothing heavy at the top
+        importlib.import_module(MODULE_COMMANDS[name]).add_parser(sub)
     return parser
 
 
 # Commands whose code lives beside what they drive: module.run(args), imported only when used
 # (importing torch and Ray costs seconds; `medsweep --help` should not).
-MODULE_COMMANDS = {"final": "medsweep.search.final", "report": "medsweep.search.report"}
+MODULE_COMMANDS = {
+    "final": "medsweep.search.final",
+    "report": "medsweep.search.report",
+    "resume": "medsweep.search.resume",
+    "dashboard": "medsweep.search.dashboard",
+    "sync": "medsweep.search.sync",
+}
 
 
 def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[str, Any]:
@@ -170,6 +190,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         fraction=args.fraction,
         preload_features=not args.no_preload,
+        final_seeds=args.final_seeds,
+        skip_bad_images=args.skip_bad_images,
         search=args.search,
         early_stopping=not args.no_early_stopping,
         fixed=_set_pairs(args.set),
@@ -218,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"val_auc {m['val_auc']:.4f}  val_acc {m['val_accuracy']:.3f}  ({m['epoch_seconds']:.1f} s)"
         )
 
-    reports = train_once(spec, config, args.cache_dir, out, console.progress, lambda r: console.store_ready(args.method, r), on_epoch)
+    reports = train_once(spec, config, args.cache_dir, out, console.progress, lambda r: console.store_ready(args.method, r), on_epoch, args.skip_bad_images)
     best = max(r["best_val_auc"] for r in reports)
     console.console.print(f"best val_auc {best:.4f}; config, metrics.jsonl and checkpoints in {out}")
     return 0
@@ -249,7 +271,9 @@ def cmd_preload(args: argparse.Namespace) -> int:
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)
     method = build_method(args.method, _method_config(args, args.method, num_classes=spec.num_classes, task=spec.task))
-    result = preload(spec, method, args.cache_dir, feature_dtype=args.feature_dtype, progress=console.progress)
+    result = preload(
+        spec, method, args.cache_dir, feature_dtype=args.feature_dtype, progress=console.progress, skip_bad_images=args.skip_bad_images
+    )
     console.store_ready(args.method, result)
     return 0
 

@@ -153,38 +153,29 @@ def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache
 # ------------------------------------------------------------------ the test split stays out of the search
 
 
-def test_search_materializes_only_the_train_and_val_shards(synthetic_spec, cache, monkeypatch):
-    """The search's data step (``tuning.materialize``) never asks the store for a test shard, nor reads one.
+def test_search_data_step_reads_only_the_train_and_val_shards(synthetic_spec, cache, monkeypatch, ray_session):
+    """The search's data step (``data.store_data``, real Ray Data) never asks the store for a test shard.
 
-    Spies on ``PreloadStore.shard_paths`` (every reader needs it to find a file)
-    and on Ray Data's reader, which is replaced so no Ray starts.
+    Spies on ``PreloadStore.shard_paths``: every reader needs it to find a file.
     """
     from medsweep.datasets.store import PreloadStore
-    from medsweep.search import tuning
+    from medsweep.search.data import store_data
 
     config = {**LINEAR, "num_classes": synthetic_spec.num_classes}
     store = preload(synthetic_spec, build_method("linear", config), cache).store
-    asked, read = [], []
+    asked = []
     shard_paths = PreloadStore.shard_paths
 
     def spy(self, split):
         asked.append(split)
         return shard_paths(self, split)
 
-    class _Read:
-        def __init__(self, paths):
-            read.extend(paths)
-
-        def materialize(self):
-            return self
-
     monkeypatch.setattr(PreloadStore, "shard_paths", spy)
-    monkeypatch.setattr(tuning.ray.data, "read_parquet", _Read)
-    data = tuning.materialize(PreloadResult(store, True, 0.0, 0))
+    data, _ = store_data(PreloadResult(store, True, 0.0, 0))
 
     assert set(asked) == {"train", "val"}
-    assert set(read) == {str(p) for split in ("train", "val") for p in shard_paths(store, split)}
     assert set(data.datasets) == set(data.rows) == {"train", "val"}
+    assert data.datasets["train"].count() == store.num_rows("train")
 
 
 def test_missing_best_yaml_is_a_one_line_error(synthetic_spec, tmp_path):

@@ -95,17 +95,16 @@ class SweepConsole:
         size_mb = store.size_bytes() / 2**20
         per_image = store.bytes_per_image() / 1024
         how = "reused" if result.reused else f"written in {result.seconds:.1f} s ({result.images_processed} images)"
+        if getattr(result, "skipped_images", 0):
+            how += f", {result.skipped_images} unreadable images skipped"
         self.console.print(
             f"[bold]preload[/] {method}: store {store.key} {how}; {size_mb:.1f} MB, {per_image:.1f} KiB per image"
         )
 
-    def data_ready(self, data: dict[str, Any]) -> None:
-        for key, store in data.items():
-            rows = ", ".join(f"{s} {n}" for s, n in store.rows.items())
-            self.console.print(
-                f"[bold]ray data[/] store {key}: {rows} rows read once and materialized in the object store, "
-                "shared by every trial"
-            )
+    def data_ready(self, decisions: dict[str, str]) -> None:
+        """One line per store: materialized once or streamed each epoch, and why."""
+        for why in decisions.values():
+            self.console.print(f"[bold]ray data[/] {why}")
 
     def trial_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         self.console.print(

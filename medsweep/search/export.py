@@ -100,7 +100,7 @@ def _entry(row: pd.Series) -> dict[str, Any]:
 
 def best_configs(board: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
     """Best trial per method and overall, with validation metrics and cost."""
-    usable = board[board["status"] != "error"].dropna(subset=["best_val_auc"]) if not board.empty else board
+    usable = board[~board["status"].isin(["error", "diverged"])].dropna(subset=["best_val_auc"]) if not board.empty else board
     per_method = {method: _entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
     overall = usable.iloc[0]["method"] if not usable.empty else None
     return {

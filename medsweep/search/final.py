@@ -447,17 +447,11 @@ def load_settings(out: Path) -> SweepSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsweep.datasets import load_dataset
+    from medsweep.search.sweep import sweep_dataset
 
     settings = load_settings(args.dir)
     if args.cache_dir is not None:
         settings.cache_dir = args.cache_dir
-    spec = load_dataset(
-        settings.dataset,
-        cache_dir=settings.cache_dir,
-        seed=settings.seed,
-        fraction=settings.fraction,
-        synthetic_size=settings.image_size,
-    )
+    spec = sweep_dataset(settings)
     retrain_best(args.dir, spec, settings, seeds=args.seeds, console=SweepConsole(), per_method=args.per_method)
     return 0

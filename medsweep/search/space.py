@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.trial import BaseTrial
+from optuna.trial import BaseTrial, FixedTrial
 
-from medsweep.spaces import Space, cross_method_space, points_to_evaluate, replay, to_trial_config, validate
+from medsweep.spaces import Space, cross_method_space, points_to_evaluate, to_trial_config, validate
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ def build_search(
     space = SweepSpace(cross_method_space(methods, dataset=dataset), fixed)
     points = points_to_evaluate(methods, dataset=dataset)
     for point in points:
-        config = replay(space, point)
+        trial = FixedTrial(dict(point))
+        config = trial_config({**trial.params, **space(trial)})
         validate(config["method"], {k: v for k, v in config.items() if k not in SWEEP_KEYS})
     return space, points
 
@@ -50,5 +51,11 @@ SWEEP_KEYS = ("backbone", "image_size", "num_classes", "task", "store_key", "gpu
 
 
 def trial_config(tune_config: dict[str, Any]) -> dict[str, Any]:
-    """The flat config a trial runs with, from Tune's config (prefixed params + constants)."""
-    return to_trial_config(tune_config)
+    """The flat config a trial runs with, from Tune's config (prefixed params + constants).
+
+    A value the sweep fixes (``--set lr=...``) wins over the searched param of
+    the same key (``fpt_plus.lr``): the user's word is final, the sample is dropped.
+    """
+    plain = {key for key in tune_config if "." not in key}
+    kept = {k: v for k, v in tune_config.items() if "." not in k or k.rsplit(".", 1)[-1] not in plain}
+    return to_trial_config(kept)

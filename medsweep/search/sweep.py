@@ -66,6 +66,8 @@ class SweepSettings:
     grace_period: int = 2
     fraction: float | None = None
     preload_features: bool = True
+    final_seeds: int = 0
+    skip_bad_images: bool = False
     search: str = "tpe"
     early_stopping: bool = True
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +93,8 @@ class SweepSettings:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
+        if self.final_seeds < 0:
+            raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
         if self.search not in ("tpe", "random"):
             raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
         if self.fraction is not None and not 0 < self.fraction <= 100:
@@ -121,6 +125,8 @@ def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dic
     """
     keys = _settable_keys(method)
     derived = {"side_image_size": 0} if "side_image_size" in keys else {}
+    if "stage1_epochs" in keys:  # the published stage lengths (25-100 epochs) exceed a sweep's budget
+        derived["stage1_epochs"] = max(1, settings.max_epochs // 2)
     demo = DEMO_FIXED if settings.backbone == DEMO_BACKBONE else {}
     user = {k: v for k, v in {**demo, **settings.fixed}.items() if k in keys}
     return {
@@ -155,25 +161,35 @@ def prepare_stores(
     for method_name in settings.methods:
         method = build_method(method_name, fixed_config(settings, spec, method_name))
         result = preload(
-            spec, method, settings.cache_dir, progress=console.progress, with_features=settings.preload_features
+            spec,
+            method,
+            settings.cache_dir,
+            progress=console.progress,
+            with_features=settings.preload_features,
+            skip_bad_images=settings.skip_bad_images,
         )
         console.store_ready(method_name, result)
         results[method_name] = result
     return results
 
 
-def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> Path:
-    """Run a whole sweep; returns its output folder."""
-    from medsweep.search import export, tuning  # Ray imports only once a sweep really starts
-
-    console = console or SweepConsole()
-    spec = load_dataset(
+def sweep_dataset(settings: SweepSettings) -> DatasetSpec:
+    """The sweep's dataset with its fixed split (loaded the same way by ``medsweep resume``)."""
+    return load_dataset(
         settings.dataset,
         cache_dir=settings.cache_dir,
         seed=settings.seed,
-        fraction=settings.fraction,
+        fraction=settings.fraction / 100 if settings.fraction is not None else None,  # percent on the CLI
         synthetic_size=settings.image_size,
     )
+
+
+def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> Path:
+    """Run a whole sweep; returns its output folder."""
+    from medsweep.search import tuning  # Ray imports only once a sweep really starts
+
+    console = console or SweepConsole()
+    spec = sweep_dataset(settings)
     console.dataset(spec)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
@@ -181,18 +197,36 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> P
     tuning.start_ray(settings)
     stores = prepare_stores(settings, spec, console)
     grid = tuning.run_tuner(settings, spec, stores, console)
-    board = export.leaderboard(grid, settings)
-    export.write_outputs(board, settings, spec, out)
-    console.leaderboard(board, out)
+    write_answer(grid, settings, spec, console)
     return out
+
+
+def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> None:
+    """Leaderboard and best.yaml from a finished Tune run (fresh or resumed), then the table."""
+    from medsweep.search import export
+
+    from medsweep.search import final, report
+
+    board = export.leaderboard(grid, settings)
+    export.write_outputs(board, settings, spec, settings.out)
+    console.leaderboard(board, settings.out)
+    if settings.final_seeds:
+        final.retrain_best(settings.out, spec, settings, seeds=settings.final_seeds, console=console)
+    page = report.write_report(settings.out)
+    console.console.print(f"report: {page}")
+
+
+def study_storage(out: Path) -> optuna.storages.JournalStorage:
+    """The sweep's file-backed Optuna storage (the searcher writes it, ``medsweep dashboard`` reads it)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(Path(out).resolve() / STUDY_FILE)))
 
 
 def load_study(out: Path) -> optuna.Study:
     """The sweep's Optuna study from its file-backed storage."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(out / STUDY_FILE))))
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(out))
 
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]

@@ -39,11 +39,12 @@ def train_once(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     on_store: Callable[[PreloadResult], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] = lambda metrics: None,
+    skip_bad_images: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``config`` on ``spec``; writes ``config.json``, ``metrics.jsonl`` and checkpoints under ``out``."""
     config = {**config, "num_classes": spec.num_classes, "task": spec.task}
     method = build_method(config["method"], config)
-    result = preload(spec, method, cache_dir, progress=progress)
+    result = preload(spec, method, cache_dir, progress=progress, skip_bad_images=skip_bad_images)
     if on_store:
         on_store(result)
     out.mkdir(parents=True, exist_ok=True)
