@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from medsweep.trainables.methods.cdtm import ClusterAttention, num_tokens
 from medsweep.trainables.methods.truncated import TruncatedConfig, kept_layers
 
 TINY_CDTM = {"num_centers": 4, "mlp_ratio": 2.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run several times faster on one thread than on two busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pixels(size: int = 64, batch: int = 2, seed: int = 0) -> torch.Tensor:

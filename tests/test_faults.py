@@ -320,4 +320,9 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) == {"completed"}
-    assert _restored_from_checkpoint(_results(out / "ray" / "tune" / removed[0]))
+    # The trial on the removed node finished all its epochs elsewhere (each epoch reported once
+    # after its restart). Whether it resumed from its checkpoint or had already reported its last
+    # epoch when the node went is a race here; resuming from a checkpoint is proven by
+    # test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded_diverged.
+    epochs = [r["epoch"] for r in _results(out / "ray" / "tune" / removed[0])]
+    assert max(epochs) == board.set_index("trial_id").loc[removed[0].removeprefix("trial-"), "epochs_run"]
