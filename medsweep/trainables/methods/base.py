@@ -168,12 +168,9 @@ class Method(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the learnable tensors: what a checkpoint needs (the frozen part is rebuilt)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names or not _is_param(self, k)}
-
-
-def _is_param(module: nn.Module, key: str) -> bool:
-    return key in dict(module.named_parameters())
+        frozen = {name for name, param in self.named_parameters() if not param.requires_grad}
+        # Buffers (norm statistics...) are kept: they are state the training produced.
+        return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
 
 # -- registry ---------------------------------------------------------------------
