@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _gpus(text: str) -> float | None:
+    """``--gpus-per-trial``: ``auto`` (None: sized per method from its probed memory) or a number."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a number (e.g. 0.25), got {text!r}") from None
+
+
 def _scalar(text: str) -> Any:
     """A ``--set`` value: int, then float (``1e-4``, which YAML 1.1 reads as a string), then YAML."""
     import yaml
@@ -79,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a sweep (no arguments: the built-in synthetic demo)")
     sweep.add_argument("--dataset", default="synthetic", help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
     sweep.add_argument("--method", action="append", dest="methods", help="method to sweep (repeatable); default fpt_plus and linear")
-    sweep.add_argument("--trials", type=int, default=8, help="number of trials (recommended points first, then TPE)")
+    sweep.add_argument("--trials", type=int, default=None, help="number of trials (recommended points first, then TPE); default 8, unbounded with --budget-hours")
+    sweep.add_argument("--budget-hours", type=float, default=None, help="time budget of the search in hours; ends it (with --trials: whichever comes first)")
+    sweep.add_argument("--objective", default="auc", help="auc, or auc with memory and/or params (e.g. auc,memory): a multi-objective search with a Pareto front")
     sweep.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (ASHA stops weak trials sooner)")
     sweep.add_argument("--fraction", type=float, default=None, help="label fraction of the training set in percent (1, 10, 100...)")
     sweep.add_argument("--grace-period", type=int, default=2, help="epochs every trial runs before ASHA may stop it")
-    sweep.add_argument("--gpus-per-trial", type=float, default=None, help="GPU fraction each trial reserves (default 0.25 with GPUs, else 0)")
+    sweep.add_argument("--gpus-per-trial", type=_gpus, default=None, help="GPU fraction each trial reserves, for every method; default auto: sized per method from its probed memory (0 without GPUs)")
     sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
     sweep.add_argument("--workers", type=int, default=1, help="DDP workers for full fine-tuning trials")
     sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
@@ -175,7 +187,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = SweepSettings(
         dataset=args.dataset,
         methods=args.methods or list(DEFAULT_METHODS),
-        trials=args.trials,
+        trials=args.trials if args.trials is not None or args.budget_hours is not None else 8,
+        budget_hours=args.budget_hours,
+        objective=args.objective,
         max_epochs=args.max_epochs,
         backbone=args.backbone,
         image_size=args.image_size,

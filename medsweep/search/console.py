@@ -113,9 +113,11 @@ class SweepConsole:
             f"loss {result.get('train_loss', float('nan')):.3f}"
         )
 
-    def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int) -> None:
+    def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int | None) -> None:
+        """``total`` None: an unbounded search (``--budget-hours`` without ``--trials``), counted without a total."""
         best = (result or {}).get("best_val_auc", float("nan"))
-        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}  ({done}/{total})")
+        count = f"{done}/{total}" if total else f"{done}"
+        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}  ({count})")
 
     def trial_error(self, trial_id: str, config: dict[str, Any], error_file: str) -> None:
         self.console.print(f"[red]error[/] {trial_id} {config.get('method', '?')}: see {error_file}")

@@ -3,6 +3,13 @@
 One leaderboard row per trial: id, method, every hyperparameter, best
 validation AUC, epochs run, cost (learnable parameters, peak step memory),
 the FPT paper's PPE and PME, and how the trial ended.
+
+A multi-objective sweep (``--objective auc,memory``...) also exports its
+Pareto front over the chosen objectives: an ``on_pareto_front`` column in the
+leaderboard, ``pareto.csv`` (those rows) and a ``pareto_front`` list in
+``best.yaml``, whose ``best`` stays the best-AUC trial. The front is taken
+over the trials that ended usable (not ``error`` / ``diverged``), the trials
+the Optuna study holds as COMPLETE, so it is the study's ``best_trials``.
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import pandas as pd
 import yaml
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
 from medsweep.trainables.metrics import pme, ppe
 
 # Config keys that are plumbing, not hyperparameters.
 INTERNAL_KEYS = ("store_key", "gpus_per_trial", "cpus_per_trial")
 VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
+PARETO_CSV = "pareto.csv"
+PARETO_COLUMN = "on_pareto_front"
+UNUSABLE = ("error", "diverged")
 
 
 def trial_status(error: Any, last: dict[str, Any], max_epochs: int) -> str:
@@ -70,7 +81,20 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
     board = pd.DataFrame(rows)
     if board.empty:
         return board
+    if getattr(settings, "multi_objective", False):
+        board[PARETO_COLUMN] = objective_front(board, settings.objective_columns())
     return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def objective_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> np.ndarray:
+    """Mask of the usable rows on the Pareto front of ``objectives`` ((column, max|min), one maximised)."""
+    objectives = sorted(objectives, key=lambda o: o[1] != "max")  # the score (AUC) first, then the costs
+    if [d for _, d in objectives].count("max") != 1:
+        raise ValueError(f"one objective to maximise and the others to minimise, got {objectives}")
+    usable = ~board["status"].isin(UNUSABLE).to_numpy()
+    values = [pd.to_numeric(board[column], errors="coerce").to_numpy(dtype=float) for column, _ in objectives]
+    values = [np.where(usable, v, np.nan) for v in values]  # NaN: neither on the front nor dominating
+    return pareto_front(*values)
 
 
 def _plain(value: Any) -> Any:
@@ -98,20 +122,23 @@ def _entry(row: pd.Series) -> dict[str, Any]:
     return {"trial_id": row["trial_id"], "config": json.loads(row["config_json"]), "validation": metrics}
 
 
-def best_configs(board: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
-    """Best trial per method and overall, with validation metrics and cost."""
+def best_configs(board: pd.DataFrame, spec: DatasetSpec, objectives: list[str] | None = None) -> dict[str, Any]:
+    """Best trial per method and overall, with validation metrics and cost; with several
+    ``objectives``, also the trials on their Pareto front (best AUC first)."""
     usable = board[~board["status"].isin(["error", "diverged"])].dropna(subset=["best_val_auc"]) if not board.empty else board
     per_method = {method: _entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
     overall = usable.iloc[0]["method"] if not usable.empty else None
-    return {
-        spec.name: {
-            "task": spec.task,
-            "classes": spec.classes,
-            "best_method": overall,
-            "best": dict(per_method[overall]) if overall else None,
-            "per_method": per_method,
-        }
+    entry = {
+        "task": spec.task,
+        "classes": spec.classes,
+        "best_method": overall,
+        "best": dict(per_method[overall]) if overall else None,
+        "per_method": per_method,
     }
+    if objectives and len(objectives) > 1 and PARETO_COLUMN in board:
+        entry["objectives"] = list(objectives)
+        entry["pareto_front"] = [_entry(row) for _, row in board[board[PARETO_COLUMN].astype(bool)].iterrows()]
+    return {spec.name: entry}
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -121,10 +148,21 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+def pareto_rows(board: pd.DataFrame, settings) -> pd.DataFrame:
+    """The leaderboard rows on the front (``pareto.csv``): id, method, the objectives' columns, status, config."""
+    columns = ["trial_id", "method", *(c for c, _ in settings.objective_columns()), "status", "config_json"]
+    front = board[board[PARETO_COLUMN].astype(bool)] if PARETO_COLUMN in board else board.iloc[0:0]
+    return front[[c for c in columns if c in board]].reset_index(drop=True)
+
+
 def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -> None:
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
-    (out / "best.yaml").write_text(yaml.dump(best_configs(board, spec), Dumper=_NoAliasDumper, sort_keys=False))
+    objectives = list(getattr(settings, "objective", ["auc"]))
+    if len(objectives) > 1:
+        pareto_rows(board, settings).to_csv(out / PARETO_CSV, index=False)
+    best = best_configs(board, spec, objectives)
+    (out / "best.yaml").write_text(yaml.dump(best, Dumper=_NoAliasDumper, sort_keys=False))
 
 
 def read_best(out: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from medsweep.errors import ConfigError
 from medsweep.search.final import FINAL_YAML
+from medsweep.search.pareto import pareto_front
 
 REPORT_DIR = "report"
 TOP_ROWS = 15
@@ -54,23 +55,6 @@ DPI = 120
 
 
 # ------------------------------------------------------------------ analysis
-
-
-def pareto_front(maximise: Sequence[float], minimise: Sequence[float]) -> np.ndarray:
-    """Mask of the non-dominated points: none other is at least as good on both and better on one.
-
-    Identical points do not dominate each other, so ties are all on the
-    front; a point with a NaN coordinate is neither on it nor dominates.
-    """
-    score, cost = np.asarray(maximise, dtype=float), np.asarray(minimise, dtype=float)
-    valid = np.isfinite(score) & np.isfinite(cost)
-    s, c = score[valid], cost[valid]
-    at_least_as_good = (s[None, :] >= s[:, None]) & (c[None, :] <= c[:, None])  # [i, j]: j vs i
-    strictly_better = (s[None, :] > s[:, None]) | (c[None, :] < c[:, None])
-    dominated = (at_least_as_good & strictly_better).any(axis=1)
-    mask = np.zeros(len(score), dtype=bool)
-    mask[np.flatnonzero(valid)] = ~dominated
-    return mask
 
 
 def pareto_table(board: pd.DataFrame) -> pd.DataFrame:

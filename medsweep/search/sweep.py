@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,15 +44,25 @@ DEMO_BACKBONE = "vit-small-demo"
 DEMO_FIXED = {"side_reduction": 2}
 STUDY_NAME = "medsweep"
 STUDY_FILE = "optuna-study.log"
+# --objective name -> (result / leaderboard column, direction). The loop reports all three in every
+# result, under the same names as the leaderboard's columns, so the study's values are the board's.
+OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), "params": ("learnable_params", "min")}
 
 
 @dataclass
 class SweepSettings:
-    """Everything a sweep needs; saved as ``sweep.json`` in its output folder."""
+    """Everything a sweep needs; saved as ``sweep.json`` in its output folder.
+
+    ``trials=None`` is an unbounded search, ended by ``budget_hours`` (Tune's
+    ``time_budget_s``); with both, whichever comes first. ``gpus_per_trial=None``
+    is ``auto`` (each method's fraction sized from its probed memory, see
+    :func:`medsweep.search.tuning.gpu_fraction`). ``objective`` lists the
+    ``OBJECTIVES`` the study optimises; more than one makes it multi-objective.
+    """
 
     dataset: str = "synthetic"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    trials: int = 8
+    trials: int | None = 8
     max_epochs: int = 6
     backbone: str = DEMO_BACKBONE
     image_size: int = 128
@@ -71,12 +82,28 @@ class SweepSettings:
     search: str = "tpe"
     early_stopping: bool = True
     fixed: dict[str, Any] = field(default_factory=dict)
+    objective: list[str] = field(default_factory=lambda: ["auc"])
+    budget_hours: float | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.cache_dir = Path(self.cache_dir)
-        if self.trials < 1:
+        if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+        if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):
+            raise ConfigError(f"--budget-hours must be a number of hours > 0 (e.g. 0.5), got {self.budget_hours}")
+        if self.trials is None and self.budget_hours is None:
+            raise ConfigError("give --trials N or --budget-hours H (or both): an unbounded search needs a time budget")
+        if isinstance(self.objective, str):
+            self.objective = [part.strip() for part in self.objective.split(",") if part.strip()]
+        self.objective = list(self.objective)
+        unknown_objectives = [name for name in self.objective if name not in OBJECTIVES]
+        if unknown_objectives or not self.objective:
+            raise ConfigError(
+                f"--objective takes a comma-separated list of {', '.join(OBJECTIVES)} (e.g. auc,memory), got {','.join(self.objective)!r}"
+            )
+        if len(set(self.objective)) != len(self.objective) or "auc" not in self.objective:
+            raise ConfigError(f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}")
         if self.max_epochs < 1:
             raise ConfigError(f"--max-epochs must be at least 1, got {self.max_epochs}")
         if not self.methods:
@@ -110,6 +137,14 @@ class SweepSettings:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    def objective_columns(self) -> list[tuple[str, str]]:
+        """(result / leaderboard column, ``max`` or ``min``) of each objective, in ``--objective`` order."""
+        return [OBJECTIVES[name] for name in self.objective]
 
 
 def _settable_keys(method: str) -> set[str]:

@@ -71,15 +71,142 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def default_gpus_per_trial(settings: SweepSettings) -> float:
-    """The user's value, else 0 without GPUs in the cluster, else a quarter of one."""
+# GPU fraction sizing (``--gpus-per-trial auto``, the default). A trial reserves 1/k of a GPU,
+# k in GPU_SHARES, the largest k whose share holds the method's probed step memory x SAFETY plus
+# CUDA_CONTEXT_BYTES:
+# * SAFETY 1.5: the probe is one step at the largest searched batch size with the recommended
+#   values of the other keys; a trial's own searched values (a larger keep ratio, more prompts,
+#   a higher LoRA rank), the evaluation pass and the caching allocator's fragmentation can need
+#   more than ``max_memory_allocated`` of that step (and the CPU proxy sits below a GPU reading);
+# * CUDA_CONTEXT_BYTES 500 MiB: each trial is its own process with its own CUDA context
+#   (cuBLAS/cuDNN workspaces and kernels), ~300-600 MiB on current drivers, which
+#   ``max_memory_allocated`` does not count.
+# Powers of two only, so mixed fractions of different methods still tile a GPU exactly;
+# at most 16 trials per GPU (beyond that the trials' CPUs and the context overhead dominate).
+GPU_SHARES = (16, 8, 4, 2, 1)
+GPU_SAFETY = 1.5
+CUDA_CONTEXT_BYTES = 500 * 2**20
+
+
+def gpu_fraction(probe_bytes: int, gpu_total_bytes: int, method: str, workers: int = 1) -> float:
+    """The GPU fraction one trial of ``method`` reserves, from its probed step memory.
+
+    ``full`` always gets whole GPUs, ``workers`` of them (one per DDP worker).
+    Otherwise the smallest 1/k (k in :data:`GPU_SHARES`) of the smallest GPU's
+    ``gpu_total_bytes`` that holds ``probe_bytes * GPU_SAFETY + CUDA_CONTEXT_BYTES``;
+    a method that needs more than a whole GPU still gets 1 (it may not fit at all).
+    """
+    if method == "full":
+        return float(workers)
+    need = probe_bytes * GPU_SAFETY + CUDA_CONTEXT_BYTES
+    for share in GPU_SHARES:
+        if need <= gpu_total_bytes / share:
+            return 1.0 / share
+    return 1.0
+
+
+def largest_batch_size(method: str, settings: SweepSettings, dataset: str | None) -> int:
+    """The largest batch size a trial of ``method`` can run with: ``--set batch_size``, else the
+    largest in its searched space (or its recommended constant)."""
+    from medsweep.spaces import recommended, space_for
+    from medsweep.trainables.config import TrainConfig
+
+    if "batch_size" in settings.fixed:
+        return int(settings.fixed["batch_size"])
+    sizes: list[int] = []
+    nodes = [space_for(method, dataset=dataset).root]
+    while nodes:
+        node = nodes.pop()
+        if "batch_size" in node.params:
+            dist = node.params["batch_size"].distribution
+            sizes.extend(dist.choices if hasattr(dist, "choices") else [dist.high])
+        if "batch_size" in node.constants:
+            sizes.append(node.constants["batch_size"])
+        if node.branch is not None:
+            nodes.extend(node.branch.children.values())
+    if not sizes:
+        sizes.append(recommended(method, dataset=dataset).get("batch_size", TrainConfig.batch_size))
+    return int(max(sizes))
+
+
+@ray.remote(max_calls=1)  # a fresh process per probe: its CUDA peak and context are its own
+def _probe_task(config: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    import torch
+
+    from medsweep.trainables.probe import probe_memory
+
+    report = probe_memory(config, batch_size)
+    if torch.cuda.is_available():
+        report["gpu_total_bytes"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return report
+
+
+def probe_methods(settings: SweepSettings, spec: DatasetSpec, num_gpus: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Each method's peak training-step memory at the sweep's configuration and its largest batch.
+
+    Runs :func:`medsweep.trainables.probe.probe_memory` as a Ray task (on a GPU
+    node when ``num_gpus`` > 0: the driver may be a CPU head node), with the
+    method's recommended values and the sweep's fixed ones. A report gains
+    ``gpu_total_bytes``, the total memory of the GPU it ran on, when it had one.
+    """
+    from medsweep.spaces import recommended
+
+    refs = {}
+    for method in settings.methods:
+        config = {**recommended(method, dataset=spec.name), **fixed_config(settings, spec, method)}
+        batch = largest_batch_size(method, settings, spec.name)
+        refs[method] = _probe_task.options(num_cpus=1, num_gpus=num_gpus).remote(config, batch)
+    return {method: ray.get(ref) for method, ref in refs.items()}
+
+
+def smallest_gpu_bytes() -> int | None:
+    """Total memory of the smallest GPU among the cluster's alive nodes (one small task per GPU node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, num_gpus=0.01, max_calls=1)
+    def total() -> int:
+        import torch
+
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+    refs = [
+        total.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0
+    ]
+    sizes = ray.get(refs)
+    return min(sizes) if sizes else None
+
+
+def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, console: SweepConsole | None = None) -> dict[str, float]:
+    """Each method's GPU fraction per trial: ``--gpus-per-trial`` for every method when given;
+    else 0 without GPUs in the cluster; else sized by :func:`gpu_fraction` from a probe of each
+    method (one console line per method with the probed memory and the fraction chosen)."""
     if settings.gpus_per_trial is not None:
-        return settings.gpus_per_trial
-    return 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return {method: float(settings.gpus_per_trial) for method in settings.methods}
+    if ray.cluster_resources().get("GPU", 0) <= 0:
+        return {method: 0.0 for method in settings.methods}
+    if spec is None:
+        from medsweep.search.sweep import sweep_dataset
+
+        spec = sweep_dataset(settings)
+    gpu_total = smallest_gpu_bytes()
+    probes = probe_methods(settings, spec, num_gpus=0.01)
+    gpu_total = min([gpu_total or math.inf, *(p.get("gpu_total_bytes", math.inf) for p in probes.values())])
+    fractions = {}
+    for method, probe in probes.items():
+        fractions[method] = gpu_fraction(probe["peak_bytes"], int(gpu_total), method, settings.workers)
+        if console is not None:
+            console.console.print(
+                f"[bold]gpu[/] {method}: probed step memory {probe['peak_mb']:.0f} MB at batch {probe['batch_size']} "
+                f"({probe['device'].split(' ')[0]}) -> {fractions[method]:g} GPU per trial "
+                f"(smallest GPU {gpu_total / 2**30:.1f} GiB; x{GPU_SAFETY} + {CUDA_CONTEXT_BYTES // 2**20} MiB context)"
+            )
+    return fractions
 
 
-def trial_resources(settings: SweepSettings, gpus: float):
-    """What a trial reserves: its CPU and GPU fraction, or only a driver slot for DDP trials."""
+def trial_resources(settings: SweepSettings, gpus: dict[str, float]):
+    """What a trial reserves: its CPU and its method's GPU fraction, or only a driver slot for DDP trials."""
 
     def resources(config: dict[str, Any]) -> PlacementGroupFactory:
         if int(config.get("workers", 1)) > 1:
@@ -88,8 +215,9 @@ def trial_resources(settings: SweepSettings, gpus: float):
             # unable to place 2 one-CPU workers).
             return PlacementGroupFactory([{"memory": DRIVER_MEMORY_BYTES}])
         bundle = {"CPU": settings.cpus_per_trial}
-        if gpus:
-            bundle["GPU"] = gpus
+        method_gpus = gpus.get(config.get("method"), float(config.get("gpus_per_trial", 0)))
+        if method_gpus:
+            bundle["GPU"] = method_gpus
         return PlacementGroupFactory([bundle])
 
     return resources
@@ -102,7 +230,7 @@ class ConsoleCallback(Callback):
     so a resumed sweep keeps counting from where the interrupted one stopped.
     """
 
-    def __init__(self, console: SweepConsole, total: int) -> None:
+    def __init__(self, console: SweepConsole, total: int | None) -> None:  # None: unbounded (--budget-hours)
         self.console = console
         self.total = total
         self.finished = 0
@@ -149,21 +277,30 @@ class SweepSearch(OptunaSearch):
 
     Optuna refuses a NaN value in ``tell`` and Ray only logs the refusal, which
     leaves the trial RUNNING in the study for ever (the dashboard shows it
-    running, the sampler treats it as pending).
+    running, the sampler treats it as pending). With several objectives
+    (``metric`` a list) one non-finite value is enough.
     """
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if result is not None and not math.isfinite(float(result.get(self.metric, math.nan))):
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if result is not None and not all(_finite(result.get(m)) for m in metrics):
             result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class SharedData:
-    """The sweep's materialized stores and the GPU fraction each trial reserves."""
+    """The sweep's materialized stores and the GPU fraction a trial of each method reserves."""
 
     stores: dict[str, StoreData]
-    gpus: float
+    gpus: dict[str, float]
 
 
 def experiment_path(settings: SweepSettings) -> Path:
@@ -171,11 +308,18 @@ def experiment_path(settings: SweepSettings) -> Path:
     return Path(settings.out).resolve() / "ray" / "tune"
 
 
-def share_data(settings: SweepSettings, stores: dict[str, PreloadResult], console: SweepConsole) -> SharedData:
-    """Share every method's store once (materialized, or streamed when too large); decide the GPU fraction."""
+def share_data(
+    settings: SweepSettings,
+    stores: dict[str, PreloadResult],
+    console: SweepConsole,
+    spec: DatasetSpec | None = None,
+) -> SharedData:
+    """Share every method's store once (materialized, or streamed when too large); decide each
+    method's GPU fraction (:func:`method_gpu_fractions`; ``spec`` is loaded only if a probe needs it)."""
     shared = share_stores(stores.values())
     console.data_ready({key: why for key, (_, why) in shared.items()})
-    return SharedData({key: data for key, (data, _) in shared.items()}, default_gpus_per_trial(settings))
+    gpus = method_gpu_fractions(settings, spec, console)
+    return SharedData({key: data for key, (data, _) in shared.items()}, gpus)
 
 
 def build_trainable(settings: SweepSettings, shared: SharedData):
@@ -203,6 +347,13 @@ def build_searcher(
 ) -> SweepSearch:
     """Seeded TPE (or random) over the methods' spaces, on the sweep's study file.
 
+    One objective (``--objective auc``): the last reported ``val_auc``,
+    maximised. Several: a multi-objective study over the ``OBJECTIVES``
+    columns (``best_val_auc`` maximised, ``peak_mem_mb`` / ``learnable_params``
+    minimised; Optuna's TPESampler and RandomSampler both handle several
+    directions), told the values of each trial's last result, which are the
+    leaderboard's columns, so ``study.best_trials`` is the exported Pareto front.
+
     The recommended points are enqueued only into an empty study: OptunaSearch
     enqueues its ``points_to_evaluate`` every time it is built, and a study
     that already holds trials (a sweep interrupted before Tune saved any
@@ -213,16 +364,20 @@ def build_searcher(
         method: {
             **fixed_config(settings, spec, method),
             "store_key": stores[method].store.key,
-            "gpus_per_trial": shared.gpus,
+            "gpus_per_trial": shared.gpus[method],
         }
         for method in settings.methods
     }
     space, points = build_search(settings.methods, fixed, dataset=spec.name)
     storage = study_storage(settings.out)
+    if settings.multi_objective:
+        metric, mode = [c for c, _ in settings.objective_columns()], [d for _, d in settings.objective_columns()]
+    else:
+        metric, mode = METRIC, "max"
     return SweepSearch(
         space=space,
-        metric=METRIC,
-        mode="max",
+        metric=metric,
+        mode=mode,
         points_to_evaluate=points if _study_is_empty(storage) else None,
         sampler=TPESampler(seed=settings.seed) if settings.search == "tpe" else RandomSampler(seed=settings.seed),
         study_name=STUDY_NAME,
@@ -231,7 +386,13 @@ def build_searcher(
 
 
 def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
-    """ASHA on the loop's own ``epoch`` (Tune's iteration counter restarts when a trial is restored)."""
+    """ASHA on the loop's own ``epoch`` (Tune's iteration counter restarts when a trial is restored).
+
+    Always on validation AUC, with its own ``metric``/``mode``, also in a
+    multi-objective sweep (ASHA ranks trials on one metric): ``TuneConfig``
+    is given neither, so Tune leaves the searcher's list and the scheduler's
+    metric as they are (it refuses only a ``TuneConfig`` metric that conflicts).
+    """
     if not settings.early_stopping:
         return None
     return ASHAScheduler(
@@ -247,7 +408,7 @@ def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
 def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> list[Callback]:
     """Console lines per trial event and, unless disabled, one W&B run per trial under ``<out>/wandb``."""
     out = Path(settings.out).resolve()
-    callbacks: list[Callback] = [ConsoleCallback(console, settings.trials)]
+    callbacks: list[Callback] = [ConsoleCallback(console, settings.trials)]  # None: no total (time budget)
     mode = wandb_mode(settings.wandb)
     if mode != "disabled":
         callbacks.append(
@@ -271,14 +432,18 @@ def run_tuner(
     stores: dict[str, PreloadResult],
     console: SweepConsole,
 ) -> tune.ResultGrid:
-    """A fresh search: recommended points first, then the sampler; ``num_samples`` trials in all."""
-    shared = share_data(settings, stores, console)
+    """A fresh search: recommended points first, then the sampler; ``--trials`` trials in all, or,
+    with ``--budget-hours``, until the time budget ends (Tune's ``time_budget_s``; without
+    ``--trials`` the number of samples is unbounded, ``num_samples=-1``). When the budget ends,
+    running trials are stopped and kept with what they reported."""
+    shared = share_data(settings, stores, console, spec)
     tuner = Tuner(
         build_trainable(settings, shared),
         tune_config=TuneConfig(
             search_alg=build_searcher(settings, spec, stores, shared),
             scheduler=build_scheduler(settings),
-            num_samples=settings.trials,
+            num_samples=settings.trials if settings.trials is not None else -1,
+            time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,
             trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
         ),
         run_config=RunConfig(
@@ -308,7 +473,12 @@ def resume_tuner(
 ) -> tune.ResultGrid:
     """Continue the saved search: finished trials are kept as they are, unfinished and errored
     ones continue from their last checkpoint, and new trials are suggested until the sweep
-    holds ``num_samples`` (the restored searcher keeps its counter)."""
+    holds ``num_samples`` (the restored searcher keeps its counter).
+
+    A ``--budget-hours`` sweep is restored with its saved ``TuneConfig`` (``tuner.pkl``), so
+    ``time_budget_s`` is honoured, but Tune does not save the time already spent (its
+    ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
+    sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
     tuner = Tuner.restore(
         str(experiment_path(settings)),

@@ -1,0 +1,205 @@
+"""Multi-objective search with its Pareto front, a time budget instead of a trial count, GPU fractions by method."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+MB = 2**20
+GPU_80GB = 80 * 2**30
+
+
+def _tiny_settings(root, out, cache, **overrides):
+    from medsweep.search.sweep import SweepSettings
+
+    return SweepSettings(
+        **{
+            "dataset": str(root),
+            "methods": ["fpt_plus", "linear"],
+            "trials": 4,
+            "max_epochs": 1,
+            "grace_period": 1,
+            "backbone": "vit-tiny",
+            "image_size": 64,
+            "wandb": "disabled",
+            "out": out,
+            "cache_dir": cache,
+            "fixed": {"side_reduction": 2},
+            **overrides,
+        }
+    )
+
+
+# ----------------------------------------------------------------- GPU fractions
+
+
+def test_gpu_fraction_packs_the_fpt_plus_paper_memory_figures_on_an_80_gb_gpu():
+    from medsweep.search.tuning import gpu_fraction
+
+    # FPT+ 736 MB: 736 x 1.5 + 500 = 1,604 MB fits a sixteenth (5,120 MB) of 80 GB.
+    assert gpu_fraction(736 * MB, GPU_80GB, "fpt_plus") == 1 / 16
+    # Full fine-tuning's 23,128 MB: 35,192 MB needs half (40,960 MB), not a quarter (20,480 MB);
+    # the rule gives a PETL method with that footprint a half, and `full` whole GPUs.
+    assert gpu_fraction(23_128 * MB, GPU_80GB, "lora") == 1 / 2
+    assert gpu_fraction(23_128 * MB, GPU_80GB, "full") == 1.0
+    assert gpu_fraction(23_128 * MB, GPU_80GB, "full", workers=4) == 4.0
+    # On a 24 GB GPU FPT+ takes a eighth (3,072 MB >= 1,604 MB; a sixteenth is 1,536 MB).
+    assert gpu_fraction(736 * MB, 24 * 2**30, "fpt_plus") == 1 / 8
+    # More than a whole GPU: still one (it may not fit at all), never more.
+    assert gpu_fraction(100 * 2**30, GPU_80GB, "lora") == 1.0
+
+
+def test_gpu_fractions_are_probed_per_method_and_zero_without_gpus(ray_session, synthetic_root, tmp_path):
+    from medsweep.datasets import load_imagefolder
+    from medsweep.search.tuning import gpu_fraction, method_gpu_fractions, probe_methods, trial_resources
+
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    settings = _tiny_settings(synthetic_root, tmp_path / "out", tmp_path / "cache")
+    spec = load_imagefolder(synthetic_root, name="synthetic")
+    assert method_gpu_fractions(settings, spec) == {"fpt_plus": 0.0, "linear": 0.0}
+    # The probe itself (a Ray task, the CPU proxy here) at each method's largest searched batch.
+    probes = probe_methods(settings, spec)
+    assert {m: p["batch_size"] for m, p in probes.items()} == {"fpt_plus": 32, "linear": 64}
+    assert all(p["peak_bytes"] > 0 for p in probes.values())
+    assert probes["linear"]["peak_bytes"] < probes["fpt_plus"]["peak_bytes"]
+    # Those numbers on an 80 GB GPU: tiny models, the smallest share.
+    assert {m: gpu_fraction(p["peak_bytes"], GPU_80GB, m) for m, p in probes.items()} == {"fpt_plus": 1 / 16, "linear": 1 / 16}
+    # Each trial reserves its own method's fraction.
+    resources = trial_resources(settings, {"fpt_plus": 0.5, "linear": 0.125})
+    assert resources({"method": "fpt_plus"}).bundles == [{"CPU": 1.0, "GPU": 0.5}]
+    assert resources({"method": "linear"}).bundles == [{"CPU": 1.0, "GPU": 0.125}]
+    assert trial_resources(settings, {"fpt_plus": 0.0, "linear": 0.0})({"method": "linear"}).bundles == [{"CPU": 1.0}]
+    # --gpus-per-trial overrides every method.
+    settings.gpus_per_trial = 0.25
+    assert method_gpu_fractions(settings, spec) == {"fpt_plus": 0.25, "linear": 0.25}
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["sweep", "--budget-hours", "0"], "--budget-hours must be a number of hours > 0"),
+        (["sweep", "--budget-hours", "-2", "--trials", "4"], "--budget-hours must be a number of hours > 0"),
+        (["sweep", "--objective", "auc,speed"], "--objective takes a comma-separated list of auc, memory, params"),
+        (["sweep", "--objective", "memory"], "--objective must name auc once"),
+    ],
+)
+def test_bad_budget_or_objective_is_one_line_and_exit_code_2(argv, needle, capsys):
+    from medsweep.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medsweep: error: ")
+    assert needle in err
+
+
+def test_no_trial_count_and_no_budget_is_refused():
+    from medsweep.errors import ConfigError
+    from medsweep.search.sweep import SweepSettings
+
+    with pytest.raises(ConfigError, match="--trials N or --budget-hours H"):
+        SweepSettings(trials=None)
+
+
+# ------------------------------------------------------------ multi-objective
+
+
+def _non_dominated(rows: list[tuple[float, float]]) -> list[bool]:
+    """Brute force: maximise the first value, minimise the second."""
+    keep = []
+    for i, (a, m) in enumerate(rows):
+        dominated = any(b >= a and n <= m and (b > a or n < m) for j, (b, n) in enumerate(rows) if j != i)
+        keep.append(not dominated)
+    return keep
+
+
+@pytest.fixture(scope="module")
+def multi_sweep(tmp_path_factory, ray_session, synthetic_root):
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import run_sweep
+
+    out = tmp_path_factory.mktemp("multi")
+    settings = _tiny_settings(synthetic_root, out, tmp_path_factory.mktemp("cache"), objective="auc,memory")
+    console = SweepConsole(record=True)
+    run_sweep(settings, console)
+    return out, settings, console.text()
+
+
+@pytest.mark.slow
+def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    from medsweep.search.sweep import load_study
+    from medsweep.spaces import points_to_evaluate
+
+    out, settings, _ = multi_sweep
+    study = load_study(out)
+    assert study.directions == [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
+    trials = sorted(study.trials, key=lambda t: t.number)
+    for trial, point in zip(trials, points_to_evaluate(settings.methods, dataset="synthetic")):
+        assert trial.params == pytest.approx(point)  # the recommended points still run first
+
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == settings.trials and "on_pareto_front" in board
+    usable = board[~board["status"].isin(["error", "diverged"])]
+    expected = usable[_non_dominated(list(zip(usable["best_val_auc"], usable["peak_mem_mb"])))]
+    front = pd.read_csv(out / "pareto.csv")
+    assert len(front) > 0
+    assert set(front["trial_id"]) == set(expected["trial_id"]) == set(board[board["on_pareto_front"]]["trial_id"])
+
+    # The study's best trials are the exported front: same values, same params.
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == len(usable)
+    best = sorted((round(t.values[0], 6), round(t.values[1], 6)) for t in study.best_trials)
+    assert best == sorted((round(a, 6), round(m, 6)) for a, m in zip(front["best_val_auc"], front["peak_mem_mb"]))
+    exported = sorted(json.dumps({k: v for k, v in json.loads(c).items()}, sort_keys=True) for c in front["config_json"])
+    from medsweep.spaces import to_trial_config
+
+    studied = sorted(
+        json.dumps({k: v for k, v in json.loads(c).items()}, sort_keys=True)
+        for c in board.set_index("trial_id").loc[list(front["trial_id"]), "config_json"]
+    )
+    assert exported == studied
+    for trial in study.best_trials:  # each front trial's sampled params are one exported config's values
+        params = to_trial_config(trial.params) if "method" in trial.params else trial.params
+        assert any(
+            all(math.isclose(v, cfg.get(k), rel_tol=1e-9) if isinstance(v, float) else cfg.get(k) == v for k, v in params.items())
+            for cfg in map(json.loads, front["config_json"])
+        ), params
+
+    (entry,) = yaml.safe_load((out / "best.yaml").read_text()).values()
+    assert entry["objectives"] == ["auc", "memory"]
+    assert entry["best"]["trial_id"] == board.iloc[0]["trial_id"]  # best.yaml's answer stays the best AUC
+    assert {e["trial_id"] for e in entry["pareto_front"]} == set(front["trial_id"])
+    assert np.isfinite(front["peak_mem_mb"]).all()
+
+
+# ------------------------------------------------------------------ time budget
+
+
+@pytest.mark.slow
+def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthetic_root, tmp_path):
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.resume import load_settings
+    from medsweep.search.sweep import run_sweep
+
+    out = tmp_path / "budget"
+    settings = _tiny_settings(synthetic_root, out, tmp_path / "cache", trials=None, budget_hours=0.01)  # 36 s
+    console = SweepConsole(record=True)
+    run_sweep(settings, console)
+    board = pd.read_csv(out / "leaderboard.csv")
+    ran = board[board["epochs_run"] >= 1]
+    assert len(ran) >= 2, board  # at least the two recommended points
+    assert set(ran["method"]) >= {"fpt_plus", "linear"}
+    text = console.text()
+    assert "(1)" in text and "(1/" not in text  # counted without a total
+    saved = load_settings(out)
+    assert saved.budget_hours == 0.01 and saved.trials is None
