@@ -78,14 +78,27 @@ def _checkpointed_early(out: Path) -> list[Path]:
     return [t for t in _trial_dirs(out) if list(t.glob("checkpoint_*")) and 0 < len(_results(t)) <= EPOCHS - 2]
 
 
+def _snapshot_knows_checkpoint(out: Path, trial_dir: Path) -> bool:
+    """Whether Tune's newest experiment snapshot records a checkpoint of this trial: a killed driver's
+    restore knows only what its last snapshot held, and the snapshot follows the checkpoint on disk."""
+    trial_id = trial_dir.name.removeprefix("trial-")
+    for path in sorted((out / "ray" / "tune").glob("experiment_state-*.json"))[-1:]:
+        try:
+            entries = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being rewritten as we read
+            return False
+        return any(f'"trial_id": "{trial_id}"' in state and "checkpoint_" in metadata for state, metadata in entries)
+    return False
+
+
 def _finished(out: Path) -> list[Path]:
     return [t for t in _trial_dirs(out) if any(r["epoch"] == EPOCHS for r in _results(t))]
 
 
-def _start_driver(argv: list[str], log: Path) -> subprocess.Popen:
+def _start_driver(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
     """A ``medsweep`` process in its own process group (so it can be killed whole), logging to a file."""
     with log.open("w") as sink:
-        return subprocess.Popen(argv, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def _wait_for(inject: Callable[[], bool], timeout: float, driver: subprocess.Popen, log: Path) -> None:
@@ -148,16 +161,24 @@ def test_resume_names_the_fix_when_the_folder_holds_no_sweep(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path):
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path, monkeypatch):
     """SIGKILL the ``medsweep sweep`` process group once one trial has finished and the next holds a
-    checkpoint; ``medsweep resume`` must end with exactly the planned trials, none run twice."""
+    checkpoint; ``medsweep resume`` must end with exactly the planned trials, none run twice.
+
+    The sweep is started with paths relative to its own working directory and resumed from
+    another one: ``sweep.json`` must lead the resume to the same data and preload stores."""
     out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
-    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials), log)
+    started_in, resumed_in = tmp_path / "started-here", tmp_path / "resumed" / "from" / "elsewhere"
+    started_in.mkdir()
+    resumed_in.mkdir(parents=True)
+    relative = [Path(os.path.relpath(p, started_in)) for p in (tiny_root, out, cache_dir)]
+    driver = _start_driver(_sweep_argv(*relative, trials), log, cwd=started_in)
     before: dict[str, str] = {}  # finished trial folder -> its result.json at the kill
     interrupted: list[str] = []
 
     def kill_driver_after_a_finished_and_a_checkpointed_trial() -> bool:
-        finished, early = _finished(out), _checkpointed_early(out)
+        finished = _finished(out)
+        early = [t for t in _checkpointed_early(out) if _snapshot_knows_checkpoint(out, t)]
         if not (finished and early):
             return False
         _kill_process_group(driver)
@@ -172,7 +193,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
             _kill_process_group(driver)
     assert driver.returncode == -signal.SIGKILL
 
+    monkeypatch.chdir(resumed_in)
     assert resume.run(_resume_args(out)) == 0
+    assert not any(resumed_in.iterdir())  # nothing looked for or written relative to the new directory
 
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == trials and board["trial_id"].is_unique

@@ -1,13 +1,23 @@
-"""What a person sees while a sweep runs: rich progress bars, one line per trial event, the leaderboard."""
+"""What a person sees while a sweep runs: progress bars, a live table of running trials, the leaderboard.
+
+On a terminal the search shows a table of the running trials (epoch, latest
+and best validation AUC, loss, time) redrawn in place, with one line printed
+above it as each trial ends. Piped into a file or a CI log, where a redrawn
+table would be noise, every trial event is one line instead.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -35,11 +45,20 @@ def _short(config: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-class SweepConsole:
-    """Prints to stderr-free stdout with rich; quiet=True keeps only the final table (tests)."""
+def _restored_console(quiet: bool) -> SweepConsole:
+    """Unpickling target: the process's current console, else a new one (see ``__reduce__``)."""
+    current = SweepConsole.current()
+    return current if current is not None else SweepConsole(quiet=quiet)
 
-    def __init__(self, quiet: bool = False, record: bool = False) -> None:
-        """``record=True`` keeps everything printed (for :meth:`text`) instead of writing to the terminal."""
+
+class SweepConsole:
+    """Prints to stdout with rich; quiet=True keeps only the final table (tests)."""
+
+    _latest: weakref.ref[SweepConsole] | None = None
+
+    def __init__(self, quiet: bool = False, record: bool = False, live: bool | None = None) -> None:
+        """``record=True`` keeps everything printed (for :meth:`text`) instead of writing to the terminal;
+        ``live``: the live table of running trials (default: on a terminal only)."""
         self.quiet = quiet
         self.console = Console(
             highlight=False,
@@ -48,18 +67,28 @@ class SweepConsole:
             record=record,
             file=io.StringIO() if record else None,
         )
+        self.live = (self.console.is_terminal and not quiet) if live is None else live
+        self._live: Live | None = None
+        self._running: dict[str, dict[str, Any]] = {}
+        self._finished = 0
+        self._total: int | None = None
+        SweepConsole._latest = weakref.ref(self)
+
+    @classmethod
+    def current(cls) -> SweepConsole | None:
+        """The console this process made last (the one of the sweep it runs)."""
+        return cls._latest() if cls._latest is not None else None
 
     def text(self) -> str:
         """What was printed so far (``record=True`` consoles)."""
         return self.console.export_text(clear=False)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Ray Tune pickles its callbacks with the experiment state (for resume); a
-        # rich Console holds locks, so only the setting travels.
-        return {"quiet": self.quiet}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
+    def __reduce__(self):
+        # Ray Tune pickles its callbacks with the experiment (tuner.pkl) and unpickles them in
+        # `medsweep resume`: the restored callback must print to the console of the resumed
+        # sweep (the one showing the live table), not to a copy. A rich Console holds locks,
+        # so only the setting travels.
+        return (_restored_console, (self.quiet,))
 
     def dataset(self, spec: DatasetSpec) -> None:
         self.console.print(f"[bold]dataset[/] {spec.summary()}")
@@ -106,21 +135,86 @@ class SweepConsole:
         for why in decisions.values():
             self.console.print(f"[bold]ray data[/] {why}")
 
+    @contextmanager
+    def live_trials(self, total: int | None = None) -> Iterator[None]:
+        """While the search runs: the live table of running trials (when ``live``), closed on any exit.
+
+        ``total``: the planned number of trials (None: bounded by time only)."""
+        self._total = total
+        if not self.live:
+            yield
+            return
+        with Live(self._trials_table(), console=self.console, refresh_per_second=2, transient=True) as live:
+            self._live = live
+            try:
+                yield
+            finally:
+                self._live = None
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._trials_table(), refresh=True)
+
+    def _trials_table(self) -> Table:
+        total = f"/{self._total}" if self._total else ""
+        table = Table(title=f"running trials ({self._finished}{total} done)", title_justify="left")
+        for header in ("trial", "method", "epoch", "val AUC", "best", "loss", "time"):
+            table.add_column(header, justify="left" if header in ("trial", "method") else "right")
+        table.add_column("hyperparameters")
+        now = time.monotonic()
+        for trial_id, row in self._running.items():
+            table.add_row(
+                trial_id,
+                str(row["method"]),
+                f"{row['epoch']}/{row['epochs']}" if "epoch" in row else "-",
+                f"{row['val_auc']:.3f}" if "val_auc" in row else "-",
+                f"{row['best']:.3f}" if "best" in row else "-",
+                f"{row['loss']:.3f}" if "loss" in row else "-",
+                f"{now - row['started']:.0f} s",
+                row["hyperparameters"],
+            )
+        return table
+
+    def _row(self, trial_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        if trial_id not in self._running:
+            self._running[trial_id] = {
+                "method": config.get("method", "?"),
+                "hyperparameters": _short(config),
+                "epochs": config.get("epochs", "?"),
+                "started": time.monotonic(),
+            }
+        return self._running[trial_id]
+
+    def trial_start(self, trial_id: str, config: dict[str, Any]) -> None:
+        self._row(trial_id, config)
+        self._refresh()
+
     def trial_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+        row = self._row(trial_id, config)
+        auc = result.get("val_auc", float("nan"))
+        row.update(epoch=result.get("epoch", 0), val_auc=auc, loss=result.get("train_loss", float("nan")))
+        row["best"] = max(row.get("best", -1.0), auc) if auc == auc else row.get("best", float("nan"))
+        if self._live is not None:
+            self._refresh()
+            return
         self.console.print(
             f"  {trial_id} {config.get('method', '?'):>9} {_short(config):<40} "
-            f"epoch {result.get('epoch', 0):>2}  val_auc {result.get('val_auc', float('nan')):.3f}  "
+            f"epoch {result.get('epoch', 0):>2}  val_auc {auc:.3f}  "
             f"loss {result.get('train_loss', float('nan')):.3f}"
         )
 
     def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int | None) -> None:
-        """``total`` None: an unbounded search (``--budget-hours`` without ``--trials``), counted without a total."""
+        self._running.pop(trial_id, None)
+        self._finished, self._total = done, total or self._total
         best = (result or {}).get("best_val_auc", float("nan"))
-        count = f"{done}/{total}" if total else f"{done}"
+        count = f"{done}/{total}" if total else f"{done} done"
         self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}  ({count})")
+        self._refresh()
 
     def trial_error(self, trial_id: str, config: dict[str, Any], error_file: str) -> None:
+        self._running.pop(trial_id, None)
         self.console.print(f"[red]error[/] {trial_id} {config.get('method', '?')}: see {error_file}")
+        self._refresh()
 
     def leaderboard(self, board, out: Path, limit: int = 15) -> None:
         table = Table(title="leaderboard (validation split; the test split is never used in a search)")

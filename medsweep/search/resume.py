@@ -23,9 +23,11 @@ experiment snapshot are unknown to the restored experiment and would stay
 ``RUNNING`` in the study for ever; once the resumed search is over they are
 marked ``FAIL`` so that the dashboard and the sampler see no phantom trials.
 
-Tune's saved experiment records absolute paths (the study file inside the
-pickled searcher, the W&B folder inside the pickled callback): resume a sweep
-where it ran, not from a moved or copied folder.
+``sweep.json`` holds absolute paths of the dataset and the preload cache,
+so a sweep resumes from any working directory. Tune's saved experiment also
+records absolute paths (the study file inside the pickled searcher, the W&B
+folder inside the pickled callback): resume the folder where it was written,
+not a moved or copied one.
 """
 
 from __future__ import annotations

@@ -87,7 +87,10 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.cache_dir = Path(self.cache_dir)
+        # Absolute in sweep.json, so `medsweep resume DIR` finds the data and stores from any directory.
+        self.cache_dir = Path(self.cache_dir).resolve()
+        if self.dataset != "synthetic" and Path(self.dataset).exists():
+            self.dataset = str(Path(self.dataset).resolve())
         if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):

@@ -1,0 +1,69 @@
+"""What a person sees during a search: a live table on a terminal, one line per event elsewhere."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+from rich.console import Console
+
+from medsweep.search.console import SweepConsole
+
+FPT = {"method": "fpt_plus", "lr": 1e-3, "keep_ratio": 0.2, "epochs": 6}
+LINEAR = {"method": "linear", "lr": 1e-4, "epochs": 6}
+
+
+def _terminal_console() -> SweepConsole:
+    console = SweepConsole(live=True)
+    console.console = Console(file=io.StringIO(), force_terminal=True, record=True, width=140)
+    return console
+
+
+def _last_frame(text: str) -> str:
+    return text.rsplit("running trials", 1)[-1]
+
+
+def test_live_table_shows_running_trials_with_their_latest_epoch():
+    console = _terminal_console()
+    with console.live_trials(total=4):
+        console.trial_start("aaaa0001", FPT)
+        console.trial_start("bbbb0002", LINEAR)
+        console.trial_result("aaaa0001", FPT, {"epoch": 1, "val_auc": 0.712, "train_loss": 0.93})
+        console.trial_result("aaaa0001", FPT, {"epoch": 2, "val_auc": 0.695, "train_loss": 0.81})
+        frame = _last_frame(console.console.export_text(clear=False))
+        row = next(line for line in frame.splitlines() if "aaaa0001" in line)
+        assert "2/6" in row and "0.695" in row and "0.712" in row and "0.810" in row  # latest, best, loss
+        assert "keep_ratio=0.2" in row
+        assert "bbbb0002" in frame
+        console.trial_done("aaaa0001", FPT, {"best_val_auc": 0.712}, 1, 4)
+        frame = _last_frame(console.console.export_text(clear=False))
+    assert "(1/4 done)" in frame
+    assert "aaaa0001" not in frame and "bbbb0002" in frame
+    text = console.console.export_text()
+    assert "done aaaa0001 fpt_plus best val_auc 0.712  (1/4)" in text
+    # With the table on, per-epoch lines are not printed as well.
+    assert "epoch  1  val_auc" not in text
+
+
+def test_without_a_terminal_every_event_is_one_line():
+    console = SweepConsole(record=True)
+    assert not console.live
+    with console.live_trials(total=None):  # a time-bounded search: no planned total
+        console.trial_start("aaaa0001", FPT)
+        console.trial_result("aaaa0001", FPT, {"epoch": 1, "val_auc": 0.712, "train_loss": 0.93})
+        console.trial_done("aaaa0001", FPT, {"best_val_auc": 0.712}, 1, None)
+    text = console.text()
+    assert "running trials" not in text
+    assert "aaaa0001  fpt_plus" in text and "epoch  1  val_auc 0.712" in text
+    assert "(1 done)" in text
+
+
+def test_a_restored_callback_prints_to_the_resumed_sweeps_console():
+    """Tune unpickles the console inside its saved callback on `medsweep resume`."""
+    original = SweepConsole(quiet=True)
+    pickled = pickle.dumps(original)
+    resumed = SweepConsole(record=True)  # the console `medsweep resume` made
+    assert pickle.loads(pickled) is resumed
+    del resumed
+    restored = pickle.loads(pickled)  # no console in this process: a new one with the saved setting
+    assert isinstance(restored, SweepConsole) and restored.quiet
