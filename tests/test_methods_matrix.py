@@ -287,3 +287,26 @@ def test_full_fine_tuning_runs_on_every_family(backbone: str) -> None:
     learnable, total = method.parameter_counts()
     assert learnable == total
     assert all(p.grad is not None for p in method.parameters())
+
+
+@pytest.mark.parametrize("name", PRELOADABLE)
+def test_released_frozen_weights_change_nothing_a_preloaded_step_computes(name: str) -> None:
+    """A trial on preloaded features drops the frozen weights: same logits, counts and checkpoint, less memory."""
+    from medsweep.trainables.memory import parameter_bytes
+
+    method = build(name)
+    images = make_batch(method)
+    batch = {**make_batch(method, preloaded=True), **method.frozen_features(images[method.frozen_input])}
+    counts, held = method.parameter_counts(), parameter_bytes(method, "adamw")
+    frozen_bytes = sum(p.numel() * p.element_size() for m in method.frozen_modules() for p in m.parameters())
+    before = eval_logits(method, batch)
+
+    method.release_frozen()
+
+    assert all(p.is_meta for m in method.frozen_modules() for p in m.parameters())
+    assert torch.equal(eval_logits(method, batch), before)
+    assert method.parameter_counts() == counts
+    assert frozen_bytes > 0 and parameter_bytes(method, "adamw") == held - frozen_bytes
+    fresh = build(name, seed=1)
+    fresh.load_state_dict(method.trainable_state_dict(), strict=False)  # checkpoints hold no meta tensor
+    assert torch.equal(eval_logits(fresh, batch), before)

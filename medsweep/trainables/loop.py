@@ -111,11 +111,13 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     task = method.config.task
     device = device_for_trial()
     method.to(device)
-    model = io.prepare_model(method)
-    mean, std = backbone_normalisation(method.config.backbone)
     stored_names = {c.name for c in io.columns}
     images = {k: v for k, v in method.image_inputs().items() if k in stored_names}
     features = tuple(k for k in method.feature_keys() if k in stored_names)
+    if method.preloadable and features == method.feature_keys() and io.world_size == 1:
+        method.release_frozen()  # every batch carries the frozen features
+    model = io.prepare_model(method)
+    mean, std = backbone_normalisation(method.config.backbone)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
 

@@ -23,9 +23,11 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
-    """Parameters, plus gradient and optimizer state of the learnable ones."""
+    """Parameters, plus gradient and optimizer state of the learnable ones (released frozen ones hold none)."""
     total = 0
     for param in model.parameters():
+        if param.is_meta:
+            continue
         size = param.numel() * param.element_size()
         total += size
         if param.requires_grad:

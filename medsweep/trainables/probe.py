@@ -34,6 +34,8 @@ def probe_memory(config: dict[str, Any], batch_size: int, device: torch.device |
         batch.update(method.frozen_features(batch[method.frozen_input]))
         batch.pop(method.frozen_input)
     method.to(device).train()
+    if method.preloadable:
+        method.release_frozen()  # as in a trial on a preload store
     batch = {k: v.to(device) for k, v in batch.items()}
     num_classes = method.config.num_classes
     if method.config.task == "multilabel":

@@ -142,6 +142,22 @@ class Method(nn.Module):
         """Submodules that never train; kept in eval mode by :meth:`train`."""
         return []
 
+    def release_frozen(self) -> None:
+        """Drop the frozen modules' weights when their features arrive preloaded: the step never runs them.
+
+        Each frozen parameter becomes a meta tensor (shape kept, no storage), so
+        parameter counts stay as the papers count them while the process holds
+        only what it trains: for FPT+ on ViT-B/16 the frozen LPM is 330 MB of
+        float32 that a trial on preloaded keys/values would otherwise carry
+        (and copy to its GPU). Buffers stay (a checkpoint keeps them). Call it
+        after moving the method to its device; the frozen path cannot run after.
+        """
+        for module in self.frozen_modules():
+            for owner in module.modules():
+                for name, param in list(owner.named_parameters(recurse=False)):
+                    if not param.requires_grad:
+                        owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
         for module in self.frozen_modules():
