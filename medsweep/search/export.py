@@ -47,9 +47,16 @@ def trial_status(error: Any, last: dict[str, Any], max_epochs: int) -> str:
 
 
 def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataFrame:
-    """One row per trial, best first (by best validation AUC)."""
+    """One row per trial, best first (by best validation AUC).
+
+    A trial that never started (still pending when ``--budget-hours`` ended the
+    search: no config, no error) has no row; one the budget stopped before its
+    first epoch has a row (``stopped early``, 0 epochs).
+    """
     rows = []
     for result in grid:
+        if result.error is None and not (result.config or {}).get("method"):
+            continue
         config = {k: v for k, v in trial_config(result.config or {}).items() if k not in INTERNAL_KEYS}
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         last = dict(result.metrics or {})

@@ -104,7 +104,10 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
 
     if not (out / STUDY_FILE).is_file():
         return Importances({}, {}, [f"no Optuna study ({STUDY_FILE}) in the sweep folder: importances need it"])
-    complete = [t for t in load_study(out).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    source = load_study(out)
+    complete = [t for t in source.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # A multi-objective study (--objective auc,memory): importance for validation AUC, its maximised value.
+    auc = source.directions.index(optuna.study.StudyDirection.MAXIMIZE) if len(source.directions) > 1 else None
     method_of = {t.number: t.params.get("method", only_method) for t in complete}
     values, counts, notes = {}, {}, []
     for method in sorted(set(method_of.values()) - {None}):
@@ -117,9 +120,10 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
             )
             continue
         with _quiet_optuna():
-            study = optuna.create_study(direction="maximize")
+            study = optuna.create_study(directions=source.directions)
             study.add_trials(trials)
-            found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=varying)
+            target = (lambda t: t.values[auc]) if auc is not None else None
+            found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=varying, target=target)
         values[method] = {name.removeprefix(f"{method}."): float(v) for name, v in found.items()}
         counts[method] = len(trials)
     return Importances(values, counts, notes)

@@ -235,6 +235,12 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> P
     tuning.start_ray(settings)
     stores = prepare_stores(settings, spec, console)
     grid = tuning.run_tuner(settings, spec, stores, console)
+    from medsweep.search.resume import fail_orphaned_trials
+
+    # A trial still pending when --budget-hours ends the search was asked of the study but never ran.
+    orphans = fail_orphaned_trials(out)
+    if orphans:
+        console.console.print(f"[bold]budget[/] {orphans} Optuna trial(s) asked for but never started marked FAIL")
     write_answer(grid, settings, spec, console)
     return out
 
