@@ -9,10 +9,13 @@ Steps (each a function below, called in order by :func:`run_sweep`):
    the same blocks and no read task competes with trials for CPUs (the
    deadlock measured on 2 cores when reads stay lazy);
 4. ``Tuner`` over :func:`medsweep.search.trial.run_trial` with ``OptunaSearch``
-   (seeded TPE, recommended points first, a file-backed study) and
-   ``ASHAScheduler`` on validation AUC by epoch; each trial reserves its CPU and
-   GPU fraction; W&B logs every trial from the driver;
-5. leaderboard and ``best.yaml`` (:mod:`medsweep.search.export`).
+   (seeded TPE, recommended points first, a file-backed study; one objective,
+   or several with ``--objective auc,memory,params``) and ``ASHAScheduler`` on
+   validation AUC by epoch; ``--trials`` trials and/or until ``--budget-hours``;
+   each trial reserves its CPU and its method's GPU fraction (``auto``: sized
+   from a probe of the method's step memory); W&B logs every trial from the driver;
+5. leaderboard, ``best.yaml`` and, with several objectives, the Pareto front
+   ``pareto.csv`` (:mod:`medsweep.search.export`).
 """
 
 from __future__ import annotations
