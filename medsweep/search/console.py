@@ -144,7 +144,8 @@ class SweepConsole:
         if not self.live:
             yield
             return
-        with Live(self._trials_table(), console=self.console, refresh_per_second=2, transient=True) as live:
+        # get_renderable: each auto-refresh redraws the table, so the time column ticks between events.
+        with Live(get_renderable=self._trials_table, console=self.console, refresh_per_second=2, transient=True) as live:
             self._live = live
             try:
                 yield
@@ -153,7 +154,7 @@ class SweepConsole:
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._live.update(self._trials_table(), refresh=True)
+            self._live.refresh()
 
     def _trials_table(self) -> Table:
         total = f"/{self._total}" if self._total else ""
