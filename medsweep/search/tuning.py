@@ -141,7 +141,12 @@ def _probe_task(config: dict[str, Any], batch_size: int) -> dict[str, Any]:
     return report
 
 
-def probe_methods(settings: SweepSettings, spec: DatasetSpec, num_gpus: float = 0.0) -> dict[str, dict[str, Any]]:
+def probe_methods(
+    settings: SweepSettings,
+    spec: DatasetSpec,
+    num_gpus: float = 0.0,
+    methods: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Each method's peak training-step memory at the sweep's configuration and its largest batch.
 
     Runs :func:`medsweep.trainables.probe.probe_memory` as a Ray task (on a GPU
@@ -152,7 +157,7 @@ def probe_methods(settings: SweepSettings, spec: DatasetSpec, num_gpus: float = 
     from medsweep.spaces import recommended
 
     refs = {}
-    for method in settings.methods:
+    for method in settings.methods if methods is None else methods:
         config = {**recommended(method, dataset=spec.name), **fixed_config(settings, spec, method)}
         batch = largest_batch_size(method, settings, spec.name)
         refs[method] = _probe_task.options(num_cpus=1, num_gpus=num_gpus).remote(config, batch)
@@ -191,9 +196,13 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
 
         spec = sweep_dataset(settings)
     gpu_total = smallest_gpu_bytes()
-    probes = probe_methods(settings, spec, num_gpus=0.01)
+    # `full` gets whole GPUs whatever it measures: not probed (its probe is the costliest).
+    probes = probe_methods(settings, spec, num_gpus=0.01, methods=[m for m in settings.methods if m != "full"])
     gpu_total = min([gpu_total or math.inf, *(p.get("gpu_total_bytes", math.inf) for p in probes.values())])
-    fractions = {}
+    gpu_total = gpu_total if math.isfinite(gpu_total) else 0  # no GPU size known: whole GPUs, the safe side
+    fractions = {"full": float(settings.workers)} if "full" in settings.methods else {}
+    if "full" in settings.methods and console is not None:
+        console.console.print(f"[bold]gpu[/] full: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
     for method, probe in probes.items():
         fractions[method] = gpu_fraction(probe["peak_bytes"], int(gpu_total), method, settings.workers)
         if console is not None:
