@@ -160,7 +160,7 @@ HEAVY_BACKBONE = "vit-base-patch16-384"
 
 
 def main_sweep(ctx) -> dict[str, Any]:
-    """The issue's FPT+ sweep: default TPE + ASHA, ``main_trials`` trials (figures 1, 3 and 5)."""
+    """The issue's FPT+ sweep: default TPE + ASHA, ``main_trials`` trials (figures 1 and 3)."""
     return ctx.sweep(trials=ctx.plan.main_trials, max_epochs=ctx.plan.main_epochs)
 
 
@@ -181,13 +181,3 @@ def heavy_sweep(ctx, preload: bool) -> dict[str, Any]:
         preload_features=preload,
     )
 
-
-def random_sweep(ctx) -> dict[str, Any]:
-    """Figure 5's random search: no early stopping, the main sweep's epochs (its store is reused)."""
-    return ctx.sweep(
-        trials=ctx.plan.random_trials,
-        max_epochs=ctx.plan.main_epochs,
-        search="random",
-        early_stopping=False,
-        fresh_store=False,
-    )

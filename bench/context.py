@@ -37,8 +37,7 @@ class Plan:
     heavy_trials: int  # figure 2, frozen-dominated setting
     heavy_epochs: int
     heavy_split: tuple[int, int, int]  # train/val/test images of the frozen-dominated set
-    random_trials: int
-    grid_lrs: tuple[float, ...]
+    grid_lrs: tuple[float, ...]  # figure 5's grid (its total epochs are every search's budget there)
     grid_keep_ratios: tuple[float, ...]
     fpt_memory_batches: tuple[int, ...]
     full_memory_batches: tuple[int, ...]
@@ -59,7 +58,6 @@ FULL = Plan(
     heavy_trials=16,
     heavy_epochs=2,
     heavy_split=(24, 8, 8),
-    random_trials=8,
     grid_lrs=(1.5e-4, 5e-4, 1.5e-3, 5e-3),
     grid_keep_ratios=(0.1, 0.2, 0.4),
     fpt_memory_batches=(16,),
@@ -83,7 +81,6 @@ QUICK = Plan(
     heavy_trials=4,
     heavy_epochs=1,
     heavy_split=(8, 4, 4),
-    random_trials=2,
     grid_lrs=(5e-4, 1.5e-3),
     grid_keep_ratios=(0.2,),
     fpt_memory_batches=(2,),
@@ -165,18 +162,21 @@ class Context:
         """Drop every preload store so the next sweep pays its own preload (images are kept)."""
         shutil.rmtree(self.cache_dir / "stores", ignore_errors=True)
 
-    def sweep(self, **settings: Any) -> dict[str, Any]:
+    def sweep(self, label: str = "", points: list[dict[str, Any]] | None = None, **settings: Any) -> dict[str, Any]:
         """Run the sweep with these settings once per invocation (see :mod:`bench.sweeps`).
 
         Sweeps are identified by their settings, so two figures asking for the
         same sweep (in quick mode the main sweep is also figure 2's and 7's
-        smallest) share one run.
+        smallest) share one run. A sweep given its own ``points`` to run first
+        (figure 5's grid) needs a ``label`` that names them.
         """
-        name = sweep_name(settings)
+        if points and not label:
+            raise ValueError("a sweep with its own points needs a label")
+        name = sweep_name(settings) + (f"-{label}" if label else "")
         if name not in self.sweeps:
             from bench.sweeps import timed_sweep
 
-            self.sweeps[name] = timed_sweep(self, name, **settings)
+            self.sweeps[name] = timed_sweep(self, name, points=points, **settings)
             save_json(self.results / "sweeps" / f"{name}.json", self.sweeps[name])
         return self.sweeps[name]
 

@@ -80,7 +80,11 @@ def write_report(out: Path) -> None:
         for path in sorted((RESULTS / mode).glob("*.json")):
             if path.stem in FIGURES:
                 results.setdefault(path.stem, load_json(path))
-    runs = [load_json(RESULTS / mode / "run.json") for mode in MODES if (RESULTS / mode / "run.json").is_file()]
+    runs = [
+        load_json(path)
+        for mode in MODES
+        for path in sorted((RESULTS / mode).glob("run*.json"), key=lambda p: (p.name != "run.json", p.name))
+    ]
     parts = [HEADER, _machine(runs), _summary(results)]
     parts += [_section(FIGURES[name], results[name]) for name in REPORT_ORDER if name in results]
     Path(out).write_text("\n\n".join(parts) + "\n")

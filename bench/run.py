@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     names = args.only or list(FIGURES)
     ok = all([run_figure(ctx, name) for name in names])
+    # A run of some figures (--only) gets its own record, so the record of the run that measured the rest stays.
+    record = "run.json" if not args.only else f"run-{'-'.join(names)}.json"
     save_json(
-        ctx.results / "run.json",
+        ctx.results / record,
         {
             "command": ctx.command,
             "mode": plan.name,

@@ -92,7 +92,13 @@ class TimingConsole(SweepConsole):
 
 
 def timed_sweep(
-    ctx, name: str, *, fresh_store: bool = True, reuse_actors: bool | None = None, **overrides: Any
+    ctx,
+    name: str,
+    *,
+    fresh_store: bool = True,
+    reuse_actors: bool | None = None,
+    points: list[dict[str, Any]] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Run ``run_sweep`` with ``SweepSettings(**overrides)`` (FPT+ only, no W&B) and time it.
 
@@ -101,6 +107,13 @@ def timed_sweep(
     what-if for a change the package does not offer: it patches the
     ``TuneConfig`` that ``medsweep.search.tuning`` builds (Ray's default is
     False: every trial starts a fresh worker process).
+
+    ``points`` replaces the recommended points the sweep runs first (the grid
+    arm of figure 5): they are enqueued, in order, into the sweep's own Optuna
+    study before the sweep starts. ``build_searcher`` enqueues the recommended
+    points only into an empty study (so that ``medsweep resume`` does not run
+    them twice) and ``ask()`` hands out waiting trials first, so the sweep runs
+    exactly these configs, through the unchanged searcher, Tuner and trial.
     """
     from medsweep.search import tuning
     from medsweep.search.sweep import SweepSettings, run_sweep
@@ -111,6 +124,8 @@ def timed_sweep(
         **{"methods": ["fpt_plus"], "wandb": "disabled", "cache_dir": ctx.cache_dir, "out": out, **overrides}
     )
     shutil.rmtree(out, ignore_errors=True)  # an old Optuna journal there would seed TPE with stale trials
+    if points:
+        enqueue(out, points)
     if fresh_store:
         ctx.fresh_stores()
     console = TimingConsole()
@@ -129,6 +144,7 @@ def timed_sweep(
         "name": name,
         "settings": {k: v for k, v in overrides.items()},
         "fresh_store": fresh_store,
+        "points": points,
         "reuse_actors": reuse_actors,
         "backbone": settings.backbone,
         "image_size": settings.image_size,
@@ -146,3 +162,17 @@ def timed_sweep(
         "trials": board[[c for c in TRIAL_COLUMNS if c in board]].to_dict(orient="records"),
         "events": [{**e, "t": e["t"] - marks["materialize"]} for e in console.events],
     }
+
+
+def enqueue(out: Path, points: list[dict[str, Any]]) -> None:
+    """Put ``points`` in the study file a sweep writing to ``out`` will open (``run_sweep``'s study name)."""
+    import optuna
+
+    from medsweep.search.sweep import STUDY_NAME, study_storage
+
+    out.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=study_storage(out), direction="maximize", load_if_exists=True
+    )
+    for point in points:
+        study.enqueue_trial(dict(point))
