@@ -45,7 +45,7 @@ class Plan:
     size_split: tuple[int, int, int]
     datapath_passes: int
     worker_fits: int  # figure 3: one-worker TorchTrainer fits (each starts a worker group)
-    reuse_whatif: bool  # figure 3: rerun figure 2's default sweep with Tune's reuse_actors=True
+    reuse_whatif: bool  # figure 3: rerun figure 2's default sweep with Ray Tune's defaults (no actor reuse, one pending trial)
 
 
 FULL = Plan(

@@ -11,7 +11,7 @@ once by the context, before the clock starts, and reported separately.
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
 import shutil
 import time
 from pathlib import Path
@@ -91,22 +91,28 @@ class TimingConsole(SweepConsole):
         self.marks["export"] = time.perf_counter()
 
 
+def _without_actor_reuse(**kwargs: Any) -> TuneConfig:
+    return TuneConfig(**{**kwargs, "reuse_actors": False})
+
+
 def timed_sweep(
     ctx,
     name: str,
     *,
     fresh_store: bool = True,
-    reuse_actors: bool | None = None,
+    ray_defaults: bool = False,
     points: list[dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Run ``run_sweep`` with ``SweepSettings(**overrides)`` (FPT+ only, no W&B) and time it.
 
     ``fresh_store`` drops every cached preload store first, so the sweep pays
-    its own preload as a first sweep on a dataset would. ``reuse_actors`` is a
-    what-if for a change the package does not offer: it patches the
-    ``TuneConfig`` that ``medsweep.search.tuning`` builds (Ray's default is
-    False: every trial starts a fresh worker process).
+    its own preload as a first sweep on a dataset would. ``ray_defaults`` runs
+    the sweep as it ran before medsweep changed two of Ray Tune's defaults:
+    ``reuse_actors=False`` (every trial starts a fresh worker process, patched
+    into the ``TuneConfig`` that ``medsweep.search.tuning`` builds) and one
+    pending trial at a time (``TUNE_MAX_PENDING_TRIALS_PG=1``, Tune's default
+    for a searcher), to measure what the two changes save.
 
     ``points`` replaces the recommended points the sweep runs first (the grid
     arm of figure 5): they are enqueued, in order, into the sweep's own Optuna
@@ -129,13 +135,12 @@ def timed_sweep(
     if fresh_store:
         ctx.fresh_stores()
     console = TimingConsole()
-    patch = (
-        mock.patch.object(tuning, "TuneConfig", functools.partial(TuneConfig, reuse_actors=reuse_actors))
-        if reuse_actors is not None
-        else contextlib.nullcontext()
-    )
+    patches = contextlib.ExitStack()
+    if ray_defaults:
+        patches.enter_context(mock.patch.object(tuning, "TuneConfig", _without_actor_reuse))
+        patches.enter_context(mock.patch.dict(os.environ, {"TUNE_MAX_PENDING_TRIALS_PG": "1"}))
     start = time.perf_counter()
-    with patch:
+    with patches:
         run_sweep(settings, console)
     end = time.perf_counter()
     marks = console.marks
@@ -145,7 +150,7 @@ def timed_sweep(
         "settings": {k: v for k, v in overrides.items()},
         "fresh_store": fresh_store,
         "points": points,
-        "reuse_actors": reuse_actors,
+        "ray_defaults": ray_defaults,
         "backbone": settings.backbone,
         "image_size": settings.image_size,
         "num_classes": console.num_classes,
