@@ -26,7 +26,7 @@ def test_full_fine_tuning_trial_runs_on_two_ddp_workers(ray_session, synthetic_r
         early_stopping=False,
     )
     run_sweep(settings, SweepConsole(record=True))
-    board = pd.read_csv(settings.out / "leaderboard.csv")
+    board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str})
     (row,) = board.to_dict("records")
     assert row["method"] == "full" and row["workers"] == 2
     assert row["status"] == "completed" and row["epochs_run"] == 2

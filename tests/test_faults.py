@@ -197,7 +197,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     assert resume.run(_resume_args(out)) == 0
     assert not any(resumed_in.iterdir())  # nothing looked for or written relative to the new directory
 
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) == {"completed"}
     assert (board["epochs_run"] == EPOCHS).all()
@@ -272,7 +272,7 @@ def test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded
     run_sweep(settings, SweepConsole(quiet=True))
     killer.join(timeout=5)
 
-    board = pd.read_csv(settings.out / "leaderboard.csv").set_index("method")
+    board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str}).set_index("method")
     assert sorted(board.index) == ["adapter", "lora"]  # the sweep went on after the NaN trial
     lora, adapter = board.loc["lora"], board.loc["adapter"]
     assert lora["status"] == "diverged" and lora["epochs_run"] == 1 and math.isnan(lora["best_val_auc"])
@@ -340,7 +340,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
         if keeper.is_alive():
             keeper.kill()
 
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) == {"completed"}
     # The trial on the removed node finished all its epochs elsewhere (each epoch reported once

@@ -61,7 +61,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_each_offline_wandb_run_holds_its_trials_values_tags_and_summary(tiny_sweep):
     out, settings, _ = tiny_sweep
-    board = pd.read_csv(out / "leaderboard.csv").set_index("trial_id")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
     dataset = Path(settings.dataset).name
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == settings.trials
@@ -154,7 +154,7 @@ def test_dashboard_api_lists_the_sweep_study_with_every_trial(tiny_sweep, dashbo
     trials = _get(f"{dashboard_url}/api/studies/{study['study_id']}?after=0")["trials"]
     assert len(trials) == settings.trials
     assert {t["state"] for t in trials} == {"Complete"}
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     methods = sorted(p["param_external_value"] for t in trials for p in t["params"] if p["name"] == "method")
     assert methods == sorted(board["method"])
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_sweep_writes_a_leaderboard_with_one_row_per_trial(tiny_sweep):
     out, settings, _ = tiny_sweep
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == settings.trials
     assert board["trial_id"].is_unique
     assert set(board["method"]) == {"fpt_plus", "linear"}
@@ -38,14 +38,14 @@ def test_recommended_points_run_first_then_tpe(tiny_sweep):
     for trial, point in zip(trials, expected):
         assert trial.params == pytest.approx(point)
     # Every trial ran with the sweep's fixed values over the space's constants.
-    for config in pd.read_csv(out / "leaderboard.csv")["config_json"].map(json.loads):
+    for config in pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})["config_json"].map(json.loads):
         assert config["backbone"] == "vit-tiny" and config["epochs"] == settings.max_epochs
 
 
 def test_best_yaml_names_the_best_config_per_method(tiny_sweep):
     out, _, _ = tiny_sweep
     (best,) = yaml.safe_load((out / "best.yaml").read_text()).values()
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert best["best_method"] == board.iloc[0]["method"]
     assert set(best["per_method"]) == {"fpt_plus", "linear"}
     for method, entry in best["per_method"].items():
@@ -60,7 +60,7 @@ def test_each_trial_streams_to_its_own_offline_wandb_run(tiny_sweep):
     out, settings, _ = tiny_sweep
     runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == settings.trials
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert {p.stem.removeprefix("run-") for p in runs} == set(board["trial_id"])
 
 
