@@ -196,3 +196,16 @@ def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthe
     assert re.search(r"\(1( done)?\)", text) and "(1/" not in text and "/None" not in text  # counted without a total
     saved = load_settings(out)
     assert saved.budget_hours == 0.01 and saved.trials is None
+
+
+# ------------------------------------------------------------------ TPE start-up
+
+
+def test_tpe_models_short_sweeps_after_their_recommended_points():
+    from medsweep.search.tuning import TPE_STARTUP_TRIALS, tpe_startup_trials
+
+    assert tpe_startup_trials(8, recommended=2) == 2  # the default sweep: TPE from the third trial on
+    assert tpe_startup_trials(24, recommended=2) == 6
+    assert tpe_startup_trials(4, recommended=3) == 3  # never before every recommended point has run
+    assert tpe_startup_trials(200, recommended=2) == TPE_STARTUP_TRIALS == 10  # long sweeps: Optuna's default
+    assert tpe_startup_trials(None, recommended=2) == TPE_STARTUP_TRIALS  # bounded by --budget-hours only

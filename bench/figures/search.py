@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.search.sweep import SweepSettings
+from medsweep.search.tuning import tpe_startup_trials
 
 from bench.common import demo_spec, recommended_point, table
 
@@ -152,7 +153,7 @@ def run(ctx) -> dict[str, Any]:
                 (t["best_val_auc"] for t in record["trials"] if same_point(t, recommended)), float("nan")
             ),
         }
-    # Why TPE + ASHA and random differ little on this budget: TPE's first trials are Optuna's random
+    # Why TPE + ASHA and random differ little on this budget: TPE's first trials are its random
     # start-up (same seed: the random search's own samples), and ASHA's first rung judges 2-epoch AUCs.
     tpe_trials = sweeps["TPE + ASHA"]["trials"]
     shared = sum(
@@ -258,9 +259,9 @@ def context(d: dict[str, Any]) -> str:
     tpe = d["arms"]["TPE + ASHA"]
     text = (
         f" {d['tpe_shared_with_random']} of TPE + ASHA's {tpe['trials']} trials ran a config the random search also "
-        "ran: Optuna's TPE samples at random until 10 trials have finished (its start-up; with two trials "
-        "running at once it hands out a few more), with the same seed as the random search, so on this budget "
-        "TPE proper chose only the rest."
+        f"ran: TPE samples at random until {tpe_startup_trials(tpe['trials'], 1)} trials have finished (its "
+        "start-up, a quarter of the sweep; with two trials running at once it hands out a few more), with the "
+        "same seed as the random search, so on this budget TPE proper chose only the rest."
     )
     ranges = {int(e): r for e, r in d["tpe_auc_range_by_epoch"].items()}
     if len(ranges) == 2:

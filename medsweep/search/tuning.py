@@ -373,6 +373,24 @@ def _study_is_empty(storage: JournalStorage) -> bool:
     return not storage.get_all_trials(study_id, deepcopy=False)
 
 
+# Optuna's TPE samples at random until this many trials have completed (its default).
+TPE_STARTUP_TRIALS = 10
+
+
+def tpe_startup_trials(trials: int | None, recommended: int) -> int:
+    """Completed trials before TPE models the results: a quarter of the sweep, at most Optuna's 10.
+
+    Optuna's default of 10 random trials is sized for long studies: with the
+    default 8-trial sweep TPE would never run (two recommended points, then six
+    random draws). The recommended points count as completed trials, so a
+    short sweep starts modelling from them at once. A time-bounded sweep
+    (no trial count) keeps the default.
+    """
+    if trials is None:
+        return TPE_STARTUP_TRIALS
+    return max(recommended, min(TPE_STARTUP_TRIALS, trials // 4))
+
+
 def build_searcher(
     settings: SweepSettings,
     spec: DatasetSpec,
@@ -413,7 +431,11 @@ def build_searcher(
         metric=metric,
         mode=mode,
         points_to_evaluate=points if _study_is_empty(storage) else None,
-        sampler=TPESampler(seed=settings.seed) if settings.search == "tpe" else RandomSampler(seed=settings.seed),
+        sampler=(
+            TPESampler(seed=settings.seed, n_startup_trials=tpe_startup_trials(settings.trials, len(points)))
+            if settings.search == "tpe"
+            else RandomSampler(seed=settings.seed)
+        ),
         study_name=STUDY_NAME,
         storage=storage,
     )
