@@ -310,3 +310,39 @@ def test_released_frozen_weights_change_nothing_a_preloaded_step_computes(name: 
     fresh = build(name, seed=1)
     fresh.load_state_dict(method.trainable_state_dict(), strict=False)  # checkpoints hold no meta tensor
     assert torch.equal(eval_logits(fresh, batch), before)
+
+
+@pytest.mark.parametrize("name", PRELOADABLE)
+def test_a_method_built_without_frozen_weights_trains_as_one_built_with_them(name: str) -> None:
+    """What a trial on preloaded features builds: a weightless frozen model, the very same learnable start."""
+    from medsweep.trainables.backbones import frozen_weights_unused
+
+    full = build(name)
+    with frozen_weights_unused():
+        light = build(name)
+    assert all(p.is_meta for m in light.frozen_modules() for p in m.parameters())
+    assert light.parameter_counts() == full.parameter_counts()
+    learnable = {k: v for k, v in full.trainable_state_dict().items()}
+    assert light.trainable_state_dict().keys() <= learnable.keys()
+    for key, value in light.trainable_state_dict().items():  # same seeded initialisation of what trains
+        assert torch.equal(value, learnable[key]), key
+    light.to_device(torch.device("cpu"))
+    images = make_batch(full)
+    batch = {**make_batch(full, preloaded=True), **full.frozen_features(images[full.frozen_input])}
+    assert torch.equal(eval_logits(light, batch), eval_logits(full, batch))
+
+
+@pytest.mark.parametrize("name", ["vit-tiny", "clip-tiny", "convnext-tiny-test", "resnet-tiny-test"])
+def test_a_saved_backbone_builds_without_reading_its_weights(name: str, tmp_path: Path) -> None:
+    from medsweep.trainables.backbones import frozen_weights_unused
+
+    saved = build_backbone(name)
+    saved.model.save_pretrained(tmp_path / name)
+    for weights in (tmp_path / name).glob("*.safetensors"):
+        weights.write_bytes(b"")  # a weightless build must not need them
+    with frozen_weights_unused():
+        backbone = build_backbone(str(tmp_path / name))
+    assert all(p.is_meta for p in backbone.model.parameters())
+    assert type(backbone.model) is type(saved.model) and backbone.family == saved.family
+    assert sum(p.numel() for p in backbone.model.parameters()) == sum(p.numel() for p in saved.model.parameters())
+    assert "weights not loaded" in backbone.identity

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsweep.datasets.store import LABEL, ColumnSpec, decode_columns
-from medsweep.trainables.backbones import backbone_normalisation
+from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.inputs import model_inputs, steps_per_epoch
 from medsweep.trainables.memory import step_memory_bytes
-from medsweep.trainables.methods import Method, build_method
+from medsweep.trainables.methods import Method, build_method, get_method
 from medsweep.trainables.metrics import classification_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -107,15 +108,18 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     """
     cfg = TrainConfig.from_dict(config)
     torch.manual_seed(cfg.seed)
-    method = build_method(config["method"], config)
+    stored_names = {c.name for c in io.columns}
+    method_cls = get_method(config["method"]).model_cls
+    # Every batch carries the frozen features: the frozen backbone never runs, so it is built
+    # without weights (on the meta device). DDP broadcasts every tensor, so not under DDP.
+    preloaded = method_cls.preloadable and method_cls.frozen_input not in stored_names and io.world_size == 1
+    with frozen_weights_unused() if preloaded else nullcontext():
+        method = build_method(config["method"], config)
     task = method.config.task
     device = device_for_trial()
-    method.to(device)
-    stored_names = {c.name for c in io.columns}
+    method.to_device(device)
     images = {k: v for k, v in method.image_inputs().items() if k in stored_names}
     features = tuple(k for k in method.feature_keys() if k in stored_names)
-    if method.preloadable and features == method.feature_keys() and io.world_size == 1:
-        method.release_frozen()  # every batch carries the frozen features
     model = io.prepare_model(method)
     mean, std = backbone_normalisation(method.config.backbone)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)

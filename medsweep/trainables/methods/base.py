@@ -142,6 +142,10 @@ class Method(nn.Module):
         """Submodules that never train; kept in eval mode by :meth:`train`."""
         return []
 
+    def to_device(self, device: torch.device) -> Method:
+        """``to(device)`` that leaves weightless (meta) frozen tensors where they are (see ``release_frozen``)."""
+        return self._apply(lambda t: t if t.is_meta else t.to(device))
+
     def release_frozen(self) -> None:
         """Drop the frozen modules' weights when their features arrive preloaded: the step never runs them.
 
@@ -185,8 +189,9 @@ class Method(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the learnable tensors: what a checkpoint needs (the frozen part is rebuilt)."""
         frozen = {name for name, param in self.named_parameters() if not param.requires_grad}
-        # Buffers (norm statistics...) are kept: they are state the training produced.
-        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+        # Buffers (norm statistics...) are kept: they are state the training produced; those of a
+        # frozen model built without weights are meta tensors, with nothing to keep.
+        return {k: v for k, v in self.state_dict().items() if k not in frozen and not v.is_meta}
 
 
 # -- registry ---------------------------------------------------------------------
