@@ -235,10 +235,18 @@ def verdict(result: dict[str, Any]) -> str:
     d = result["data"]
     arms = d["arms"]
     tpe = arms["TPE + ASHA"]
+    caveat = (
+        f" With {d['val_images']} validation images and one seed per search, an AUC difference of "
+        f"{TOLERANCE} is about one or two images' ranks, and which search gets there first depends on one "
+        "lucky config; separating the searches needs several seeds."
+    )
     if result["status"] == "PASS":
         tied = [n for n, a in arms.items() if n != "TPE + ASHA" and a["epochs_to_target"] == tpe["epochs_to_target"]]
-        return "TPE + ASHA reached the target with the least compute" + (
-            f" (tied with {' and '.join(tied)})." if tied else "."
+        return (
+            "TPE + ASHA reached the target with the least compute"
+            + (f" (tied with {' and '.join(tied)})." if tied else ".")
+            + caveat
+            + context(d)
         )
     if tpe["epochs_to_target"] is None:
         why = "TPE + ASHA did not reach the target within the budget"
@@ -247,11 +255,7 @@ def verdict(result: dict[str, Any]) -> str:
     else:
         first = min((a["epochs_to_target"], n) for n, a in arms.items() if a["epochs_to_target"] is not None)
         why = f"TPE + ASHA reached the target after {tpe['epochs_to_target']} epochs, but {first[1]} got there after {first[0]}"
-    return (
-        why + f". With {d['val_images']} validation images and one seed per search, an AUC difference of "
-        f"{TOLERANCE} is about one or two images' ranks, and which search gets there first depends on one "
-        "lucky config; separating the searches needs several seeds."
-    ) + context(d)
+    return why + "." + caveat + context(d)
 
 
 def context(d: dict[str, Any]) -> str:
