@@ -290,38 +290,19 @@ def test_full_fine_tuning_runs_on_every_family(backbone: str) -> None:
 
 
 @pytest.mark.parametrize("name", PRELOADABLE)
-def test_released_frozen_weights_change_nothing_a_preloaded_step_computes(name: str) -> None:
-    """A trial on preloaded features drops the frozen weights: same logits, counts and checkpoint, less memory."""
-    from medsweep.trainables.memory import parameter_bytes
-
-    method = build(name)
-    images = make_batch(method)
-    batch = {**make_batch(method, preloaded=True), **method.frozen_features(images[method.frozen_input])}
-    counts, held = method.parameter_counts(), parameter_bytes(method, "adamw")
-    frozen_bytes = sum(p.numel() * p.element_size() for m in method.frozen_modules() for p in m.parameters())
-    before = eval_logits(method, batch)
-
-    method.release_frozen()
-
-    assert all(p.is_meta for m in method.frozen_modules() for p in m.parameters())
-    assert torch.equal(eval_logits(method, batch), before)
-    assert method.parameter_counts() == counts
-    assert frozen_bytes > 0 and parameter_bytes(method, "adamw") == held - frozen_bytes
-    fresh = build(name, seed=1)
-    fresh.load_state_dict(method.trainable_state_dict(), strict=False)  # checkpoints hold no meta tensor
-    assert torch.equal(eval_logits(fresh, batch), before)
-
-
-@pytest.mark.parametrize("name", PRELOADABLE)
 def test_a_method_built_without_frozen_weights_trains_as_one_built_with_them(name: str) -> None:
-    """What a trial on preloaded features builds: a weightless frozen model, the very same learnable start."""
+    """What a trial on preloaded features builds: a weightless frozen model, the very same learnable start,
+    the same logits and checkpoint, less memory."""
     from medsweep.trainables.backbones import frozen_weights_unused
+    from medsweep.trainables.memory import parameter_bytes
 
     full = build(name)
     with frozen_weights_unused():
         light = build(name)
     assert all(p.is_meta for m in light.frozen_modules() for p in m.parameters())
     assert light.parameter_counts() == full.parameter_counts()
+    frozen_bytes = sum(p.numel() * p.element_size() for m in full.frozen_modules() for p in m.parameters())
+    assert frozen_bytes > 0 and parameter_bytes(light, "adamw") == parameter_bytes(full, "adamw") - frozen_bytes
     learnable = {k: v for k, v in full.trainable_state_dict().items()}
     assert light.trainable_state_dict().keys() <= learnable.keys()
     for key, value in light.trainable_state_dict().items():  # same seeded initialisation of what trains
@@ -329,7 +310,11 @@ def test_a_method_built_without_frozen_weights_trains_as_one_built_with_them(nam
     light.to_device(torch.device("cpu"))
     images = make_batch(full)
     batch = {**make_batch(full, preloaded=True), **full.frozen_features(images[full.frozen_input])}
-    assert torch.equal(eval_logits(light, batch), eval_logits(full, batch))
+    before = eval_logits(full, batch)
+    assert torch.equal(eval_logits(light, batch), before)
+    fresh = build(name, seed=1)
+    fresh.load_state_dict(light.trainable_state_dict(), strict=False)  # checkpoints hold no meta tensor
+    assert torch.equal(eval_logits(fresh, batch), before)
 
 
 @pytest.mark.parametrize("name", ["vit-tiny", "clip-tiny", "convnext-tiny-test", "resnet-tiny-test"])

@@ -4,8 +4,8 @@
 method: on a GPU its peak is ``torch.cuda.max_memory_allocated``; on CPU the
 package's documented proxy (parameters + gradients + AdamW state of the
 learnable ones + every tensor autograd saves). FPT+'s step is the one a trial
-runs, on preloaded features, with the frozen LPM's weights released
-(``Method.release_frozen``): a trial on a preload store never runs them.
+runs, on preloaded features, with the frozen LPM built without weights
+(``backbones.frozen_weights_unused``): a trial on a preload store never runs it.
 
 The proxy splits in two: parameter bytes (fixed) and saved activations
 (linear in the batch). Where a batch of 16 is too slow on CPU, the step runs
@@ -16,13 +16,15 @@ as ``activations / batch``, from two or more by the least-squares slope.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from bench.common import table
 from medsweep.trainables.memory import parameter_bytes
-from medsweep.trainables.methods import build_method
+from medsweep.trainables.backbones import frozen_weights_unused
+from medsweep.trainables.methods import build_method, get_method
 from medsweep.trainables.probe import probe_memory
 
 NAME = "memory"
@@ -41,12 +43,11 @@ def config(method: str) -> dict[str, Any]:
 
 def measure(method: str, batches: tuple[int, ...]) -> dict[str, Any]:
     """Probe ``method`` at each batch; split peak bytes into parameter and activation parts."""
-    model = build_method(method, config(method))
+    preloadable = get_method(method).model_cls.preloadable
+    with frozen_weights_unused() if preloadable else nullcontext():  # as the probe and a trial build it
+        model = build_method(method, config(method))
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    released = 0
-    if model.preloadable:  # as the probe and a trial on preloaded features hold it
-        model.release_frozen()
-        released = frozen
+    released = frozen if preloadable else 0
     fixed = parameter_bytes(model, "adamw")
     del model
     points = []
@@ -139,15 +140,10 @@ def render(result: dict[str, Any]) -> str:
 
 def _released(fpt: dict[str, Any]) -> str:
     mib = 2**20
-    if not fpt.get("released_bytes"):  # a run from before trials released the frozen weights
-        return (
-            f"FPT+'s parameter part includes the frozen ViT-B's {fpt['frozen_parameter_bytes'] / mib:,.0f} MiB, "
-            "which this run's trials still held."
-        )
     return (
         f"Not in FPT+'s figure: the frozen ViT-B's {fpt['released_bytes'] / mib:,.0f} MiB of weights, which a trial "
-        "on preloaded features releases before its first step (`Method.release_frozen`; the frozen path runs "
-        "only in the preload)."
+        "on preloaded features never holds: it builds the frozen model without weights "
+        "(`backbones.frozen_weights_unused`; the frozen path runs only in the preload)."
     )
 
 

@@ -23,7 +23,7 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
-    """Parameters, plus gradient and optimizer state of the learnable ones (released frozen ones hold none)."""
+    """Parameters, plus gradient and optimizer state of the learnable ones (a frozen model built without weights holds none)."""
     total = 0
     for param in model.parameters():
         if param.is_meta:

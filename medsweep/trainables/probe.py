@@ -9,14 +9,16 @@ fractions and to compute the FPT paper's PME against full fine-tuning.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from medsweep.trainables.backbones import frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.loop import device_for_trial, loss_fn
 from medsweep.trainables.memory import step_memory_bytes
-from medsweep.trainables.methods import build_method
+from medsweep.trainables.methods import build_method, get_method
 
 
 def probe_memory(config: dict[str, Any], batch_size: int, device: torch.device | None = None) -> dict[str, Any]:
@@ -24,18 +26,20 @@ def probe_memory(config: dict[str, Any], batch_size: int, device: torch.device |
     device = device or device_for_trial()
     cfg = TrainConfig.from_dict({**config, "batch_size": batch_size})
     torch.manual_seed(cfg.seed)
-    method = build_method(config["method"], config)
+    preloadable = get_method(config["method"]).model_cls.preloadable
+    with frozen_weights_unused() if preloadable else nullcontext():  # as a trial on a preload store builds it
+        method = build_method(config["method"], config)
     generator = torch.Generator().manual_seed(0)
     batch: dict[str, torch.Tensor] = {
         name: torch.randn(batch_size, 3, spec.size, spec.size, generator=generator)
         for name, spec in method.image_inputs().items()
     }
-    if method.preloadable:
-        batch.update(method.frozen_features(batch[method.frozen_input]))
-        batch.pop(method.frozen_input)
-    method.to(device).train()
-    if method.preloadable:
-        method.release_frozen()  # as in a trial on a preload store
+    if preloadable:
+        # The weightless frozen path on meta inputs gives the features' shapes; their values do not
+        # change the step's memory.
+        shapes = method.frozen_features(batch.pop(method.frozen_input).to("meta"))
+        batch.update({k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in shapes.items()})
+    method.to_device(device).train()
     batch = {k: v.to(device) for k, v in batch.items()}
     num_classes = method.config.num_classes
     if method.config.task == "multilabel":

@@ -143,24 +143,9 @@ class Method(nn.Module):
         return []
 
     def to_device(self, device: torch.device) -> Method:
-        """``to(device)`` that leaves weightless (meta) frozen tensors where they are (see ``release_frozen``)."""
+        """``to(device)`` that leaves a frozen model built without weights (meta tensors, see
+        ``backbones.frozen_weights_unused``) where it is: there is nothing to copy."""
         return self._apply(lambda t: t if t.is_meta else t.to(device))
-
-    def release_frozen(self) -> None:
-        """Drop the frozen modules' weights when their features arrive preloaded: the step never runs them.
-
-        Each frozen parameter becomes a meta tensor (shape kept, no storage), so
-        parameter counts stay as the papers count them while the process holds
-        only what it trains: for FPT+ on ViT-B/16 the frozen LPM is 330 MB of
-        float32 that a trial on preloaded keys/values would otherwise carry
-        (and copy to its GPU). Buffers stay (a checkpoint keeps them). Call it
-        after moving the method to its device; the frozen path cannot run after.
-        """
-        for module in self.frozen_modules():
-            for owner in module.modules():
-                for name, param in list(owner.named_parameters(recurse=False)):
-                    if not param.requires_grad:
-                        owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
