@@ -64,19 +64,6 @@ def load_settings(out: Path) -> SweepSettings:
     return SweepSettings(**{**saved, "out": Path(out)})
 
 
-def fail_orphaned_trials(out: Path) -> int:
-    """Mark the study's trials still ``RUNNING`` after the search ended as ``FAIL``; returns how many."""
-    from optuna.trial import TrialState
-
-    from medsweep.search.sweep import load_study
-
-    study = load_study(out)
-    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in orphans:
-        study.tell(trial.number, state=TrialState.FAIL)
-    return len(orphans)
-
-
 def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     """Continue the sweep in ``out`` to its planned number of trials, then write its answer."""
     settings = load_settings(out)
@@ -95,9 +82,6 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     else:
         console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
         grid = tuning.run_tuner(settings, spec, stores, console)
-    orphans = fail_orphaned_trials(settings.out)
-    if orphans:
-        console.console.print(f"[bold]resume[/] {orphans} Optuna trial(s) asked for by the interrupted driver marked FAIL")
     write_answer(grid, settings, spec, console)
     return settings.out
 

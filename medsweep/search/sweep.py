@@ -238,22 +238,23 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> P
     tuning.start_ray(settings)
     stores = prepare_stores(settings, spec, console)
     grid = tuning.run_tuner(settings, spec, stores, console)
-    from medsweep.search.resume import fail_orphaned_trials
-
-    # A trial still pending when --budget-hours ends the search was asked of the study but never ran.
-    orphans = fail_orphaned_trials(out)
-    if orphans:
-        console.console.print(f"[bold]budget[/] {orphans} Optuna trial(s) asked for but never started marked FAIL")
     write_answer(grid, settings, spec, console)
     return out
 
 
 def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> None:
-    """Leaderboard and best.yaml from a finished Tune run (fresh or resumed), then the table."""
+    """Close the study, then leaderboard and best.yaml from a finished Tune run (fresh or resumed), the table,
+    the final retrain and the report."""
     from medsweep.search import export
 
     from medsweep.search import final, report
 
+    orphans = fail_orphaned_trials(settings.out)
+    if orphans:
+        console.console.print(
+            f"[bold]study[/] {orphans} Optuna trial(s) asked for but never run (by an interrupted driver, "
+            "or pending when --budget-hours ended the search) marked FAIL"
+        )
     board = export.leaderboard(grid, settings)
     export.write_outputs(board, settings, spec, settings.out)
     console.leaderboard(board, settings.out)
@@ -274,6 +275,19 @@ def study_storage(out: Path) -> optuna.storages.JournalStorage:
 def load_study(out: Path) -> optuna.Study:
     """The sweep's Optuna study from its file-backed storage."""
     return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(out))
+
+
+def fail_orphaned_trials(out: Path) -> int:
+    """Mark the study's trials still ``RUNNING`` after the search ended as ``FAIL``; returns how many.
+
+    Such a trial was asked of the study but never ran: by a driver killed after Tune's last
+    snapshot (``medsweep resume``), or pending when ``--budget-hours`` ended the search. Left
+    RUNNING, the dashboard would show it running and the sampler treat it as pending."""
+    study = load_study(out)
+    orphans = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
 
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
