@@ -88,7 +88,7 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
     board = pd.DataFrame(rows)
     if board.empty:
         return board
-    if getattr(settings, "multi_objective", False):
+    if settings.multi_objective:
         board[PARETO_COLUMN] = objective_front(board, settings.objective_columns())
     return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -132,7 +132,7 @@ def _entry(row: pd.Series) -> dict[str, Any]:
 def best_configs(board: pd.DataFrame, spec: DatasetSpec, objectives: list[str] | None = None) -> dict[str, Any]:
     """Best trial per method and overall, with validation metrics and cost; with several
     ``objectives``, also the trials on their Pareto front (best AUC first)."""
-    usable = board[~board["status"].isin(["error", "diverged"])].dropna(subset=["best_val_auc"]) if not board.empty else board
+    usable = board[~board["status"].isin(UNUSABLE)].dropna(subset=["best_val_auc"]) if not board.empty else board
     per_method = {method: _entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
     overall = usable.iloc[0]["method"] if not usable.empty else None
     entry = {
@@ -165,10 +165,9 @@ def pareto_rows(board: pd.DataFrame, settings) -> pd.DataFrame:
 def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -> None:
     board.to_csv(out / "leaderboard.csv", index=False)
     board.to_parquet(out / "leaderboard.parquet", index=False)
-    objectives = list(getattr(settings, "objective", ["auc"]))
-    if len(objectives) > 1:
+    if settings.multi_objective:
         pareto_rows(board, settings).to_csv(out / PARETO_CSV, index=False)
-    best = best_configs(board, spec, objectives)
+    best = best_configs(board, spec, settings.objective)
     (out / "best.yaml").write_text(yaml.dump(best, Dumper=_NoAliasDumper, sort_keys=False))
 
 
