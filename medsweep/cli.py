@@ -182,12 +182,12 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import DEFAULT_METHODS, SweepSettings, run_sweep
+    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, run_sweep
 
     settings = SweepSettings(
         dataset=args.dataset,
         methods=args.methods or list(DEFAULT_METHODS),
-        trials=args.trials if args.trials is not None or args.budget_hours is not None else 8,
+        trials=args.trials if args.trials is not None or args.budget_hours is not None else DEFAULT_TRIALS,
         budget_hours=args.budget_hours,
         objective=args.objective,
         max_epochs=args.max_epochs,

@@ -40,6 +40,7 @@ from medsweep.trainables.methods import build_method, get_method
 from medsweep.trainables.preload import preload
 
 DEFAULT_METHODS = ("fpt_plus", "linear")
+DEFAULT_TRIALS = 8
 DEMO_BACKBONE = "vit-small-demo"
 # The demo backbone is 64 wide, 12x narrower than ViT-B: the official side
 # reduction of 8 would leave an 8-wide side network that barely trains in a few
@@ -65,7 +66,7 @@ class SweepSettings:
 
     dataset: str = "synthetic"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    trials: int | None = 8
+    trials: int | None = DEFAULT_TRIALS
     max_epochs: int = 6
     backbone: str = DEMO_BACKBONE
     image_size: int = 128
