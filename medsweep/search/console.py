@@ -199,9 +199,8 @@ class SweepConsole:
             self._refresh()
             return
         self.console.print(
-            f"  {trial_id} {config.get('method', '?'):>9} {_short(config):<40} "
-            f"epoch {result.get('epoch', 0):>2}  val_auc {auc:.3f}  "
-            f"loss {result.get('train_loss', float('nan')):.3f}"
+            f"  {trial_id} {row['method']:>9} {row['hyperparameters']:<40} "
+            f"epoch {row['epoch']:>2}  val_auc {auc:.3f}  loss {row['loss']:.3f}"
         )
 
     def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int | None) -> None:
