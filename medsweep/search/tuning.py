@@ -113,17 +113,7 @@ def largest_batch_size(method: str, settings: SweepSettings, dataset: str | None
 
     if "batch_size" in settings.fixed:
         return int(settings.fixed["batch_size"])
-    sizes: list[int] = []
-    nodes = [space_for(method, dataset=dataset).root]
-    while nodes:
-        node = nodes.pop()
-        if "batch_size" in node.params:
-            dist = node.params["batch_size"].distribution
-            sizes.extend(dist.choices if hasattr(dist, "choices") else [dist.high])
-        if "batch_size" in node.constants:
-            sizes.append(node.constants["batch_size"])
-        if node.branch is not None:
-            nodes.extend(node.branch.children.values())
+    sizes = space_for(method, dataset=dataset).extreme_values("batch_size")
     if not sizes:
         sizes.append(recommended(method, dataset=dataset).get("batch_size", TrainConfig.batch_size))
     return int(max(sizes))

@@ -123,6 +123,12 @@ class Space:
     def __call__(self, trial: BaseTrial) -> dict[str, Any]:
         return _sample(self.root, trial, "")
 
+    def extreme_values(self, key: str) -> list[Any]:
+        """Every value of ``key`` at the edge of what a trial can get, in any branch: a categorical's
+        choices, a numeric range's low and high, a constant (empty if the space never sets ``key``).
+        ``max()`` of it is the largest value a trial can run with (a GPU fraction sized for it)."""
+        return _extreme_values(self.root, key)
+
 
 def space_for(
     method: str,
@@ -309,6 +315,17 @@ def _recommended_params(node: Node, prefix: str) -> dict[str, Any]:
         point[prefix + node.branch.key] = choice
         point.update(_recommended_params(node.branch.children[choice], f"{prefix}{choice}."))
     return point
+
+
+def _extreme_values(node: Node, key: str) -> list[Any]:
+    values = [node.constants[key]] if key in node.constants else []
+    if key in node.params:
+        distribution = node.params[key].distribution
+        values += list(distribution.choices) if isinstance(distribution, CategoricalDistribution) else [distribution.low, distribution.high]
+    if node.branch is not None:
+        for child in node.branch.children.values():
+            values += _extreme_values(child, key)
+    return values
 
 
 def _keys(node: Node) -> set[str]:
