@@ -190,7 +190,8 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
     probes = probe_methods(settings, spec, num_gpus=0.01, methods=[m for m in settings.methods if m != "full"])
     gpu_total = min([gpu_total or math.inf, *(p.get("gpu_total_bytes", math.inf) for p in probes.values())])
     gpu_total = gpu_total if math.isfinite(gpu_total) else 0  # no GPU size known: whole GPUs, the safe side
-    fractions = {"full": float(settings.workers)} if "full" in settings.methods else {}
+    # gpu_fraction's rule for `full` does not read the memory: no probe bytes to give it.
+    fractions = {"full": gpu_fraction(0, int(gpu_total), "full", settings.workers)} if "full" in settings.methods else {}
     if "full" in settings.methods and console is not None:
         console.console.print(f"[bold]gpu[/] full: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
     for method, probe in probes.items():
