@@ -152,6 +152,16 @@ def test_importance_of_a_one_method_sweep(tmp_path):
     assert "importance.png" in write_report(root).read_text()
 
 
+def test_importance_of_trials_that_all_scored_the_same_is_a_note(tmp_path):
+    """Seen in a resumed 3-trial sweep: two linear trials at different lr, the same AUC (fANOVA raised)."""
+    from medsweep.search.report import param_importances
+
+    same = [("b0000001", "linear", 1e-4, 0.12, 0.6, [0.60, 0.65]), ("b0000002", "linear", 7.5e-5, 0.12, 0.6, [0.62, 0.65])]
+    found = param_importances(_sweep_folder(tmp_path, same), only_method="linear")
+    assert found.values == {} and "all 2 completed trials scored the same validation AUC" in found.notes[0]
+    assert "importance.png" not in write_report(tmp_path).read_text()
+
+
 def test_report_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="no leaderboard.csv"):
         write_report(tmp_path)

@@ -95,7 +95,7 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
     Per method, because each method has its own parameters and the study's
     common space is only ``method``. A one-method sweep searches no ``method``
     parameter; ``only_method`` names it. Needs at least 2 completed trials of
-    the method with a parameter that varies; otherwise a note says why not.
+    the method with a parameter that varies and scores that differ; otherwise a note says why not.
     """
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
@@ -117,6 +117,13 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
             notes.append(
                 f"{method}: {len(trials)} completed trial(s), {len(varying)} varying parameter(s); "
                 "importance needs at least 2 trials that differ (run more --trials)"
+            )
+            continue
+        scores = {t.values[auc] if auc is not None else t.value for t in trials}
+        if len(scores) < 2:  # fANOVA has no variance to attribute (it raises)
+            notes.append(
+                f"{method}: all {len(trials)} completed trials scored the same validation AUC, so no parameter "
+                "explains a difference (run more --trials)"
             )
             continue
         with _quiet_optuna():
