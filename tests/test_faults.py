@@ -2,8 +2,9 @@
 
 Every process is killed with SIGKILL at a chosen moment, found by what it
 is: the ``medsweep sweep`` driver is the process group this test started;
-a trial is the Tune actor (``ray::ImplicitFunc``) whose working directory
-Tune named ``trial-<trial id>``; a node is a ``ray.cluster_utils.Cluster``
+a trial is the Tune actor (``ray::ImplicitFunc``) whose process id its
+last reported result gives (actors are reused, so an idle one may still sit
+in the folder of a trial it never ran); a node is a ``ray.cluster_utils.Cluster``
 worker. Each test waits until the sweep has saved what the fault must not
 lose (a finished trial, a trial checkpoint), then kills, then checks what
 came back.
@@ -112,16 +113,21 @@ def _wait_for(inject: Callable[[], bool], timeout: float, driver: subprocess.Pop
         time.sleep(0.1)
 
 
-def _trial_processes(root_pid: int) -> dict[str, psutil.Process]:
-    """Tune trial actors under ``root_pid``, by trial id (their working directory is ``trial-<id>``)."""
+def _trial_processes(root_pid: int) -> dict[int, psutil.Process]:
+    """Tune trial actors under ``root_pid``, by process id."""
     found = {}
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
             if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ImplicitFunc"):
-                found[Path(proc.cwd()).name.removeprefix("trial-")] = proc
+                found[proc.pid] = proc
         except psutil.Error:  # exited while we looked
             continue
     return found
+
+
+def _running_pid(trial_dir: Path) -> int:
+    """The process that runs the trial: the one that reported its last result."""
+    return _results(trial_dir)[-1]["pid"]
 
 
 def _kill_process_group(proc: subprocess.Popen) -> None:
@@ -260,10 +266,9 @@ def test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded
         while time.monotonic() < deadline:
             running = _trial_processes(os.getpid())
             for trial_dir in _checkpointed_early(settings.out):
-                trial_id = trial_dir.name.removeprefix("trial-")
-                if trial_id in running:
-                    running[trial_id].kill()
-                    killed.append(trial_id)
+                if _running_pid(trial_dir) in running:
+                    running[_running_pid(trial_dir)].kill()
+                    killed.append(trial_dir.name.removeprefix("trial-"))
                     return
             time.sleep(0.1)
 
@@ -323,7 +328,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
             for index, raylet in enumerate(raylets):
                 running = _trial_processes(raylet)
                 for trial_dir in _checkpointed_early(out):
-                    if trial_dir.name.removeprefix("trial-") in running:
+                    if _running_pid(trial_dir) in running:
                         conn.send(index)
                         assert conn.poll(60) and conn.recv() == "removed"
                         removed.append(trial_dir.name)
