@@ -174,8 +174,9 @@ def test_search_data_step_reads_only_the_train_and_val_shards(synthetic_spec, ca
     data, _ = store_data(PreloadResult(store, True, 0.0, 0))
 
     assert set(asked) == {"train", "val"}
-    assert set(data.datasets) == set(data.rows) == {"train", "val"}
-    assert data.datasets["train"].count() == store.num_rows("train")
+    assert set(data.blocks) == set(data.shard_rows) == {"train", "val"}
+    train = list(data.tables("train", range(len(data.shard_rows["train"]))))
+    assert sum(table.num_rows for table in train) == data.num_rows("train") == store.num_rows("train")
 
 
 def test_missing_best_yaml_is_a_one_line_error(synthetic_spec, tmp_path):

@@ -1,4 +1,4 @@
-"""A preload store through Ray Data: materialize vs stream, trials holding every CPU, shards across nodes.
+"""A preload store through Ray: materialize vs stream, trials holding every CPU, DDP workers across nodes.
 
 The multi-node test runs in a child process (this file run as a script):
 ``ray.cluster_utils.Cluster`` starts its own head, and a driver can be
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
-from ray.data.dataset import MaterializedDataset
 
 from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter
-from medsweep.search.data import share_stores, store_data
+from medsweep.search.data import StoreData, share_stores, store_data
+from medsweep.search.trial import _RayIO
 from medsweep.trainables.preload import PreloadResult
 
 COLUMNS = [ColumnSpec("image", (3, 4, 4), "uint8"), ColumnSpec("feat", (6,), "float16")]
@@ -55,17 +55,9 @@ def tiny_store(root: Path, rows: dict[str, int], rows_per_shard: int, task: str 
     return PreloadResult(writer.finish(rows, shards, {}), False, 0.0, sum(rows.values()))
 
 
-def iter_indices(iterator: Any, batch_size: int, shuffle_seed: int | None = None) -> list[int]:
-    """Every ``index`` one pass yields, read the way ``trial._RayIO.batches`` reads (local shuffle for train)."""
-    seen: list[int] = []
-    for batch in iterator.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        local_shuffle_buffer_size=4 * batch_size if shuffle_seed is not None else None,
-        local_shuffle_seed=shuffle_seed,
-    ):
-        seen += batch["index"].tolist()
-    return seen
+def iter_indices(io: Any, split: str, epoch: int, batch_size: int = 8) -> list[int]:
+    """Every ``index`` one pass yields, read as a trial reads it (train shuffled, val in store order)."""
+    return [int(i) for batch in io.batches(split, batch_size, epoch, shuffle=split != "val") for i in batch["index"]]
 
 
 # -- single node ------------------------------------------------------------------------------------
@@ -76,9 +68,9 @@ def test_small_store_is_materialized_once_and_later_stores_count_what_is_pinned(
     second = tiny_store(tmp_path / "b", {"train": 40, "val": 20}, rows_per_shard=16)
     data, why = store_data(first)
     assert "materialized" in why, why
-    assert all(isinstance(ds, MaterializedDataset) for ds in data.datasets.values())
-    assert sorted(iter_indices(data.datasets["train"], 8)) == list(range(40))
-    assert data.rows == {"train": 40, "val": 20} and data.columns == COLUMNS
+    assert data.materialized and {split: len(blocks) for split, blocks in data.blocks.items()} == {"train": 3, "val": 2}
+    assert sorted(iter_indices(_RayIO(data, distributed=False, seed=0), "train", 0)) == list(range(40))
+    assert data.shard_rows == {"train": [16, 16, 8], "val": [16, 4]} and data.columns == COLUMNS
 
     # Room for one store but not two: the second streams, the duplicate is shared, not read again.
     size = first.store.size_bytes(("train", "val"))
@@ -87,7 +79,7 @@ def test_small_store_is_materialized_once_and_later_stores_count_what_is_pinned(
     assert list(shared) == [first.store.key, second.store.key]
     assert "materialized" in shared[first.store.key][1]
     assert "streams" in shared[second.store.key][1] and "already pinned" in shared[second.store.key][1]
-    assert not isinstance(shared[second.store.key][0].datasets["train"], MaterializedDataset)
+    assert not shared[second.store.key][0].materialized
 
 
 def test_streamed_store_feeds_every_row_each_epoch_while_trials_hold_every_cpu(ray_session, tmp_path: Path) -> None:
@@ -100,13 +92,13 @@ def test_streamed_store_feeds_every_row_each_epoch_while_trials_hold_every_cpu(r
     result = tiny_store(tmp_path / "s", {"train": 60, "val": 25}, rows_per_shard=16, task="multilabel")
     data, why = store_data(result, fraction=0.0)
     assert "streams" in why, why
-    assert not isinstance(data.datasets["train"], MaterializedDataset)
+    assert not data.materialized
 
     trials = [_Trial.options(num_cpus=1).remote() for _ in range(2)]
     try:
         ray_session.get([trial.__ray_ready__.remote() for trial in trials], timeout=60)
         assert free_cpus_reach_zero(ray_session, within_s=10)
-        runs = [trial.run.remote(data.datasets, str(tmp_path / f"train-{i}")) for i, trial in enumerate(trials)]
+        runs = [trial.run.remote(data, str(tmp_path / f"train-{i}")) for i, trial in enumerate(trials)]
         outputs = ray_session.get(runs, timeout=120)
     finally:
         for trial in trials:
@@ -128,18 +120,17 @@ def free_cpus_reach_zero(ray_module: Any, within_s: float) -> bool:
 
 
 def _local_mode_loop(config: dict[str, Any]) -> None:
-    """What a single-device trial's loop does with its data: ``get_dataset_shard`` each epoch."""
-    import ray.train
+    """What a single-device trial's loop does with its data: the trial's IO, each epoch."""
     import torch
 
+    io = _RayIO(config["data"], distributed=False, seed=0)
     epochs = []
     for epoch in range(EPOCHS):
-        train = ray.train.get_dataset_shard("train")
-        labels = next(iter(train.iter_batches(batch_size=8, batch_format="numpy")))["label"]
+        labels = next(iter(io.batches("train", 8, epoch, shuffle=True)))["label"]
         epochs.append(
             {
-                "train": iter_indices(train, 8, shuffle_seed=epoch),
-                "val": iter_indices(ray.train.get_dataset_shard("val"), 8),
+                "train": iter_indices(io, "train", epoch),
+                "val": iter_indices(io, "val", epoch),
                 "label_shape": list(torch.tensor(labels).shape),
                 "label_dtype": str(labels.dtype),
             }
@@ -151,18 +142,16 @@ def _local_mode_loop(config: dict[str, Any]) -> None:
 class _Trial:
     """Stands for a Tune trial: holds its CPU and runs a Ray Train local-mode TorchTrainer as trial.py does."""
 
-    def run(self, datasets: dict[str, Any], storage: str) -> list[dict[str, Any]]:
-        from ray.train import DataConfig, RunConfig, ScalingConfig
+    def run(self, data: StoreData, storage: str) -> list[dict[str, Any]]:
+        from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         out = Path(storage) / "seen.json"
         out.parent.mkdir(parents=True)
         TorchTrainer(
             _local_mode_loop,
-            train_loop_config={"out": str(out)},
+            train_loop_config={"out": str(out), "data": data},
             scaling_config=ScalingConfig(num_workers=0),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
             run_config=RunConfig(name="local", storage_path=storage),
         ).fit()
         return json.loads(out.read_text())
@@ -175,11 +164,12 @@ class _Trial:
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_shards_across_nodes(tmp_path: Path) -> None:
-    """Head + 2 worker nodes (1 CPU each). (a) A 2-worker TorchTrainer with ``DataConfig(datasets_to_split=
-    ["train"])``, as trial.py runs DDP trials: the workers, on different nodes, get disjoint train shards
-    covering every row in each of 2 epochs, for the materialized and for the streamed store, and each sees
-    all of val. (b) Tasks pinned to the two worker nodes read the materialized train split after its Parquet
-    files were moved away: the same rows and label sum on both, so they read the shared blocks, not files.
+    """Head + 2 worker nodes (1 CPU each). (a) A 2-worker TorchTrainer reading through the trial's IO, as
+    trial.py runs DDP trials: the workers, on different nodes, take disjoint strides of the epoch's order
+    covering every row in each of 2 epochs, interleaving to exactly the single-worker order, for the
+    materialized and for the streamed store, and each sees all of val. (b) Tasks pinned to the two worker
+    nodes read the materialized train split after its Parquet files were moved away: the same rows and
+    label sum on both, so they read the shared blocks, not files.
     """
     store = tiny_store(tmp_path / "store", {"train": 120, "val": 30}, rows_per_shard=16).store
     out = tmp_path / "cluster.json"
@@ -198,13 +188,17 @@ def test_shards_across_nodes(tmp_path: Path) -> None:
     assert "materialized" in report["why"], report["why"]
     ranks = report["ranks"]
     assert len(ranks) == 2 and ranks[0]["node"] != ranks[1]["node"]
+    single = report["single"]
     for name in ("train", "stream"):
         for epoch in range(EPOCHS):
             parts = [set(rank[name][epoch]) for rank in ranks]
-            assert all(len(part) == len(rank[name][epoch]) for part, rank in zip(parts, ranks))  # no row twice
+            assert all(len(part) == len(rank[name][epoch]) == 60 for part, rank in zip(parts, ranks))  # no row twice
             assert not parts[0] & parts[1], f"{name} epoch {epoch}: workers share rows"
             assert parts[0] | parts[1] == set(range(120)), f"{name} epoch {epoch}: rows missing"
-    assert all(sorted(rank["val"][epoch]) == list(range(30)) for rank in ranks for epoch in range(EPOCHS))
+            interleaved = [row for pair in zip(ranks[0][name][epoch], ranks[1][name][epoch]) for row in pair]
+            assert interleaved == single[epoch], f"{name} epoch {epoch}: not the single-worker order"
+        assert ranks[0][name][0] != ranks[0][name][1]  # a fresh order each epoch
+    assert all(rank["val"][epoch] == list(range(30)) for rank in ranks for epoch in range(EPOCHS))
 
     readers = report["readers"]
     assert len({reader["node"] for reader in readers}) == 2
@@ -217,22 +211,24 @@ def test_shards_across_nodes(tmp_path: Path) -> None:
 
 
 def _ddp_loop(config: dict[str, Any]) -> None:
-    """Each DDP worker records the rows of every dataset it gets, per epoch."""
+    """Each DDP worker records the rows it reads of each store, per epoch, through the trial's IO."""
     import ray.train
 
     context = ray.train.get_context()
     seen: dict[str, Any] = {"node": ray.get_runtime_context().get_node_id()}
-    for name in ("train", "stream", "val"):
-        shard = ray.train.get_dataset_shard(name)
-        seen[name] = [iter_indices(shard, 8, shuffle_seed=epoch if name != "val" else None) for epoch in range(EPOCHS)]
+    materialized = _RayIO(config["data"], distributed=True, seed=7)
+    streamed = _RayIO(config["streamed"], distributed=True, seed=7)
+    seen["train"] = [iter_indices(materialized, "train", epoch) for epoch in range(EPOCHS)]
+    seen["stream"] = [iter_indices(streamed, "train", epoch) for epoch in range(EPOCHS)]
+    seen["val"] = [iter_indices(materialized, "val", epoch) for epoch in range(EPOCHS)]
     Path(config["out"], f"rank-{context.get_world_rank()}.json").write_text(json.dumps(seen))
 
 
-def _read_on_node(dataset: Any) -> dict[str, Any]:
+def _read_on_node(data: StoreData) -> dict[str, Any]:
     indices: list[int] = []
     label_sum = 0
     feature_sum = 0.0
-    for batch in dataset.iter_batches(batch_size=16, batch_format="numpy"):
+    for batch in _RayIO(data, distributed=False, seed=0).batches("train", 16, 0, shuffle=False):
         indices += batch["index"].tolist()
         label_sum += int(batch["label"].sum())
         feature_sum += float(sum(np.frombuffer(raw, dtype=np.float16).sum(dtype=np.float64) for raw in batch["feat"]))
@@ -247,7 +243,7 @@ def _read_on_node(dataset: Any) -> dict[str, Any]:
 def _cluster_main(store_root: Path, out: Path) -> None:
     """The child process: start a 3-node cluster, run (a) and (b), write what was seen to ``out``."""
     from ray.cluster_utils import Cluster
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -270,22 +266,28 @@ def _cluster_main(store_root: Path, out: Path) -> None:
         scratch.mkdir()
         TorchTrainer(
             _ddp_loop,
-            train_loop_config={"out": str(scratch)},
+            train_loop_config={"out": str(scratch), "data": data, "streamed": streamed},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-            datasets={**data.datasets, "stream": streamed.datasets["train"]},
-            dataset_config=DataConfig(datasets_to_split=["train", "stream"]),
             run_config=RunConfig(name="ddp", storage_path=str(out.parent / "ray")),
         ).fit()
         ranks = [json.loads((scratch / f"rank-{rank}.json").read_text()) for rank in range(2)]
+        single = [iter_indices(_RayIO(data, distributed=False, seed=7), "train", epoch) for epoch in range(EPOCHS)]
         seconds["ddp_fit"] = time.perf_counter() - started - sum(seconds.values())
 
         store_root.rename(store_root.with_name("moved-away"))  # (b) must read blocks, not files
         read = ray.remote(num_cpus=1)(_read_on_node)
         worker_nodes = [node.node_id for node in workers]
         on_node = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)) for n in worker_nodes]
-        readers = ray.get([task.remote(data.datasets["train"]) for task in on_node], timeout=120)
+        readers = ray.get([task.remote(data) for task in on_node], timeout=120)
         seconds["node_reads"] = time.perf_counter() - started - sum(seconds.values())
-        report = {"why": why, "ranks": ranks, "readers": readers, "worker_nodes": worker_nodes, "seconds": seconds}
+        report = {
+            "why": why,
+            "ranks": ranks,
+            "single": single,
+            "readers": readers,
+            "worker_nodes": worker_nodes,
+            "seconds": seconds,
+        }
         out.write_text(json.dumps(report))
     finally:
         ray.shutdown()

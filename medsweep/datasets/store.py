@@ -8,10 +8,14 @@ only read afterwards (by Ray Data in a sweep, by pyarrow in benchmarks).
 Layout under ``<cache_dir>/stores/<key>/``::
 
     layout.json                  rows per shard (written first: a resumed run keeps the same rows per shard)
-    store.json                   key inputs, column specs, per-split rows/shards (written last)
+    store.json                   key inputs, column specs, per-split rows, shards and rows per shard (written last)
     train/part-00000.parquet     shards of at most ``rows_per_shard`` rows
     train/part-00000.sha256      checksum of the finished shard (written after it)
     val/...  test/...
+
+Rows are written in a seeded random order (see :mod:`medsweep.datasets.order`):
+every shard is a random sample of its split, and each row's ``index`` column
+names the sample it holds.
 
 Tensor columns are Arrow ``binary`` values holding the raw little-endian bytes
 of one sample's tensor; shapes and dtypes live in ``store.json``. Fixed-shape
@@ -41,7 +45,8 @@ import pyarrow.parquet as pq
 
 from medsweep.errors import StoreError
 
-STORE_FORMAT = 1
+# 2: rows in a seeded random order, rows per shard in store.json (format 1 stores were class-sorted).
+STORE_FORMAT = 2
 LABEL = "label"
 INDEX = "index"
 LAYOUT_FILE = "layout.json"
@@ -110,6 +115,10 @@ class PreloadStore:
 
     def num_rows(self, split: str) -> int:
         return int(self.meta["splits"][split]["rows"])
+
+    def shard_rows(self, split: str) -> list[int]:
+        """Rows of each shard of ``split``, in shard order (what an epoch order is planned from)."""
+        return [int(n) for n in self.meta["splits"][split]["shard_rows"]]
 
     def size_bytes(self, splits: Iterable[str] | None = None) -> int:
         """Bytes of Parquet on disk (``splits`` only, if given): uncompressed shards, so about their Arrow size."""
@@ -208,6 +217,7 @@ class StoreWriter:
         return final
 
     def finish(self, split_rows: dict[str, int], split_shards: dict[str, int], extra: dict[str, Any]) -> PreloadStore:
+        folders = {split: self.store.root / split for split in split_rows}
         meta = {
             "format": STORE_FORMAT,
             "key": self.store.key,
@@ -215,7 +225,11 @@ class StoreWriter:
             "task": self.task,
             "columns": [asdict(c) for c in self.columns],
             "splits": {
-                split: {"rows": split_rows[split], "shards": [shard_name(i) for i in range(split_shards[split])]}
+                split: {
+                    "rows": split_rows[split],
+                    "shards": [shard_name(i) for i in range(split_shards[split])],
+                    "shard_rows": [pq.read_metadata(folders[split] / shard_name(i)).num_rows for i in range(split_shards[split])],
+                }
                 for split in split_rows
             },
             **extra,
@@ -289,7 +303,14 @@ def _tensor_labels(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.chunked_array(chunks, type=tensor_type))
 
 
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """A batch as numpy columns: binary tensor columns as object arrays of bytes, labels as ``[n]`` or ``[n, C]``."""
+    return {name: column_to_numpy(table.column(name).combine_chunks()) for name in table.column_names}
+
+
 def column_to_numpy(column: pa.Array) -> np.ndarray:
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray()
     if pa.types.is_fixed_size_list(column.type):
         return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
     if pa.types.is_binary(column.type):

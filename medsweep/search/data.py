@@ -1,49 +1,92 @@
-"""Hand a preload store's train and val splits to the sweep's trials as Ray datasets.
+"""Hand a preload store's train and val splits to the sweep's trials through Ray.
 
 One decision per store, taken once per sweep (:func:`store_data`):
 
 * **materialize** when train + val fit in half of the cluster's object store
   (counting stores already pinned by this sweep): the driver reads the shards
-  once with pyarrow and puts them in the object store as blocks
-  (``ray.data.from_arrow``; a materializing read task would first start a
-  worker process and import its reader, 6 s of a 6.1 s materialize measured
-  here on a small store, 0.02 s this way), the blocks stay pinned, and every trial (and every epoch, and every DDP
-  worker's ``streaming_split``) reads those same blocks, so no file is opened
-  again whatever the number of trials. Half, not all: the rest holds trial
-  results, checkpoints and streaming blocks, and past capacity Ray spills
-  objects to disk, which would turn "in memory" back into disk reads.
-* **stream** otherwise: a lazy dataset that reads the Parquet shards again at
-  every epoch, at most :data:`STREAM_READS` shards in flight per reader, so a
-  store larger than memory trains with bounded memory.
+  once with pyarrow and puts each in the object store as one Arrow block
+  (a read task would first start a worker process and import its reader, 6 s
+  of a 6.1 s materialize measured here on a small store, 0.02 s this way).
+  The blocks stay pinned, and every trial (and every epoch, and every DDP
+  worker, on any node) reads those same blocks by reference, so no file is
+  opened again whatever the number of trials. Half, not all: the rest holds
+  trial results, checkpoints and streaming blocks, and past capacity Ray
+  spills objects to disk, which would turn "in memory" back into disk reads.
+* **stream** otherwise: every epoch a Ray Data pipeline reads the Parquet
+  shards again, at most :data:`STREAM_READS` in flight, so a store larger
+  than memory trains with bounded memory.
 
-Why shards are read by our own tasks (``from_items(paths).map_batches``) and
+Either way a trial reads the shards in its epoch's order
+(:mod:`medsweep.datasets.order`), the same order ``medsweep train`` and
+``final`` read from the files: a fresh seeded permutation of the shards per
+epoch, rows permuted within windows of shards. That is why trials do not
+take Ray Train's ``get_dataset_shard`` iterators: their order comes from Ray
+Data's local shuffle buffer over a fixed block order (a class-sorted stream
+when shards are small, issue 16) and cannot be reproduced at a given epoch
+after a restore, nor by a plain reader.
+
+Why streamed shards are read by our own tasks (``from_items(paths).map_batches``) and
 not by ``ray.data.read_parquet``: a streaming read runs while trials hold the
 CPUs. Measured on Ray 2.60 (2 CPUs, two actors of 1 CPU each iterating a lazy
 dataset): ``read_parquet`` plans a ``ListFiles`` operator whose task asks for
 1 CPU whatever the read's ``num_cpus`` (with ``num_cpus=0``, and with
 ``use_datasource_v2=False``, it still waited forever), the deadlock DESIGN.md
 records. Here the only tasks are the shard reads, which reserve no CPU
-(``num_cpus=0``): they run beside the trials that hold every CPU, and Ray
-Data's ``ExecutionOptions`` (which Ray Train overwrites per dataset anyway)
-are not needed. A shard read is a memory copy of an uncompressed file, so not
-reserving a core for it costs little. Materializing uses the same reader
-function, so both modes give trials identical Arrow columns.
+(``num_cpus=0``): they run beside the trials that hold every CPU. A shard
+read is a memory copy of an uncompressed file, so not reserving a core for it
+costs little. Materializing uses the same reader function, so both modes give
+trials identical Arrow tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
 
-from medsweep.datasets.store import PreloadStore, read_shard_batch
-from medsweep.search.trial import StoreData
+from medsweep.datasets.store import ColumnSpec, PreloadStore, read_shard_batch
 from medsweep.trainables.preload import PreloadResult
 
 MATERIALIZE_FRACTION = 0.5
 STREAM_READS = 2
 TRIAL_SPLITS = ("train", "val")  # the search never sees test
+
+
+@dataclass
+class StoreData:
+    """A preload store's trial splits as trials read them: pinned blocks, or shard files to stream.
+
+    It travels to every trial (and DDP worker) by value; the block references
+    inside it keep the driver's blocks pinned while any trial holds it.
+    """
+
+    key: str
+    columns: list[ColumnSpec]
+    shard_rows: dict[str, list[int]]
+    blocks: dict[str, list[ray.ObjectRef]] = field(default_factory=dict)  # materialized: one per shard
+    paths: dict[str, list[str]] = field(default_factory=dict)  # streamed: shard files
+
+    @property
+    def materialized(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(column.nbytes for column in self.columns)
+
+    def num_rows(self, split: str) -> int:
+        return sum(self.shard_rows[split])
+
+    def tables(self, split: str, shards: Sequence[int]) -> Iterator[pa.Table]:
+        """The shards of ``split`` numbered ``shards``, in that order (one table per shard)."""
+        if self.materialized:
+            for shard in shards:
+                yield ray.get(self.blocks[split][shard])
+            return
+        stream = read_split([self.paths[split][shard] for shard in shards])
+        yield from stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
 
 def store_data(
@@ -52,7 +95,7 @@ def store_data(
     fraction: float = MATERIALIZE_FRACTION,
     pinned_bytes: int = 0,
 ) -> tuple[StoreData, str]:
-    """The store's train and val splits as Ray datasets, and one line saying how and why.
+    """The store's train and val splits as trials read them, and one line saying how and why.
 
     Materialized when ``pinned_bytes`` (other stores of this sweep already
     materialized) plus this store's train + val bytes are at most ``fraction``
@@ -63,20 +106,21 @@ def store_data(
     size = store.size_bytes(TRIAL_SPLITS)
     capacity = object_store_bytes()
     name = f"store {store.key} (train+val {_size(size)})"
+    shard_rows = {split: store.shard_rows(split) for split in TRIAL_SPLITS}
     if fits_object_store(store, fraction, pinned_bytes):
-        datasets = {split: materialize_split(store, split) for split in TRIAL_SPLITS}
+        data = StoreData(store.key, store.columns, shard_rows, blocks={s: materialize_split(store, s) for s in TRIAL_SPLITS})
         why = (
             f"{name} materialized once, shared by every trial: it fits in {fraction:.0%} of the "
             f"{_size(capacity)} object store{_pinned(pinned_bytes)}"
         )
     else:
-        datasets = {split: read_split(store, split) for split in TRIAL_SPLITS}
+        paths = {split: [str(path) for path in store.shard_paths(split)] for split in TRIAL_SPLITS}
+        data = StoreData(store.key, store.columns, shard_rows, paths=paths)
         why = (
             f"{name} streams from Parquet every epoch, at most {STREAM_READS} shards in flight per reader: "
             f"it does not fit in {fraction:.0%} of the {_size(capacity)} object store{_pinned(pinned_bytes)}"
         )
-    rows = {split: store.num_rows(split) for split in TRIAL_SPLITS}
-    return StoreData(store.key, store.columns, rows, datasets), why
+    return data, why
 
 
 def share_stores(
@@ -102,23 +146,24 @@ def fits_object_store(store: PreloadStore, fraction: float, pinned_bytes: int = 
     return pinned_bytes + store.size_bytes(TRIAL_SPLITS) <= fraction * object_store_bytes()
 
 
-def read_split(store: PreloadStore, split: str) -> ray.data.Dataset:
-    """A lazy dataset of one split: one zero-CPU read task per shard, :data:`STREAM_READS` at a time."""
-    paths = [str(path) for path in store.shard_paths(split)]
-    items = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(1, len(paths)))
-    return items.map_batches(
+def read_split(paths: Sequence[str]) -> ray.data.Dataset:
+    """A lazy dataset of shard files, in the given order: one zero-CPU read task per shard, :data:`STREAM_READS` at a time."""
+    items = ray.data.from_items([{"path": str(path)} for path in paths], override_num_blocks=max(1, len(paths)))
+    stream = items.map_batches(
         read_shard_batch,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=STREAM_READS),
     )
+    stream.context.execution_options.preserve_order = True  # the epoch order is the order of ``paths``
+    stream.context.enable_progress_bars = False
+    return stream
 
 
-def materialize_split(store: PreloadStore, split: str) -> ray.data.MaterializedDataset:
-    """One split read by the driver, one block per shard, pinned in the object store."""
-    tables = [read_shard_batch(pa.table({"path": [str(path)]})) for path in store.shard_paths(split)]
-    return ray.data.from_arrow(tables)
+def materialize_split(store: PreloadStore, split: str) -> list[ray.ObjectRef]:
+    """One split read by the driver, one Arrow block per shard, pinned in the object store."""
+    return [ray.put(read_shard_batch(pa.table({"path": [str(path)]}))) for path in store.shard_paths(split)]
 
 
 def object_store_bytes() -> int:

@@ -8,54 +8,42 @@ one-worker ``TorchTrainer`` vs ~0.1 s in local mode). Trials with
 ``workers > 1`` (full fine-tuning of a large backbone) start a DDP worker
 group instead, and ``TuneReportCallback`` forwards their reports to Tune.
 
-Either way the data come from the materialized Ray datasets of the method's
-preload store through ``ray.train.get_dataset_shard``; the trial never reads
-a file itself.
+Either way the data come from the method's preload store as the sweep shared
+it (:class:`medsweep.search.data.StoreData`: pinned object-store blocks, or a
+Ray Data stream of the shards), read in the epoch's order of
+:mod:`medsweep.datasets.order`: the trial never opens a file itself, and a
+DDP worker takes its stride of the same sequence.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import ray.train
 import ray.tune
-from ray.train import Checkpoint, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
 import torch
 from torch import nn
 
-from medsweep.datasets.store import ColumnSpec
+from medsweep.datasets.order import epoch_order, ordered_batches
+from medsweep.datasets.store import table_to_numpy
+from medsweep.search.data import StoreData
 from medsweep.search.space import trial_config
 from medsweep.trainables.loop import fit
 
 
-@dataclass
-class StoreData:
-    """A preload store's splits as materialized Ray datasets, shared by every trial."""
-
-    key: str
-    columns: list[ColumnSpec]
-    rows: dict[str, int]
-    datasets: dict[str, ray.data.Dataset]
-
-    def meta(self) -> StoreData:
-        """The same without the datasets (what travels to Train workers in their config)."""
-        return StoreData(self.key, self.columns, self.rows, {})
-
-
 class _RayIO:
-    """TrialIO over Ray Train dataset shards; reports through Tune (local) or Train (DDP)."""
+    """TrialIO over the sweep's shared store; reports through Tune (local) or Train (DDP)."""
 
     def __init__(self, data: StoreData, distributed: bool, seed: int) -> None:
+        self.data = data
         self.columns = data.columns
-        self.rows = data.rows
         self.distributed = distributed
         self.seed = seed
         if distributed:
@@ -66,16 +54,14 @@ class _RayIO:
         self._restored: tempfile.TemporaryDirectory | None = None
 
     def num_rows(self, split: str) -> int:
-        return self.rows[split]
+        return self.data.num_rows(split)
 
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
-        shard = ray.train.get_dataset_shard(split)
-        return shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=4 * batch_size if shuffle else None,
-            local_shuffle_seed=(self.seed * 1000 + epoch) if shuffle else None,
-        )
+        """Training: this worker's stride of the epoch's order; validation: every row, in store order, on every worker."""
+        order = epoch_order(self.data.shard_rows[split], self.data.row_bytes, self.seed, epoch, shuffle)
+        rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
+        for batch in ordered_batches(self.data.tables(split, order.shards), order, batch_size, rank, world):
+            yield table_to_numpy(batch)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -118,10 +104,8 @@ def run_trial(config: dict[str, Any], *, stores: dict[str, StoreData], storage_p
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "data": data.meta(), "workers": workers},
+        train_loop_config={"config": config, "data": data, "workers": workers},
         scaling_config=_scaling(workers, float(config.get("gpus_per_trial", 0))),
-        datasets={split: data.datasets[split] for split in ("train", "val")},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=f"train-{trial_id}",  # deterministic: a restarted trial resumes its own Train run
             storage_path=storage_path,

@@ -137,7 +137,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng"])
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + io.rank)
+    generator = torch.Generator()  # augmentation draws, reseeded per epoch (see below)
 
     def batch_of(arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         decoded = decode_columns(arrays, io.columns)
@@ -155,6 +155,8 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
                 method.load_state_dict(state.best_state, strict=False)
             optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
         epoch_start = time.perf_counter()
+        # From (seed, rank, epoch) alone, like the data order: a resumed trial draws what an uninterrupted one would.
+        generator.manual_seed(int(np.random.SeedSequence([cfg.seed, io.rank, epoch]).generate_state(1)[0]))
         model.train()
         losses: list[float] = []
         for arrays in io.batches("train", per_worker_batch, epoch, shuffle=True):

@@ -60,7 +60,25 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -
 
 
 def step_memory_bytes(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device) -> int:
-    """Peak memory of one training step; ``step`` runs forward and returns the loss (backward is done here)."""
+    """Peak memory of one training step; ``step`` runs forward and returns the loss (backward is done here).
+
+    The measuring step leaves no trace: the model's buffers (BatchNorm running
+    statistics) and the random state (dropout) are as they were, so a trial
+    resumed from a checkpoint, which measures again in its first epoch, goes on
+    exactly as an uninterrupted one. Gradients are left for the caller to zero.
+    """
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers() if not buffer.is_meta}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        measured = _measure(model, step, optimizer, device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
+    return measured
+
+
+def _measure(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from medsweep.datasets.images import load_image, resize_square
+from medsweep.datasets.order import written_order
 from medsweep.datasets.spec import SPLITS, DatasetSpec, Sample
 from medsweep.datasets.store import (
     ColumnSpec,
@@ -78,8 +79,14 @@ def store_columns(method: Method, feature_dtype: str, with_features: bool = True
     return columns
 
 
-def store_key_parts(spec: DatasetSpec, method: Method, feature_dtype: str, with_features: bool = True) -> dict:
-    """Everything that changes the stored tensors (the cache key's inputs)."""
+def store_key_parts(
+    spec: DatasetSpec,
+    method: Method,
+    feature_dtype: str,
+    with_features: bool = True,
+    order_seed: int = 0,
+) -> dict:
+    """Everything that changes the stored tensors or their order (the cache key's inputs)."""
     config = method.config
     mean, std = backbone_normalisation(config.backbone)
     with_features = with_features and method.preloadable
@@ -92,6 +99,7 @@ def store_key_parts(spec: DatasetSpec, method: Method, feature_dtype: str, with_
         "normalisation": [list(mean), list(std)],
         "feature_dtype": feature_dtype if with_features else None,
         "resize": "square-bicubic",
+        "row_order_seed": order_seed,
     }
 
 
@@ -107,6 +115,7 @@ def preload(
     with_features: bool = True,
     shard_target_bytes: int = SHARD_TARGET_BYTES,
     skip_bad_images: bool = False,
+    order_seed: int = 0,
 ) -> PreloadResult:
     """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run, repairs a damaged one.
 
@@ -125,13 +134,17 @@ def preload(
             only: an existing one keeps the rows per shard it was started with).
         skip_bad_images: leave unreadable images out of the store (counted in
             the result and listed in ``store.json``) instead of stopping at the first.
+        order_seed: seeds the random order the rows of each split are written in
+            (:func:`medsweep.datasets.order.written_order`); part of the cache key.
+            Not the sweep's seed: trials of any seed share one store and draw
+            their own epoch orders from it.
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
     if shard_target_bytes < 1:
         raise ValueError(f"shard_target_bytes must be positive, got {shard_target_bytes}")
     started = time.perf_counter()
-    parts = store_key_parts(spec, method, feature_dtype, with_features)
+    parts = store_key_parts(spec, method, feature_dtype, with_features, order_seed)
     root = Path(cache_dir) / "stores" / store_key(parts)
     store = PreloadStore(root)
     if store.is_complete():
@@ -152,11 +165,12 @@ def preload(
     mean, std = backbone_normalisation(method.config.backbone)
     for split in splits:
         samples = spec.splits[split]
+        order = written_order(len(samples), order_seed, split)
         for shard in todo[split]:
-            chunk = samples[shard * rows : (shard + 1) * rows]
+            positions = order[shard * rows : (shard + 1) * rows]
+            chunk = [samples[i] for i in positions]
             kept, tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance, skip_bad_images)
-            indices = shard * rows + kept
-            writer.write_shard(split, shard, indices, _labels([chunk[i] for i in kept], spec), tensors)
+            writer.write_shard(split, shard, positions[kept], _labels([chunk[i] for i in kept], spec), tensors)
     skipped = {split: _skipped_paths(writer.store, spec, split, counts[split]) for split in splits}
     store = writer.finish(
         {s: len(spec.splits[s]) - len(skipped[s]) for s in splits},
@@ -166,6 +180,7 @@ def preload(
             "classes": spec.classes,
             "method": method.name,
             "rows_per_shard": rows,
+            "row_order_seed": order_seed,
             "skipped": skipped,
         },
     )

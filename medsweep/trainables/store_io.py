@@ -1,8 +1,9 @@
 """A :class:`~medsweep.trainables.loop.TrialIO` over a preload store with pyarrow alone.
 
-Used by ``medsweep train`` and the tests: the same loop as a sweep trial, with
-no cluster. Memory stays bounded by one shard: each epoch visits the shards in
-a seeded random order and permutes rows inside each.
+Used by ``medsweep train``, ``final`` and the tests: the same loop as a sweep
+trial, with no cluster, and the same epoch order (:mod:`medsweep.datasets.order`):
+shards in a seeded permutation per epoch, rows permuted within windows of
+shards, so memory stays bounded by one window.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch import nn
 
-from medsweep.datasets.store import PreloadStore, column_to_numpy
+from medsweep.datasets.order import epoch_order, ordered_batches
+from medsweep.datasets.store import PreloadStore, table_to_numpy
 
 
 class StoreIO:
@@ -37,16 +39,11 @@ class StoreIO:
         return self.store.num_rows(split)
 
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        shards = self.store.shard_paths(split)
-        order = rng.permutation(len(shards)) if shuffle else range(len(shards))
-        for i in order:
-            table = pq.read_table(shards[i])
-            if shuffle:
-                table = table.take(rng.permutation(table.num_rows))
-            for start in range(0, table.num_rows, batch_size):
-                part = table.slice(start, batch_size)
-                yield {name: column_to_numpy(part.column(name).combine_chunks()) for name in part.column_names}
+        paths = self.store.shard_paths(split)
+        order = epoch_order(self.store.shard_rows(split), self.store.bytes_per_image(), self.seed, epoch, shuffle)
+        tables = (pq.read_table(paths[i]) for i in order.shards)
+        for batch in ordered_batches(tables, order, batch_size):
+            yield table_to_numpy(batch)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         self.reports.append(dict(metrics))
