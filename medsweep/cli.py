@@ -270,7 +270,9 @@ def cmd_preload(args: argparse.Namespace) -> int:
         for store in stores:
             state = "complete" if store.is_complete() else "incomplete (resume with `medsweep preload`)"
             detail = ""
-            if store.is_complete():
+            if store.is_damaged():
+                state = "damaged (the next `medsweep preload` or sweep of the same inputs repairs it)"
+            elif store.is_complete():
                 meta = store.meta
                 rows = sum(s["rows"] for s in meta["splits"].values())
                 detail = f" {meta.get('method')} on {meta.get('dataset')}, {rows} images, {store.bytes_per_image() / 1024:.1f} KiB/image"
@@ -286,7 +288,13 @@ def cmd_preload(args: argparse.Namespace) -> int:
     console.dataset(spec)
     method = build_method(args.method, _method_config(args, args.method, num_classes=spec.num_classes, task=spec.task))
     result = preload(
-        spec, method, args.cache_dir, feature_dtype=args.feature_dtype, progress=console.progress, skip_bad_images=args.skip_bad_images
+        spec,
+        method,
+        args.cache_dir,
+        feature_dtype=args.feature_dtype,
+        progress=console.progress,
+        skip_bad_images=args.skip_bad_images,
+        on_wait=console.preload_waiting,
     )
     console.store_ready(args.method, result)
     return 0

@@ -5,13 +5,13 @@ one pass of every reader, interleaved so load changes hit all of them alike:
 
 * pyarrow: ``iter_parquet_batches`` + ``decode_columns`` (no Ray);
 * Ray Data: the materialized ``read_parquet`` dataset, ``iter_batches`` + ``decode_columns``;
-* Ray Data with the local shuffle buffer a trial's training epoch uses;
 * pyarrow decoded straight from the Arrow buffers (one ``np.frombuffer`` per
   column and batch, no Python ``bytes`` per row): what the pyarrow baseline
   could do, to show what ``column_to_numpy`` + ``decode_columns`` cost it;
-* the trial path itself: ``ray.train.get_dataset_shard("train")`` inside a
-  local-mode ``TorchTrainer`` fed the same materialized dataset, timed inside
-  the loop (the fit's own start-up is figure 3's business).
+* the readers training really uses, each in its epoch's shuffled order
+  (:mod:`medsweep.datasets.order`): a sweep trial's reader over the store's
+  pinned object-store blocks and over its Ray Data stream (what a store too
+  large for the object store gets), and ``medsweep train``'s pyarrow reader.
 
 Read + materialize is paid once per sweep and reported apart.
 """
@@ -29,11 +29,15 @@ from bench.common import demo_spec, median, table, trial_method
 from medsweep.datasets.store import ColumnSpec, decode_columns, iter_parquet_batches
 from medsweep.trainables.preload import preload
 
+from medsweep.search.data import store_data
+from medsweep.search.trial import _RayIO
+from medsweep.trainables.preload import PreloadResult
+from medsweep.trainables.store_io import StoreIO
+
 NAME = "datapath"
 TITLE = "6. Data path: Ray Data vs pyarrow over the preload store"
 TARGET = 0.5
 BATCH = 16
-SHUFFLE_BUFFER = 4 * BATCH  # as a trial's training epoch
 EPOCHS_PER_PASS = 10  # one epoch of the train split takes tens of ms: too short to time alone
 
 
@@ -66,38 +70,7 @@ def _timed(read: Callable[[], int]) -> dict[str, float]:
     return {"rows": rows, "seconds": time.perf_counter() - start}
 
 
-def _trial_loop(config: dict[str, Any]) -> None:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-
-    def epoch(i: int) -> Iterable[dict[str, np.ndarray]]:
-        return shard.iter_batches(
-            batch_size=BATCH, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=i
-        )
-
-    ray.train.report(_timed(lambda: _drain(epoch, config["columns"])))
-
-
-def _trial_path(ds, columns: list[ColumnSpec], storage: str, index: int) -> dict[str, float]:
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        _trial_loop,
-        train_loop_config={"columns": columns},
-        scaling_config=ScalingConfig(num_workers=0),
-        datasets={"train": ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"datapath-{index}", storage_path=storage),
-    )
-    metrics = trainer.fit().metrics
-    return {"rows": metrics["rows"], "seconds": metrics["seconds"]}
-
-
 def run(ctx) -> dict[str, Any]:
-    import tempfile
-
     import ray
 
     ctx.ray()
@@ -107,23 +80,25 @@ def run(ctx) -> dict[str, Any]:
     start = time.perf_counter()
     ds = ray.data.read_parquet([str(p) for p in paths]).materialize()
     materialize_s = time.perf_counter() - start
+    shared = PreloadResult(store, True, 0.0, 0)
+    pinned = _RayIO(store_data(shared)[0], distributed=False, seed=0)
+    streamed = _RayIO(store_data(shared, fraction=0.0)[0], distributed=False, seed=0)
+    plain = StoreIO(store, seed=0)
     epochs: dict[str, Callable[[int], Iterable[dict[str, np.ndarray]]]] = {
         "pyarrow": lambda i: iter_parquet_batches(paths, BATCH),
         "ray_data": lambda i: ds.iter_batches(batch_size=BATCH, batch_format="numpy"),
-        "ray_data_shuffle": lambda i: ds.iter_batches(
-            batch_size=BATCH, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=i
-        ),
+        "trial_pinned": lambda i: pinned.batches("train", BATCH, i, shuffle=True),
+        "trial_streamed": lambda i: streamed.batches("train", BATCH, i, shuffle=True),
+        "train_plain": lambda i: plain.batches("train", BATCH, i, shuffle=True),
     }
     readers: dict[str, Callable[[], dict[str, float]]] = {
         name: (lambda epoch=epoch: _timed(lambda: _drain(epoch, columns))) for name, epoch in epochs.items()
     }
     readers["pyarrow_buffers"] = lambda: _timed(lambda: _arrow_rows(paths, columns))
-    passes: dict[str, list[dict[str, float]]] = {name: [] for name in (*readers, "trial_path")}
-    with tempfile.TemporaryDirectory(dir=ctx.work) as storage:
-        for index in range(ctx.plan.datapath_passes):
-            for name, read in readers.items():
-                passes[name].append(read())
-            passes["trial_path"].append(_trial_path(ds, columns, storage, index))
+    passes: dict[str, list[dict[str, float]]] = {name: [] for name in readers}
+    for _ in range(ctx.plan.datapath_passes):
+        for name, read in readers.items():
+            passes[name].append(read())
     rates = {name: median(p["rows"] / p["seconds"] for p in runs) for name, runs in passes.items()}
     ratio = rates["ray_data"] / rates["pyarrow"]
     return {
@@ -143,8 +118,9 @@ LABELS = {
     "pyarrow": "pyarrow `iter_parquet_batches` (baseline)",
     "pyarrow_buffers": "pyarrow, decoded from the Arrow buffers (bench-only reader)",
     "ray_data": "Ray Data `iter_batches`",
-    "ray_data_shuffle": f"Ray Data `iter_batches`, local shuffle buffer {SHUFFLE_BUFFER}",
-    "trial_path": "trial path: `get_dataset_shard` in local-mode Train, shuffled",
+    "trial_pinned": "sweep trial's reader, pinned blocks, epoch order",
+    "trial_streamed": "sweep trial's reader, Ray Data stream, epoch order",
+    "train_plain": "`medsweep train`'s pyarrow reader, epoch order",
 }
 
 
@@ -160,8 +136,9 @@ def render(result: dict[str, Any]) -> str:
             f"{EPOCHS_PER_PASS} epochs each. Read + "
             f"materialize once: {d['materialize_s']:.2f} s.",
             table(("reader", "samples/s", "vs pyarrow", "passes"), rows),
-            f"Ray Data runs at **{100 * d['ratio']:.0f}%** of pyarrow (target >= {100 * TARGET:.0f}%); the trial's "
-            f"own shuffled shard at {100 * d['rates']['trial_path'] / base:.0f}%.",
+            f"Ray Data runs at **{100 * d['ratio']:.0f}%** of pyarrow (target >= {100 * TARGET:.0f}%); a trial's "
+            f"shuffled epoch at {100 * rates['trial_pinned'] / base:.0f}% over pinned blocks, "
+            f"{100 * rates['trial_streamed'] / base:.0f}% streamed.",
         ]
     )
 

@@ -5,7 +5,7 @@ uint8 images at the sizes the method asks for and the frozen backbone's
 features (float16 by default). It is written once by the preload step and
 only read afterwards (by Ray Data in a sweep, by pyarrow in benchmarks).
 
-Layout under ``<cache_dir>/stores/<key>/``::
+Layout under ``<cache_dir>/stores/<key>/`` (its build lock is ``<cache_dir>/locks/<key>.lock``)::
 
     layout.json                  rows per shard (written first: a resumed run keeps the same rows per shard)
     store.json                   key inputs, column specs, per-split rows, shards and rows per shard (written last)
@@ -25,16 +25,27 @@ by pyarrow alone.
 Why the pieces exist: the key covers everything that changes the tensors, so a
 stale store can never be read; a shard without a matching checksum is redone,
 so an interrupted preload resumes where it stopped and a corrupted shard is
-rebuilt instead of silently training on garbage.
+rebuilt instead of silently training on garbage. An unreadable ``store.json``
+is dropped (the shards are checked against their checksums instead); an
+unreadable ``layout.json`` loses the shards too, since nothing else says
+which rows they hold. Every file is written under a name of its own
+(``.<name>.<pid>-<random>.tmp``) and renamed into place, and one preload at a
+time builds a store (:func:`store_lock`), so two users of a shared cache
+never interleave a shard.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +61,7 @@ STORE_FORMAT = 2
 LABEL = "label"
 INDEX = "index"
 LAYOUT_FILE = "layout.json"
+META_FILE = "store.json"
 
 
 @dataclass(frozen=True)
@@ -91,16 +103,23 @@ class PreloadStore:
 
     @property
     def meta_path(self) -> Path:
-        return self.root / "store.json"
+        return self.root / META_FILE
 
     def is_complete(self) -> bool:
         return self.meta_path.is_file()
+
+    def is_damaged(self) -> bool:
+        """``store.json`` or ``layout.json`` is there but cannot be read (truncated by a full disk, edited by hand)."""
+        return any(path.is_file() and read_json(path) is None for path in (self.meta_path, self.root / LAYOUT_FILE))
 
     @property
     def meta(self) -> dict[str, Any]:
         if not self.is_complete():
             raise StoreError(f"preload store {self.root} is incomplete; run `medsweep preload` again to finish it")
-        return json.loads(self.meta_path.read_text())
+        meta = read_json(self.meta_path)
+        if meta is None:
+            raise StoreError(f"preload store {self.root} has an unreadable store.json; run `medsweep preload` again to repair it")
+        return meta
 
     @property
     def columns(self) -> list[ColumnSpec]:
@@ -139,6 +158,67 @@ class PreloadStore:
                 if not _shard_ok(shard):
                     bad.append(shard)
         return bad
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None if it is not one (truncated, empty, edited)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_atomically(path: Path, data: bytes | str | Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file of this process's own, renamed into place.
+
+    ``data`` is the content, or a function that writes a given path. Two
+    writers never share a temporary name, and a reader sees the old file or
+    the whole new one. A failed write leaves no temporary file behind.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def store_lock(root: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the build lock of the store at ``root`` (an advisory POSIX lock, which NFS/EFS honour too).
+
+    A second preload of the same store (another user on a shared cache, a
+    sweep and a ``medsweep preload`` started together) waits here, calling
+    ``on_wait`` once with who holds the lock, then finds the store complete
+    and reuses it instead of writing the same shards again.
+    """
+    locks = root.parent.parent / "locks"  # beside stores/, so that folder holds stores only
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{root.name}.lock", "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if on_wait:
+                on_wait(f"store {root.name} is being built by {holder}; waiting for it")
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def _checksum_path(shard: Path) -> Path:
@@ -180,9 +260,7 @@ class StoreWriter:
         path = self.store.root / LAYOUT_FILE
         if path.is_file():
             return int(json.loads(path.read_text())["rows_per_shard"])
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"rows_per_shard": rows_per_shard}))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({"rows_per_shard": rows_per_shard}))
         return rows_per_shard
 
     def pending_shards(self, split: str, num_shards: int) -> list[int]:
@@ -210,10 +288,9 @@ class StoreWriter:
         folder = self.store.root / split
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / shard_name(index)
-        tmp = final.with_suffix(".parquet.tmp")
-        pq.write_table(pa.table(arrays), tmp, compression="none", row_group_size=max(1, len(indices)))
-        os.replace(tmp, final)
-        _checksum_path(final).write_text(_sha256(final))
+        table = pa.table(arrays)
+        write_atomically(final, lambda tmp: pq.write_table(table, tmp, compression="none", row_group_size=max(1, len(indices))))
+        write_atomically(_checksum_path(final), _sha256(final))
         return final
 
     def finish(self, split_rows: dict[str, int], split_shards: dict[str, int], extra: dict[str, Any]) -> PreloadStore:
@@ -234,9 +311,7 @@ class StoreWriter:
             },
             **extra,
         }
-        tmp = self.store.meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.store.meta_path)
+        write_atomically(self.store.meta_path, json.dumps(meta, indent=2, sort_keys=True, default=str))
         return self.store
 
 

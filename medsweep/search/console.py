@@ -126,9 +126,15 @@ class SweepConsole:
         how = "reused" if result.reused else f"written in {result.seconds:.1f} s ({result.images_processed} images)"
         if getattr(result, "skipped_images", 0):
             how += f", {result.skipped_images} unreadable images skipped"
+        for repair in getattr(result, "repairs", []):
+            how += f", {repair}"
         self.console.print(
             f"[bold]preload[/] {method}: store {store.key} {how}; {size_mb:.1f} MB, {per_image:.1f} KiB per image"
         )
+
+    def preload_waiting(self, line: str) -> None:
+        """Another process holds the store's build lock (see :func:`medsweep.datasets.store.store_lock`)."""
+        self.console.print(f"[bold]preload[/] {line}")
 
     def data_ready(self, decisions: dict[str, str]) -> None:
         """One line per store: materialized once or streamed each epoch, and why."""

@@ -209,6 +209,7 @@ def prepare_stores(
             progress=console.progress,
             with_features=settings.preload_features,
             skip_bad_images=settings.skip_bad_images,
+            on_wait=console.preload_waiting,
         )
         console.store_ready(method_name, result)
         results[method_name] = result

@@ -8,10 +8,13 @@ image or run the frozen backbone.
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +25,18 @@ from medsweep.datasets.images import load_image, resize_square
 from medsweep.datasets.order import written_order
 from medsweep.datasets.spec import SPLITS, DatasetSpec, Sample
 from medsweep.datasets.store import (
+    LAYOUT_FILE,
     ColumnSpec,
     PreloadStore,
     StoreWriter,
     discard_shard,
+    read_json,
     shard_indices,
     shard_name,
     store_key,
+    store_lock,
 )
-from medsweep.errors import DatasetError
+from medsweep.errors import DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
 from medsweep.trainables.methods.base import Method
@@ -51,6 +57,7 @@ class PreloadResult:
     missing ones of an interrupted one, the corrupt ones of a damaged one)
     holding ``images_processed`` images were written. ``skipped_images``: images
     left out as unreadable (``skip_bad_images``), also reported on reuse.
+    ``repairs``: what was found damaged and rebuilt, one phrase each.
     """
 
     store: PreloadStore
@@ -59,6 +66,7 @@ class PreloadResult:
     images_processed: int
     shards_written: int = 0
     skipped_images: int = 0
+    repairs: list[str] = field(default_factory=list)
 
 
 def store_columns(method: Method, feature_dtype: str, with_features: bool = True) -> list[ColumnSpec]:
@@ -116,6 +124,7 @@ def preload(
     shard_target_bytes: int = SHARD_TARGET_BYTES,
     skip_bad_images: bool = False,
     order_seed: int = 0,
+    on_wait: Callable[[str], None] | None = None,
 ) -> PreloadResult:
     """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run, repairs a damaged one.
 
@@ -138,6 +147,13 @@ def preload(
             (:func:`medsweep.datasets.order.written_order`); part of the cache key.
             Not the sweep's seed: trials of any seed share one store and draw
             their own epoch orders from it.
+        on_wait: called with one line if another process is building the same
+            store; this one then waits for it and reuses what it built.
+
+    Raises:
+        StoreError: the cache folder cannot be written (read-only, full,
+            not a folder); the store is left unfinished, never marked complete,
+            and the next run resumes it.
     """
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
@@ -146,46 +162,89 @@ def preload(
     started = time.perf_counter()
     parts = store_key_parts(spec, method, feature_dtype, with_features, order_seed)
     root = Path(cache_dir) / "stores" / store_key(parts)
-    store = PreloadStore(root)
-    if store.is_complete():
-        bad = store.verify()
-        if not bad:
-            return PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store))
-        for shard in bad:
-            discard_shard(shard)
+    with _building(root, cache_dir, on_wait):
+        store = PreloadStore(root)
+        repairs = _drop_unreadable_metadata(store)
+        if store.is_complete():
+            bad = store.verify()
+            if not bad:
+                return PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store))
+            for shard in bad:
+                discard_shard(shard)
+            repairs.append(f"repaired {len(bad)} corrupt shard{'s' if len(bad) > 1 else ''}")
 
-    method.eval()
-    columns = store_columns(method, feature_dtype, with_features)
-    writer = StoreWriter(root, columns, spec.task, parts)
-    rows = writer.claim_layout(_rows_per_shard(columns, shard_target_bytes))
-    counts = {split: math.ceil(len(spec.splits[split]) / rows) for split in splits}
-    todo = {split: writer.pending_shards(split, counts[split]) for split in splits}
-    total = sum(min(rows, len(spec.splits[s]) - i * rows) for s in splits for i in todo[s])
-    advance = progress(f"preload {method.name} -> {root.name}", total) if progress else (lambda n: None)
-    mean, std = backbone_normalisation(method.config.backbone)
-    for split in splits:
-        samples = spec.splits[split]
-        order = written_order(len(samples), order_seed, split)
-        for shard in todo[split]:
-            positions = order[shard * rows : (shard + 1) * rows]
-            chunk = [samples[i] for i in positions]
-            kept, tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance, skip_bad_images)
-            writer.write_shard(split, shard, positions[kept], _labels([chunk[i] for i in kept], spec), tensors)
-    skipped = {split: _skipped_paths(writer.store, spec, split, counts[split]) for split in splits}
-    store = writer.finish(
-        {s: len(spec.splits[s]) - len(skipped[s]) for s in splits},
-        counts,
-        {
-            "dataset": spec.name,
-            "classes": spec.classes,
-            "method": method.name,
-            "rows_per_shard": rows,
-            "row_order_seed": order_seed,
-            "skipped": skipped,
-        },
-    )
-    written = sum(len(shards) for shards in todo.values())
-    return PreloadResult(store, False, time.perf_counter() - started, total, written, _skipped_count(store))
+        method.eval()
+        columns = store_columns(method, feature_dtype, with_features)
+        writer = StoreWriter(root, columns, spec.task, parts)
+        rows = writer.claim_layout(_rows_per_shard(columns, shard_target_bytes))
+        counts = {split: math.ceil(len(spec.splits[split]) / rows) for split in splits}
+        todo = {split: writer.pending_shards(split, counts[split]) for split in splits}
+        total = sum(min(rows, len(spec.splits[s]) - i * rows) for s in splits for i in todo[s])
+        advance = progress(f"preload {method.name} -> {root.name}", total) if progress else (lambda n: None)
+        mean, std = backbone_normalisation(method.config.backbone)
+        for split in splits:
+            samples = spec.splits[split]
+            order = written_order(len(samples), order_seed, split)
+            for shard in todo[split]:
+                positions = order[shard * rows : (shard + 1) * rows]
+                chunk = [samples[i] for i in positions]
+                kept, tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance, skip_bad_images)
+                writer.write_shard(split, shard, positions[kept], _labels([chunk[i] for i in kept], spec), tensors)
+        skipped = {split: _skipped_paths(writer.store, spec, split, counts[split]) for split in splits}
+        store = writer.finish(
+            {s: len(spec.splits[s]) - len(skipped[s]) for s in splits},
+            counts,
+            {
+                "dataset": spec.name,
+                "classes": spec.classes,
+                "method": method.name,
+                "rows_per_shard": rows,
+                "row_order_seed": order_seed,
+                "skipped": skipped,
+            },
+        )
+        written = sum(len(shards) for shards in todo.values())
+        return PreloadResult(store, False, time.perf_counter() - started, total, written, _skipped_count(store), repairs)
+
+
+@contextmanager
+def _building(root: Path, cache_dir: Path, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+    """Hold the store's build lock; an OS error under the cache folder becomes one :class:`StoreError` line."""
+    try:
+        with store_lock(root, on_wait=on_wait):
+            yield
+    except OSError as error:
+        raise StoreError(cache_write_error(error, cache_dir)) from error
+
+
+def cache_write_error(error: OSError, cache_dir: Path) -> str:
+    """One line for an OS error under the cache folder: what failed, where, and the fix (finished shards are kept)."""
+    where = error.filename or cache_dir
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there or pass --cache-dir on a larger disk, then run again (finished shards are kept)"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = f"--cache-dir must be a folder ({cache_dir})"
+    else:
+        fix = "pass a --cache-dir you can write to"
+    return f"cannot write the preload store at {where}: {error.strerror or error}; {fix}"
+
+
+def _drop_unreadable_metadata(store: PreloadStore) -> list[str]:
+    """Remove an unreadable ``store.json`` (shards are then checked one by one) or ``layout.json`` (and every shard).
+
+    Returns what was done, for the console. Why the shards go with the
+    layout: only it says which rows a shard holds, so a shard kept without it
+    could duplicate some rows and drop others.
+    """
+    repairs = []
+    layout = store.root / LAYOUT_FILE
+    if layout.is_file() and read_json(layout) is None:
+        shutil.rmtree(store.root)
+        return ["layout.json was unreadable: rebuilt every shard"]
+    if store.is_complete() and read_json(store.meta_path) is None:
+        store.meta_path.unlink()
+        repairs.append("store.json was unreadable: checked every shard against its checksum")
+    return repairs
 
 
 def _rows_per_shard(columns: list[ColumnSpec], target_bytes: int) -> int:
