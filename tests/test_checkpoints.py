@@ -115,3 +115,51 @@ def test_unreadable_checkpoints_raise_config_error(tmp_path: Path) -> None:
     torch.save({"model": {}, "hook": Path("x")}, pickled)  # arbitrary objects are refused by weights_only
     with pytest.raises(ConfigError, match="tensors-only"):
         load_mae_checkpoint(pickled, _config())
+
+
+# -- an MAE .pth as --backbone ---------------------------------------------------------------------------
+
+
+def _mae_backbone_files(tmp_path: Path) -> tuple[Path, Path]:
+    """One tiny ViT (64 dims per head, as every MAE release) saved twice: as an MAE .pth and with save_pretrained."""
+    torch.manual_seed(1)
+    model = ViTModel(_config(hidden_size=128, num_attention_heads=2, intermediate_size=256), add_pooling_layer=False).eval()
+    pth = tmp_path / "mrm.pth"
+    torch.save({"model": {**_as_timm(model), "decoder_pred.weight": torch.zeros(192, 16)}}, pth)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    return pth, folder
+
+
+@pytest.mark.parametrize("method", ["linear", "fpt_plus"])
+def test_an_mae_pth_backbone_gives_the_features_of_the_same_weights_loaded_the_ordinary_way(tmp_path: Path, method: str) -> None:
+    from medsweep.trainables.backbones import backbone_identity, build_backbone, frozen_weights_unused
+    from medsweep.trainables.methods import build_method
+
+    pth, folder = _mae_backbone_files(tmp_path)
+    backbone = build_backbone(str(pth))
+    assert backbone.config.num_attention_heads == 2 and backbone.config.num_hidden_layers == 2 and backbone.image_size == 32
+    config = {"image_size": 32, "num_classes": 3, "side_reduction": 2}
+    from_pth = build_method(method, {**config, "backbone": str(pth)})
+    from_folder = build_method(method, {**config, "backbone": str(folder)})
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine, reference = from_pth.frozen_features(pixels), from_folder.frozen_features(pixels)
+    assert mine.keys() == reference.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], reference[key], rtol=0, atol=1e-6)
+
+    with frozen_weights_unused():  # a trial on preloaded features: shapes only, no weights read
+        weightless = build_method(method, {**config, "backbone": str(pth)})
+    assert weightless.parameter_counts() == from_pth.parameter_counts()
+    assert backbone_identity(str(pth)).startswith("mae-") and backbone.identity == backbone_identity(str(pth))
+
+
+def test_a_pth_that_is_no_vit_is_one_line_naming_what_backbone_takes(tmp_path: Path) -> None:
+    from medsweep.trainables.backbones import build_backbone
+
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}}, path)
+    with pytest.raises(ConfigError, match="not an MAE-style ViT checkpoint") as error:
+        build_backbone(str(path))
+    assert "\n" not in str(error.value) and "save_pretrained folder" in str(error.value)

@@ -7,6 +7,9 @@
   the same name always gives the same weights (the preload cache relies on it)
   and nothing is downloaded;
 * a local directory written by ``save_pretrained``: loaded with ``from_pretrained``;
+* a ``.pth`` file of an MAE-style timm ViT (the MRM and CXR_MAE checkpoints of
+  the LoRA-medical work): its ViT shape is read off the tensors and the
+  weights converted (:mod:`medsweep.trainables.checkpoints`);
 * anything else: treated as a hub id and loaded with ``from_pretrained`` (needs a
   network; without one the error says to pass a local directory instead).
 
@@ -57,6 +60,7 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAE_SUFFIX = ".pth"
 
 
 @dataclass(frozen=True)
@@ -199,10 +203,19 @@ def _weights_digest(directory: Path) -> str:
     files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
     for path in files:
         digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _hash_file(digest, path)
     return digest.hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    return _hash_file(hashlib.sha256(), path).hexdigest()[:12]
+
+
+def _hash_file(digest, path: Path):
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 def backbone_identity(name_or_path: str, image_size: int | None = None, seed: int = 0) -> str:
@@ -214,6 +227,8 @@ def backbone_identity(name_or_path: str, image_size: int | None = None, seed: in
             config.image_size = image_size or entry.image_size
         return f"{name_or_path}-s{seed}-{_config_digest(config)}"
     path = Path(name_or_path).expanduser()
+    if path.suffix == MAE_SUFFIX:
+        return f"mae-{_file_digest(path)}"
     return f"dir-{_weights_digest(path)}" if path.is_dir() else f"hub-{name_or_path}"
 
 
@@ -223,6 +238,8 @@ def backbone_normalisation(name_or_path: str) -> tuple[tuple[float, ...], tuple[
         entry = _REGISTRY[name_or_path]
         return entry.mean, entry.std
     path = Path(name_or_path).expanduser()
+    if path.suffix == MAE_SUFFIX:
+        return IMAGENET_MEAN, IMAGENET_STD  # MAE pretraining normalises with ImageNet's statistics
     if path.is_dir():
         config = AutoConfig.from_pretrained(str(path))
         return _normalisation_of(str(path), _FAMILY_BY_MODEL_TYPE.get(config.model_type, "vit"))
@@ -267,16 +284,36 @@ def build_backbone(name_or_path: str, image_size: int | None = None, seed: int =
         return Backbone(model, entry.family, entry.mean, entry.std, size, backbone_identity(name_or_path, size, seed))
 
     path = Path(name_or_path).expanduser()
+    if path.suffix == MAE_SUFFIX:
+        return _load_mae(path)
     if path.is_dir():
         if _WITHOUT_WEIGHTS.get():  # the digest reads every weight file; a weightless build needs none
             return _load_pretrained(str(path), identity=f"dir-{path.resolve()} (weights not loaded)")
         return _load_pretrained(str(path), identity=f"dir-{_weights_digest(path)}")
     if path.suffix or name_or_path.startswith((".", "/", "~")):
         raise ConfigError(
-            f"backbone {name_or_path!r} is neither a registered name nor an existing directory; "
-            f"use one of {', '.join(list_backbones())} or a folder written by save_pretrained"
+            f"backbone {name_or_path!r} is neither a registered name, an existing directory nor an MAE {MAE_SUFFIX} file; "
+            f"use one of {', '.join(list_backbones())}, a folder written by save_pretrained or a ViT {MAE_SUFFIX}"
         )
     return _load_pretrained(name_or_path, identity=f"hub-{name_or_path}")
+
+
+def _load_mae(path: Path) -> Backbone:
+    """An MAE ``.pth`` as a ViT backbone: shape read off the tensors, weights converted (not read when weightless)."""
+    from medsweep.trainables.checkpoints import convert_mae_checkpoint, mae_vit_config, read_mae_checkpoint
+
+    state = read_mae_checkpoint(path)
+    config = mae_vit_config(state, path)
+    if _WITHOUT_WEIGHTS.get():
+        with torch.device("meta"):
+            model = ViTModel(config, add_pooling_layer=False)
+        return Backbone(model, "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{path.resolve()} (weights not loaded)")
+    converted, report = convert_mae_checkpoint(state, config)
+    if report.mismatched or report.missing:
+        raise ConfigError(f"MAE checkpoint {str(path)!r} does not map onto a ViT: {(report.mismatched or report.missing)[0]} (and {len(report.mismatched) + len(report.missing) - 1} more)")
+    model = ViTModel(config, add_pooling_layer=False)
+    model.load_state_dict(converted, strict=True)
+    return Backbone(model.eval(), "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{_file_digest(path)}")
 
 
 def _load_pretrained(source: str, identity: str) -> Backbone:

@@ -29,6 +29,7 @@ and the report says so.
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -145,11 +146,10 @@ def convert_mae_checkpoint(state_dict: dict[str, object], config: ViTConfig) -> 
     return converted, report
 
 
-def load_mae_checkpoint(path: str | Path, config: ViTConfig) -> tuple[ViTModel, ConversionReport]:
-    """Read an MAE ``.pth`` (tensors only, ``weights_only=True``) into a ``ViTModel`` without pooler, in eval mode.
+def read_mae_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an MAE ``.pth`` (``weights_only=True``, memory-mapped where the file allows), unwrapped.
 
-    Raises ConfigError when the file is missing or unreadable, or when tensors do
-    not fit the config's shapes; missing and unexpected keys are only reported.
+    Raises ConfigError when the file is missing, unreadable or no state dict.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -157,13 +157,59 @@ def load_mae_checkpoint(path: str | Path, config: ViTConfig) -> tuple[ViTModel, 
     try:
         # MAE's training script also saves its argparse.Namespace under "args".
         with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0]
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"cannot read {str(path)!r} as a tensors-only checkpoint ({reason}); re-save its state dict from a trusted copy") from None
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
-    converted, report = convert_mae_checkpoint(checkpoint, config)
+    return _unwrap(checkpoint)
+
+
+def mae_vit_config(state_dict: dict[str, torch.Tensor], path: str | Path = "the checkpoint", heads: int | None = None) -> ViTConfig:
+    """The ViT shape an MAE state dict was trained with, read off its tensors.
+
+    Width, depth, MLP size, patch size and image size follow from the tensors;
+    the number of heads does not (a fused ``qkv`` is ``[3D, D]`` for any
+    split), so it is ``heads`` or ViT's 64 dimensions per head (ViT-S 6,
+    ViT-B 12, ViT-L 16). Raises ConfigError for a file that is no ViT.
+    """
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [key for key in needed if key not in state_dict]
+    if missing:
+        raise ConfigError(
+            f"{str(path)!r} is not an MAE-style ViT checkpoint (no {', '.join(missing)}); "
+            "--backbone takes a .pth of timm ViT weights (MRM, CXR_MAE), a save_pretrained folder or a registered name"
+        )
+    hidden = int(state_dict["cls_token"].shape[-1])
+    patch = int(state_dict["patch_embed.proj.weight"].shape[-1])
+    grid = math.isqrt(int(state_dict["pos_embed"].shape[1]) - 1)
+    layers = 1 + max(int(m.group(1)) for key in state_dict if (m := re.match(r"blocks\.(\d+)\.", key)))
+    heads = heads or max(1, hidden // 64)
+    if hidden % heads:
+        raise ConfigError(f"{str(path)!r}: width {hidden} does not split into {heads} heads")
+    return ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=int(state_dict["blocks.0.mlp.fc1.weight"].shape[0]),
+        patch_size=patch,
+        image_size=grid * patch,
+        layer_norm_eps=MAE_LAYER_NORM_EPS,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+    )
+
+
+def load_mae_checkpoint(path: str | Path, config: ViTConfig) -> tuple[ViTModel, ConversionReport]:
+    """Read an MAE ``.pth`` (tensors only, ``weights_only=True``) into a ``ViTModel`` without pooler, in eval mode.
+
+    Raises ConfigError when the file is missing or unreadable, or when tensors do
+    not fit the config's shapes; missing and unexpected keys are only reported.
+    """
+    converted, report = convert_mae_checkpoint(read_mae_checkpoint(path), config)
     if report.mismatched:
         raise ConfigError(f"MAE checkpoint {str(path)!r} does not fit the ViT config:\n{report}")
     model = ViTModel(config, add_pooling_layer=False)

@@ -4,6 +4,17 @@ The store holds what the method's trials consume (see
 :mod:`medsweep.datasets.store`): each image input as uint8 at its size and,
 for preloadable methods, the frozen features. Trials then never decode an
 image or run the frozen backbone.
+
+A preload is four steps, each a plain function here so that every runner
+shares them: :func:`plan_store` (under the store's lock: reuse, repair, the
+layout and the shards still to write), :func:`decode_shard` (images to
+resized uint8 arrays, CPU only), :func:`shard_features` (the frozen forward
+over one shard, in mini-batches) and :func:`finish_store`. :func:`preload`
+runs them in this process (``medsweep train``, tests, benchmarks);
+:mod:`medsweep.search.frozen_pass` runs the middle two as a Ray Data
+pipeline across the cluster (``medsweep preload``, ``medsweep sweep``). One
+shard is one unit of work for both, so a store is the same tensor for tensor
+whoever computed it.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import errno
 import math
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +54,7 @@ from medsweep.trainables.inputs import normalise
 from medsweep.trainables.methods.base import Method
 
 SHARD_TARGET_BYTES = 64 << 20
+DECODED_SHARD_BYTES = 256 << 20
 MAX_ROWS_PER_SHARD = 2048
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -82,7 +95,9 @@ def store_columns(method: Method, feature_dtype: str, with_features: bool = True
     ]
     if with_features:
         size = method.image_inputs()[method.frozen_input].size
-        probe = method.frozen_features(torch.zeros(1, 3, size, size))
+        # A frozen model built without weights (a planner that never runs it) answers on meta inputs.
+        device = "meta" if any(p.is_meta for p in method.parameters()) else "cpu"
+        probe = method.frozen_features(torch.zeros(1, 3, size, size, device=device))
         columns += [ColumnSpec(k, tuple(v.shape[1:]), feature_dtype) for k, v in sorted(probe.items())]
     return columns
 
@@ -126,7 +141,7 @@ def preload(
     order_seed: int = 0,
     on_wait: Callable[[str], None] | None = None,
 ) -> PreloadResult:
-    """Write (or reuse) the store of ``method`` over ``spec``; resumes an interrupted run, repairs a damaged one.
+    """Write (or reuse) the store of ``method`` over ``spec`` in this process; resumes an interrupted run, repairs a damaged one.
 
     A complete store whose checksums all match is reused. A complete store
     with corrupt or missing shards loses its ``store.json`` and those shards
@@ -155,60 +170,188 @@ def preload(
             not a folder); the store is left unfinished, never marked complete,
             and the next run resumes it.
     """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
-    if shard_target_bytes < 1:
-        raise ValueError(f"shard_target_bytes must be positive, got {shard_target_bytes}")
     started = time.perf_counter()
-    parts = store_key_parts(spec, method, feature_dtype, with_features, order_seed)
-    root = Path(cache_dir) / "stores" / store_key(parts)
-    with _building(root, cache_dir, on_wait):
-        store = PreloadStore(root)
-        repairs = _drop_unreadable_metadata(store)
-        if store.is_complete():
-            bad = store.verify()
-            if not bad:
-                return PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store))
-            for shard in bad:
-                discard_shard(shard)
-            repairs.append(f"repaired {len(bad)} corrupt shard{'s' if len(bad) > 1 else ''}")
-
+    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed)
+    with building(request.root(method, cache_dir), cache_dir, on_wait):
+        plan = plan_store(request, method, cache_dir)
+        if plan.reused is not None:
+            return plan.reused
+        advance = progress(f"preload {method.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
         method.eval()
-        columns = store_columns(method, feature_dtype, with_features)
-        writer = StoreWriter(root, columns, spec.task, parts)
-        rows = writer.claim_layout(_rows_per_shard(columns, shard_target_bytes))
-        counts = {split: math.ceil(len(spec.splits[split]) / rows) for split in splits}
-        todo = {split: writer.pending_shards(split, counts[split]) for split in splits}
-        total = sum(min(rows, len(spec.splits[s]) - i * rows) for s in splits for i in todo[s])
-        advance = progress(f"preload {method.name} -> {root.name}", total) if progress else (lambda n: None)
         mean, std = backbone_normalisation(method.config.backbone)
-        for split in splits:
-            samples = spec.splits[split]
-            order = written_order(len(samples), order_seed, split)
-            for shard in todo[split]:
-                positions = order[shard * rows : (shard + 1) * rows]
-                chunk = [samples[i] for i in positions]
-                kept, tensors = _shard_tensors(method, chunk, columns, mean, std, batch_size, advance, skip_bad_images)
-                writer.write_shard(split, shard, positions[kept], _labels([chunk[i] for i in kept], spec), tensors)
-        skipped = {split: _skipped_paths(writer.store, spec, split, counts[split]) for split in splits}
-        store = writer.finish(
-            {s: len(spec.splits[s]) - len(skipped[s]) for s in splits},
-            counts,
-            {
-                "dataset": spec.name,
-                "classes": spec.classes,
-                "method": method.name,
-                "rows_per_shard": rows,
-                "row_order_seed": order_seed,
-                "skipped": skipped,
-            },
-        )
-        written = sum(len(shards) for shards in todo.values())
-        return PreloadResult(store, False, time.perf_counter() - started, total, written, _skipped_count(store), repairs)
+        for unit in plan.units:
+            kept, images = decode_shard(unit.samples, plan.decode_sizes, skip_bad_images)
+            tensors = shard_features(method, images, plan.columns, mean, std, batch_size)
+            plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
+            advance(len(unit.samples))
+        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "device": str(_device_of(method))}}
+        return finish_store(plan, request, method.name, time.perf_counter() - started, nodes)
+
+
+@dataclass(frozen=True)
+class PreloadRequest:
+    """What a preload was asked for, besides the method: everything :func:`plan_store` needs."""
+
+    spec: DatasetSpec
+    feature_dtype: str = "float16"
+    splits: tuple[str, ...] = SPLITS
+    with_features: bool = True
+    shard_target_bytes: int = SHARD_TARGET_BYTES
+    skip_bad_images: bool = False
+    order_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
+        if self.shard_target_bytes < 1:
+            raise ValueError(f"shard_target_bytes must be positive, got {self.shard_target_bytes}")
+
+    def key_parts(self, method: Method) -> dict:
+        return store_key_parts(self.spec, method, self.feature_dtype, self.with_features, self.order_seed)
+
+    def root(self, method: Method, cache_dir: Path) -> Path:
+        return Path(cache_dir) / "stores" / store_key(self.key_parts(method))
+
+
+@dataclass
+class ShardUnit:
+    """One shard still to write: its split, number, and the samples of its rows in the written order."""
+
+    split: str
+    shard: int
+    positions: np.ndarray
+    samples: list[Sample]
+
+
+@dataclass
+class StorePlan:
+    """What a preload must do, decided under the store's lock by :func:`plan_store`.
+
+    ``reused``: the store was complete and sound (nothing to do). Otherwise
+    ``units`` are the shards to write, ``images`` how many images they hold,
+    ``decode_sizes`` the square sizes each image is decoded to.
+    """
+
+    root: Path
+    reused: PreloadResult | None = None
+    writer: StoreWriter | None = None
+    columns: list[ColumnSpec] = field(default_factory=list)
+    rows_per_shard: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    units: list[ShardUnit] = field(default_factory=list)
+    decode_sizes: dict[str, int] = field(default_factory=dict)
+    repairs: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(len(unit.samples) for unit in self.units)
+
+
+def plan_store(request: PreloadRequest, method: Method, cache_dir: Path) -> StorePlan:
+    """Reuse a sound store, or repair what is damaged and list the shards still to write (call under the lock)."""
+    started = time.perf_counter()
+    root = request.root(method, cache_dir)
+    store = PreloadStore(root)
+    repairs = _drop_unreadable_metadata(store)
+    if store.is_complete():
+        bad = store.verify()
+        if not bad:
+            return StorePlan(root, reused=PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store)))
+        for shard in bad:
+            discard_shard(shard)
+        repairs.append(f"repaired {len(bad)} corrupt shard{'s' if len(bad) > 1 else ''}")
+    columns = store_columns(method, request.feature_dtype, request.with_features)
+    decode_sizes = _decode_sizes(method, columns)
+    writer = StoreWriter(root, columns, request.spec.task, request.key_parts(method))
+    rows = writer.claim_layout(_rows_per_shard(columns, request.shard_target_bytes, decode_sizes))
+    counts = {split: math.ceil(len(request.spec.splits[split]) / rows) for split in request.splits}
+    units = []
+    for split in request.splits:
+        samples = request.spec.splits[split]
+        order = written_order(len(samples), request.order_seed, split)
+        for shard in writer.pending_shards(split, counts[split]):
+            positions = order[shard * rows : (shard + 1) * rows]
+            units.append(ShardUnit(split, shard, positions, [samples[i] for i in positions]))
+    return StorePlan(root, None, writer, columns, rows, counts, units, decode_sizes, repairs)
+
+
+def finish_store(plan: StorePlan, request: PreloadRequest, method_name: str, seconds: float, nodes: dict) -> PreloadResult:
+    """Write ``store.json`` once every shard is there; ``nodes`` records where the frozen pass ran and how long."""
+    spec = request.spec
+    skipped = {split: _skipped_paths(plan.writer.store, spec, split, plan.counts[split]) for split in request.splits}
+    store = plan.writer.finish(
+        {s: len(spec.splits[s]) - len(skipped[s]) for s in request.splits},
+        plan.counts,
+        {
+            "dataset": spec.name,
+            "classes": spec.classes,
+            "method": method_name,
+            "rows_per_shard": plan.rows_per_shard,
+            "row_order_seed": request.order_seed,
+            "skipped": skipped,
+            "frozen_pass": nodes,
+        },
+    )
+    return PreloadResult(store, False, seconds, plan.images, len(plan.units), _skipped_count(store), plan.repairs)
+
+
+def decode_shard(samples: list[Sample], sizes: dict[str, int], skip_bad_images: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decode one shard's images and resize each to every size in ``sizes``: ``{name: uint8 [n, 3, s, s]}``.
+
+    Returns the positions in ``samples`` of the images kept (all, unless some
+    were unreadable and ``skip_bad_images``); an unreadable image stops with
+    :class:`DatasetError` otherwise.
+    """
+    kept, pictures = _read_images(samples, range(len(samples)), skip_bad_images)
+    images = {
+        name: np.stack([resize_square(p, size).transpose(2, 0, 1) for p in pictures]) if pictures else np.empty((0, 3, size, size), np.uint8)
+        for name, size in sizes.items()
+    }
+    return np.array(kept, dtype=np.int64), images
+
+
+@torch.no_grad()
+def shard_features(
+    method: Method,
+    images: dict[str, np.ndarray],
+    columns: list[ColumnSpec],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Every column of one decoded shard: stored images as they are, frozen features in mini-batches of ``batch_size``.
+
+    The frozen forward runs on the device the method is on; features come back as the column's dtype.
+    """
+    out = {c.name: images[c.name] for c in columns if c.name in images and c.dtype == "uint8"}
+    feature_cols = [c for c in columns if c.name not in out]
+    if not feature_cols:
+        return out
+    frozen = images[method.frozen_input]
+    device = _device_of(method)
+    parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}
+    for start in range(0, len(frozen), batch_size):
+        pixels = normalise(torch.from_numpy(frozen[start : start + batch_size]).to(device), mean, std)
+        features = method.frozen_features(pixels)
+        for col in feature_cols:
+            parts[col.name].append(features[col.name].float().cpu().numpy().astype(col.dtype))
+    return {**out, **{name: np.concatenate(values) for name, values in parts.items()}}
+
+
+def _device_of(method: Method) -> torch.device:
+    return next((p.device for p in method.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+def _decode_sizes(method: Method, columns: list[ColumnSpec]) -> dict[str, int]:
+    """The sizes each image is decoded to: every stored image input, and the frozen input if features are stored."""
+    sizes = {name: spec.size for name, spec in method.image_inputs().items()}
+    stored = {c.name for c in columns if c.dtype == "uint8" and c.name in sizes}
+    features = any(c.name not in stored for c in columns)
+    return {name: size for name, size in sizes.items() if name in stored or (features and name == method.frozen_input)}
 
 
 @contextmanager
-def _building(root: Path, cache_dir: Path, on_wait: Callable[[str], None] | None) -> Iterator[None]:
+def building(root: Path, cache_dir: Path, on_wait: Callable[[str], None] | None) -> Iterator[None]:
     """Hold the store's build lock; an OS error under the cache folder becomes one :class:`StoreError` line."""
     try:
         with store_lock(root, on_wait=on_wait):
@@ -247,9 +390,16 @@ def _drop_unreadable_metadata(store: PreloadStore) -> list[str]:
     return repairs
 
 
-def _rows_per_shard(columns: list[ColumnSpec], target_bytes: int) -> int:
-    """Rows that keep a shard near ``target_bytes``, capped so tiny rows still make a few shards."""
-    return max(1, min(MAX_ROWS_PER_SHARD, target_bytes // max(1, sum(c.nbytes for c in columns))))
+def _rows_per_shard(columns: list[ColumnSpec], target_bytes: int, decode_sizes: dict[str, int]) -> int:
+    """Rows that keep a shard near ``target_bytes`` stored and ~:data:`DECODED_SHARD_BYTES` decoded, capped so tiny rows still make a few shards.
+
+    The decoded bound matters for stores of small rows at a large frozen
+    input (a linear probe at 512 px stores 3 KiB per image but decodes 768
+    KiB): one shard is one unit of the frozen pass, decoded whole.
+    """
+    decoded = sum(3 * size * size for size in decode_sizes.values())
+    by_store = target_bytes // max(1, sum(c.nbytes for c in columns))
+    return max(1, min(MAX_ROWS_PER_SHARD, by_store, DECODED_SHARD_BYTES // max(1, decoded)))
 
 
 def _skipped_paths(store: PreloadStore, spec: DatasetSpec, split: str, num_shards: int) -> list[str]:
@@ -273,61 +423,12 @@ def _skipped_count(store: PreloadStore) -> int:
     return sum(len(paths) for paths in store.meta.get("skipped", {}).values())
 
 
-def _labels(samples: list[Sample], spec: DatasetSpec) -> np.ndarray:
-    if spec.task == "multilabel":
-        return np.array([s.label for s in samples], dtype=np.float32).reshape(len(samples), spec.num_classes)
+def shard_labels(unit: ShardUnit, kept: np.ndarray, task: str, num_classes: int) -> np.ndarray:
+    """Labels of the kept rows of ``unit``: ``[n]`` class indices, or ``[n, C]`` multi-label vectors."""
+    samples = [unit.samples[i] for i in kept]
+    if task == "multilabel":
+        return np.array([s.label for s in samples], dtype=np.float32).reshape(len(samples), num_classes)
     return np.array([s.label for s in samples], dtype=np.int64)
-
-
-def _shard_tensors(
-    method: Method,
-    samples: list[Sample],
-    columns: list[ColumnSpec],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int,
-    advance: Progress,
-    skip_bad_images: bool,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Decode, resize and (for preloadable methods) run the frozen path, in mini-batches.
-
-    Returns the positions in ``samples`` of the images kept (all, unless some
-    were unreadable and ``skip_bad_images``) and their tensors.
-    """
-    out: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in columns}
-    kept: list[int] = []
-    for start in range(0, len(samples), batch_size):
-        batch = range(start, min(start + batch_size, len(samples)))
-        positions, pictures = _read_images(samples, batch, skip_bad_images)
-        if pictures:
-            kept += positions
-            for name, values in _batch_tensors(method, pictures, columns, mean, std).items():
-                out[name].append(values)
-        advance(len(batch))
-    return np.array(kept, dtype=np.int64), {name: np.concatenate(parts) for name, parts in out.items()}
-
-
-@torch.no_grad()
-def _batch_tensors(
-    method: Method,
-    pictures: list[Image.Image],
-    columns: list[ColumnSpec],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> dict[str, np.ndarray]:
-    """One mini-batch of decoded images to every column: stored images resized, features by the frozen path."""
-    image_sizes = {name: spec.size for name, spec in method.image_inputs().items()}
-    stored_images = [c.name for c in columns if c.dtype == "uint8" and c.name in image_sizes]
-    feature_cols = [c for c in columns if c.name not in stored_images]
-    needed = set(stored_images) | ({method.frozen_input} if feature_cols else set())
-    resized = {
-        name: np.stack([resize_square(p, image_sizes[name]).transpose(2, 0, 1) for p in pictures]) for name in needed
-    }
-    out = {name: resized[name] for name in stored_images}
-    if feature_cols:
-        features = method.frozen_features(normalise(torch.from_numpy(resized[method.frozen_input]), mean, std))
-        out.update({col.name: features[col.name].numpy().astype(col.dtype) for col in feature_cols})
-    return out
 
 
 def _read_images(samples: list[Sample], positions: range, skip_bad_images: bool) -> tuple[list[int], list[Image.Image]]:

@@ -1,0 +1,207 @@
+"""The frozen pass on the cluster: a Ray Data batch-inference pipeline that writes a preload store.
+
+At real scale the frozen pass is the heaviest step of a sweep (ViT-B/16 at
+512 px: ~215 GFLOP per image). :func:`preload_on_cluster` runs it where the
+cluster's compute is, never in the driver:
+
+1. the driver plans the store under its lock (:func:`~medsweep.trainables.preload.plan_store`:
+   reuse, repair, the shards still to write), from a method built *without
+   weights*, so it never decodes an image nor runs the backbone, even on a
+   head node that offers Ray no CPU;
+2. a CPU task per shard decodes and resizes its images
+   (:func:`~medsweep.trainables.preload.decode_shard`);
+3. an actor pool, one frozen backbone per actor (one actor per GPU on GPU
+   nodes, else one per spare CPU), runs the frozen forward over the shard
+   (:func:`~medsweep.trainables.preload.shard_features`) and writes it with its
+   checksum, as the in-process preload does; only a few numbers come back;
+4. the driver writes ``store.json`` once every shard is there.
+
+One shard is one unit of work, so a shard's rows keep the store's written
+order whichever actor computed it, and a store built across nodes is, tensor
+for tensor, the one a single process builds on the same kind of device. Ray
+Data streams the shards with backpressure, so memory is bounded by a few
+decoded shards whatever the dataset's size; an actor lost mid-pass is
+restarted by Ray Data and its shard recomputed; a driver killed mid-pass
+leaves finished shards that the next run keeps. The store's cache folder must
+be visible at the same path on every node (the EFS mount of ``cluster.yaml``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from medsweep.datasets.spec import SPLITS, DatasetSpec
+from medsweep.datasets.store import StoreWriter
+from medsweep.errors import DatasetError, MedsweepError
+from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
+from medsweep.trainables.methods import build_method
+from medsweep.trainables.preload import (
+    DECODED_SHARD_BYTES,
+    SHARD_TARGET_BYTES,
+    PreloadRequest,
+    PreloadResult,
+    StorePlan,
+    building,
+    decode_shard,
+    finish_store,
+    plan_store,
+    shard_features,
+    shard_labels,
+)
+
+Progress = Callable[[int], None]
+
+
+def preload_on_cluster(
+    spec: DatasetSpec,
+    config: dict[str, Any],
+    cache_dir: Path,
+    *,
+    feature_dtype: str = "float16",
+    batch_size: int = 16,
+    splits: tuple[str, ...] = SPLITS,
+    with_features: bool = True,
+    shard_target_bytes: int = SHARD_TARGET_BYTES,
+    skip_bad_images: bool = False,
+    order_seed: int = 0,
+    progress: Callable[[str, int], Progress] | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> PreloadResult:
+    """Write (or reuse) the preload store of the method ``config`` describes, with the frozen pass on the cluster.
+
+    Same arguments, store and semantics as :func:`medsweep.trainables.preload.preload`
+    (which takes a built method instead of its flat config); Ray must be
+    initialised. ``store.json``'s ``frozen_pass`` records, per node, the images
+    it ran, its seconds and its device.
+    """
+    started = time.perf_counter()
+    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed)
+    with frozen_weights_unused():  # the driver plans (key, shapes) and never runs the backbone
+        planner = build_method(config["method"], config)
+    with building(request.root(planner, cache_dir), cache_dir, on_wait):
+        plan = plan_store(request, planner, cache_dir)
+        if plan.reused is not None:
+            return plan.reused
+        advance = progress(f"preload {planner.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
+        nodes = _run_pipeline(plan, request, config, batch_size, advance)
+        return finish_store(plan, request, planner.name, time.perf_counter() - started, nodes)
+
+
+def _run_pipeline(
+    plan: StorePlan,
+    request: PreloadRequest,
+    config: dict[str, Any],
+    batch_size: int,
+    advance: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Decode tasks, then frozen-forward actors, one shard per row; returns per-node images, seconds, device."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < 1:
+        raise MedsweepError("the Ray cluster offers no CPU to decode images; add a worker node with CPUs (`ray status` lists them)")
+    actors = gpus if gpus else max(1, cpus - 1)  # on CPUs, one core stays free for decoding
+    items = ray.data.from_items([{"unit": i} for i in range(len(plan.units))], override_num_blocks=max(1, len(plan.units)))
+    decoded = items.map_batches(
+        _decode,
+        batch_size=1,
+        num_cpus=1,
+        # What one decode task holds at its peak (the pictures and their resized arrays). Being a
+        # reservation the actors lack, it also keeps Ray Data from fusing decoding into the actors.
+        memory=2 * DECODED_SHARD_BYTES,
+        fn_kwargs={"plan": _Shards(plan), "skip_bad_images": request.skip_bad_images},
+    )
+    written = decoded.map_batches(
+        _FrozenWriter,
+        batch_size=1,
+        concurrency=actors,
+        num_gpus=1 if gpus else None,
+        num_cpus=None if gpus else 1,
+        fn_constructor_kwargs={"config": config, "plan": _Shards(plan), "batch_size": batch_size, "task": request.spec.task},
+    )
+    written.context.enable_progress_bars = False
+    nodes: dict[str, dict[str, Any]] = {}
+    for row in written.iter_rows():
+        if row["error"]:
+            raise DatasetError(str(row["error"]))
+        node = nodes.setdefault(str(row["node"]), {"images": 0, "seconds": 0.0, "device": str(row["device"])})
+        node["images"] += int(row["images"])
+        node["seconds"] += float(row["seconds"])
+        advance(int(row["images"]))
+    return nodes
+
+
+class _Shards:
+    """What the pipeline's tasks and actors need of the plan (shipped once to each, without the driver's locks)."""
+
+    def __init__(self, plan: StorePlan) -> None:
+        self.units = plan.units
+        self.sizes = plan.decode_sizes
+        self.root = plan.root
+        self.columns = plan.columns
+        self.key_parts = plan.writer.key_parts
+
+
+def _decode(batch: dict[str, np.ndarray], plan: _Shards, skip_bad_images: bool) -> dict[str, np.ndarray]:
+    """Decode task: one shard's images, resized, as raw bytes (shapes follow from the plan and the kept count).
+
+    An unreadable image (without ``skip_bad_images``) travels on as the row's
+    ``error``, for the driver to raise as one line: an exception raised here
+    would reach the driver as Ray's multi-line traceback, its type lost.
+    """
+    unit = int(batch["unit"][0])
+    try:
+        kept, images = decode_shard(plan.units[unit].samples, plan.sizes, skip_bad_images)
+    except DatasetError as error:
+        return {"unit": np.array([unit]), "error": np.array([str(error)], dtype=object)}
+    return {
+        "unit": np.array([unit]),
+        "error": np.array([""], dtype=object),
+        "kept": np.array([kept.tobytes()], dtype=object),
+        **{f"image:{name}": np.array([values.tobytes()], dtype=object) for name, values in images.items()},
+    }
+
+
+class _FrozenWriter:
+    """Actor: holds one frozen backbone; runs the frozen forward over a decoded shard and writes the shard."""
+
+    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str) -> None:
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.method = build_method(config["method"], config)
+        self.method.eval()
+        self.method.to_device(self.device)
+        self.mean, self.std = backbone_normalisation(self.method.config.backbone)
+        self.plan = plan
+        self.batch_size = batch_size
+        self.task = task
+        self.num_classes = int(config["num_classes"])
+        self.writer = StoreWriter(plan.root, plan.columns, task, plan.key_parts)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if batch["error"][0]:
+            return {"images": np.array([0]), "node": np.array([""]), "device": np.array([""]), "seconds": np.array([0.0]), "error": batch["error"]}
+        started = time.perf_counter()
+        unit = self.plan.units[int(batch["unit"][0])]
+        kept = np.frombuffer(batch["kept"][0], dtype=np.int64)
+        images = {
+            name: np.frombuffer(batch[f"image:{name}"][0], dtype=np.uint8).reshape(len(kept), 3, size, size)
+            for name, size in self.plan.sizes.items()
+        }
+        tensors = shard_features(self.method, images, self.plan.columns, self.mean, self.std, self.batch_size)
+        labels = shard_labels(unit, kept, self.task, self.num_classes)
+        self.writer.write_shard(unit.split, unit.shard, unit.positions[kept], labels, tensors)
+        return {
+            "images": np.array([len(unit.samples)]),
+            "node": np.array([self.node]),
+            "device": np.array([str(self.device)]),
+            "seconds": np.array([time.perf_counter() - started]),
+            "error": np.array([""], dtype=object),
+        }

@@ -1,0 +1,143 @@
+"""The frozen pass as a Ray Data pipeline (issue 17): same store as one process, never in the driver, on worker nodes.
+
+The multi-node test runs in a child process (this file run as a script), as
+in ``test_ray_data.py``: ``ray.cluster_utils.Cluster`` starts its own head,
+whose Ray offers no CPU, as the head of ``cluster.yaml`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import medsweep.trainables.preload as preload_module
+from medsweep.datasets import load_imagefolder, make_synthetic
+from medsweep.datasets.store import PreloadStore
+from medsweep.errors import DatasetError
+from medsweep.search.frozen_pass import preload_on_cluster
+from medsweep.trainables.methods import build_method
+from medsweep.trainables.preload import preload, store_columns
+
+CONFIG = {"method": "fpt_plus", "backbone": "vit-tiny", "image_size": 32, "side_reduction": 2}
+ROWS_PER_SHARD = 5
+
+
+def config_for(spec) -> dict:
+    return {**CONFIG, "num_classes": spec.num_classes, "task": spec.task}
+
+
+def shard_target(spec) -> int:
+    method = build_method("fpt_plus", config_for(spec))
+    return ROWS_PER_SHARD * sum(c.nbytes for c in store_columns(method, "float16"))
+
+
+def checksums(store: PreloadStore) -> dict[str, str]:
+    return {str(p.relative_to(store.root)): p.read_text() for p in store.root.rglob("*.sha256")}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("syn"), seed=5, image_size=32, n_train=20, n_val=10, n_test=5)
+
+
+@pytest.fixture(scope="module")
+def single_process(root, tmp_path_factory) -> PreloadStore:
+    """The store one process builds: every pipeline-built store must equal it byte for byte."""
+    spec = load_imagefolder(root, name="syn")
+    method = build_method("fpt_plus", config_for(spec))
+    return preload(spec, method, tmp_path_factory.mktemp("single"), shard_target_bytes=shard_target(spec)).store
+
+
+def test_the_pipeline_writes_the_single_process_store_without_decoding_in_the_driver(
+    ray_session, root, single_process, tmp_path, monkeypatch
+) -> None:
+    spec = load_imagefolder(root, name="syn")
+
+    def not_here(path):
+        raise AssertionError(f"the driver decoded {path}")
+
+    monkeypatch.setattr(preload_module, "load_image", not_here)  # the driver's copy; tasks import their own
+    seen: list[int] = []
+    result = preload_on_cluster(
+        spec, config_for(spec), tmp_path, shard_target_bytes=shard_target(spec), progress=lambda d, n: seen.append
+    )
+    store = result.store
+    assert not result.reused and result.shards_written == 4 + 2 + 1 and result.images_processed == 35
+    assert store.key == single_process.key and checksums(store) == checksums(single_process)
+    nodes = store.meta["frozen_pass"]
+    assert sum(node["images"] for node in nodes.values()) == 35
+    assert {node["device"] for node in nodes.values()} == {"cpu"}
+    assert set(nodes) <= {node["NodeID"] for node in ray_session.nodes()}
+    again = preload_on_cluster(spec, config_for(spec), tmp_path)
+    assert again.reused and again.images_processed == 0
+
+
+def test_a_bad_image_stops_the_pipeline_with_one_line_or_is_skipped(ray_session, tmp_path) -> None:
+    root = make_synthetic(tmp_path / "syn", seed=5, image_size=32, n_train=6, n_val=3, n_test=3)
+    spec = load_imagefolder(root, name="syn")
+    bad = spec.splits["train"][2].path
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="--skip-bad-images") as error:
+        preload_on_cluster(spec, config_for(spec), tmp_path / "cache")
+    assert "\n" not in str(error.value) and str(bad) in str(error.value)
+    result = preload_on_cluster(spec, config_for(spec), tmp_path / "cache", skip_bad_images=True)
+    assert result.skipped_images == 1 and result.store.meta["skipped"]["train"] == [str(bad)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_a_head_without_cpus_leaves_the_frozen_pass_to_the_worker_nodes(root, single_process, tmp_path) -> None:
+    """Head (0 CPUs) + 2 worker nodes (2 CPUs each): the store equals the single-process one, and
+    ``store.json`` records the worker nodes, never the head, as where the frozen pass ran."""
+    out = tmp_path / "cluster.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    child = subprocess.run(
+        [sys.executable, __file__, str(root), str(tmp_path / "cache"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    report = json.loads(out.read_text())
+    store = PreloadStore(Path(report["store"]))
+    assert checksums(store) == checksums(single_process)
+    ran = set(store.meta["frozen_pass"])
+    assert ran and ran <= set(report["workers"]) and report["head"] not in ran
+
+
+def _cluster_main(root: Path, cache: Path, out: Path) -> None:
+    """The child process: a head without CPUs and two worker nodes build the store."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20, "include_dashboard": False},
+    )
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        spec = load_imagefolder(root, name="syn")
+        result = preload_on_cluster(spec, config_for(spec), cache, shard_target_bytes=shard_target(spec))
+        report = {
+            "store": str(result.store.root),
+            "head": cluster.head_node.node_id,
+            "workers": [node.node_id for node in workers],
+        }
+        out.write_text(json.dumps(report))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    _cluster_main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
