@@ -141,3 +141,41 @@ def _cluster_main(root: Path, cache: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     _cluster_main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+def test_bf16_frozen_features_on_cpu_agree_with_fp32(root, single_process, tmp_path) -> None:
+    """The linear probe's pooled features under bf16 autocast: another cache key, within 3% of their scale.
+
+    bf16 keeps 8 bits of mantissa (~0.4% per rounding); two ViT layers of
+    rounded matmuls and softmaxes stay within a few percent of the fp32 pass.
+    (FPT's stored keys and values are not compared element-wise: bf16 may
+    reorder near-tied token importances and so keep other tokens, one more
+    reason the precision is part of the cache key.)
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from medsweep.datasets.store import decode_columns, table_to_numpy
+
+    spec = load_imagefolder(root, name="syn")
+    method = build_method("linear", {**config_for(spec), "method": "linear"})
+    fp32 = preload(spec, method, tmp_path / "fp32").store
+    bf16 = preload(spec, method, tmp_path / "bf16", precision="bf16").store
+    assert bf16.key != fp32.key and bf16.meta["key_parts"]["frozen_precision"] == "bf16"
+    assert single_process.meta["key_parts"]["frozen_precision"] == "fp32"  # auto on a CPU
+    features = [c for c in bf16.columns if c.dtype != "uint8"]
+    for mine, reference in zip(bf16.shard_paths("train"), fp32.shard_paths("train")):
+        got = decode_columns(table_to_numpy(pq.read_table(mine)), features)
+        want = decode_columns(table_to_numpy(pq.read_table(reference)), features)
+        for column in features:
+            scale = np.abs(want[column.name].astype(np.float32)).max()
+            error = np.abs(got[column.name].astype(np.float32) - want[column.name].astype(np.float32)).max()
+            assert error <= 0.03 * scale, (column.name, error, scale)
+
+
+def test_an_unknown_precision_is_one_line(root, tmp_path) -> None:
+    from medsweep.errors import ConfigError
+
+    spec = load_imagefolder(root, name="syn")
+    with pytest.raises(ConfigError, match="--precision must be auto, fp32, bf16, fp16; got 'fp8'"):
+        preload(spec, build_method("fpt_plus", config_for(spec)), tmp_path, precision="fp8")

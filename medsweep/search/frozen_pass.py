@@ -52,6 +52,7 @@ from medsweep.trainables.preload import (
     decode_shard,
     finish_store,
     plan_store,
+    resolve_precision,
     shard_features,
     shard_labels,
 )
@@ -71,6 +72,7 @@ def preload_on_cluster(
     shard_target_bytes: int = SHARD_TARGET_BYTES,
     skip_bad_images: bool = False,
     order_seed: int = 0,
+    precision: str = "auto",
     progress: Callable[[str, int], Progress] | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> PreloadResult:
@@ -79,10 +81,12 @@ def preload_on_cluster(
     Same arguments, store and semantics as :func:`medsweep.trainables.preload.preload`
     (which takes a built method instead of its flat config); Ray must be
     initialised. ``store.json``'s ``frozen_pass`` records, per node, the images
-    it ran, its seconds and its device.
+    it ran, its seconds and its device. ``precision="auto"`` resolves on a
+    GPU of the cluster when it has one (:func:`cluster_precision`).
     """
     started = time.perf_counter()
-    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed)
+    precision = cluster_precision(precision)
+    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
     with frozen_weights_unused():  # the driver plans (key, shapes) and never runs the backbone
         planner = build_method(config["method"], config)
     with building(request.root(planner, cache_dir), cache_dir, on_wait):
@@ -92,6 +96,13 @@ def preload_on_cluster(
         advance = progress(f"preload {planner.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
         nodes = _run_pipeline(plan, request, config, batch_size, advance)
         return finish_store(plan, request, planner.name, time.perf_counter() - started, nodes)
+
+
+def cluster_precision(requested: str) -> str:
+    """``auto`` resolved where the frozen pass will run: on one of the cluster's GPUs, else fp32 (CPU actors)."""
+    if requested != "auto" or not ray.cluster_resources().get("GPU", 0):
+        return resolve_precision(requested, "cpu")
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(resolve_precision).remote(requested, "cuda"))
 
 
 def _run_pipeline(
@@ -123,7 +134,13 @@ def _run_pipeline(
         concurrency=actors,
         num_gpus=1 if gpus else None,
         num_cpus=None if gpus else 1,
-        fn_constructor_kwargs={"config": config, "plan": _Shards(plan), "batch_size": batch_size, "task": request.spec.task},
+        fn_constructor_kwargs={
+            "config": config,
+            "plan": _Shards(plan),
+            "batch_size": batch_size,
+            "task": request.spec.task,
+            "precision": request.precision,
+        },
     )
     written.context.enable_progress_bars = False
     nodes: dict[str, dict[str, Any]] = {}
@@ -171,7 +188,7 @@ def _decode(batch: dict[str, np.ndarray], plan: _Shards, skip_bad_images: bool) 
 class _FrozenWriter:
     """Actor: holds one frozen backbone; runs the frozen forward over a decoded shard and writes the shard."""
 
-    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str) -> None:
+    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str, precision: str) -> None:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.method = build_method(config["method"], config)
@@ -181,6 +198,7 @@ class _FrozenWriter:
         self.plan = plan
         self.batch_size = batch_size
         self.task = task
+        self.precision = precision
         self.num_classes = int(config["num_classes"])
         self.writer = StoreWriter(plan.root, plan.columns, task, plan.key_parts)
         self.node = ray.get_runtime_context().get_node_id()
@@ -195,7 +213,7 @@ class _FrozenWriter:
             name: np.frombuffer(batch[f"image:{name}"][0], dtype=np.uint8).reshape(len(kept), 3, size, size)
             for name, size in self.plan.sizes.items()
         }
-        tensors = shard_features(self.method, images, self.plan.columns, self.mean, self.std, self.batch_size)
+        tensors = shard_features(self.method, images, self.plan.columns, self.mean, self.std, self.batch_size, self.precision)
         labels = shard_labels(unit, kept, self.task, self.num_classes)
         self.writer.write_shard(unit.split, unit.shard, unit.positions[kept], labels, tensors)
         return {

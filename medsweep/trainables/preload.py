@@ -25,7 +25,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from medsweep.datasets.store import (
     store_key,
     store_lock,
 )
-from medsweep.errors import DatasetError, StoreError
+from medsweep.errors import ConfigError, DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
 from medsweep.trainables.methods.base import Method
@@ -57,6 +57,8 @@ SHARD_TARGET_BYTES = 64 << 20
 DECODED_SHARD_BYTES = 256 << 20
 MAX_ROWS_PER_SHARD = 2048
 FEATURE_DTYPES = ("float16", "float32")
+# The frozen forward's compute precision (``--precision``); ``auto`` resolves per device (:func:`resolve_precision`).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Progress = Callable[[int], None]
 
@@ -108,6 +110,7 @@ def store_key_parts(
     feature_dtype: str,
     with_features: bool = True,
     order_seed: int = 0,
+    precision: str = "fp32",
 ) -> dict:
     """Everything that changes the stored tensors or their order (the cache key's inputs)."""
     config = method.config
@@ -121,6 +124,7 @@ def store_key_parts(
         "images": {k: v.size for k, v in method.stored_inputs(preloaded=with_features).items()},
         "normalisation": [list(mean), list(std)],
         "feature_dtype": feature_dtype if with_features else None,
+        "frozen_precision": precision if with_features else None,
         "resize": "square-bicubic",
         "row_order_seed": order_seed,
     }
@@ -139,6 +143,7 @@ def preload(
     shard_target_bytes: int = SHARD_TARGET_BYTES,
     skip_bad_images: bool = False,
     order_seed: int = 0,
+    precision: str = "auto",
     on_wait: Callable[[str], None] | None = None,
 ) -> PreloadResult:
     """Write (or reuse) the store of ``method`` over ``spec`` in this process; resumes an interrupted run, repairs a damaged one.
@@ -162,6 +167,9 @@ def preload(
             (:func:`medsweep.datasets.order.written_order`); part of the cache key.
             Not the sweep's seed: trials of any seed share one store and draw
             their own epoch orders from it.
+        precision: the frozen forward's compute precision (:func:`resolve_precision`
+            on the method's device); part of the cache key. The stored dtype is
+            ``feature_dtype`` whatever it is.
         on_wait: called with one line if another process is building the same
             store; this one then waits for it and reuses what it built.
 
@@ -171,7 +179,8 @@ def preload(
             and the next run resumes it.
     """
     started = time.perf_counter()
-    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed)
+    precision = resolve_precision(precision, _device_of(method))
+    request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
     with building(request.root(method, cache_dir), cache_dir, on_wait):
         plan = plan_store(request, method, cache_dir)
         if plan.reused is not None:
@@ -181,7 +190,7 @@ def preload(
         mean, std = backbone_normalisation(method.config.backbone)
         for unit in plan.units:
             kept, images = decode_shard(unit.samples, plan.decode_sizes, skip_bad_images)
-            tensors = shard_features(method, images, plan.columns, mean, std, batch_size)
+            tensors = shard_features(method, images, plan.columns, mean, std, batch_size, precision)
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
         nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "device": str(_device_of(method))}}
@@ -199,15 +208,18 @@ class PreloadRequest:
     shard_target_bytes: int = SHARD_TARGET_BYTES
     skip_bad_images: bool = False
     order_seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be resolved to one of {', '.join(PRECISIONS)} (see resolve_precision), got {self.precision!r}")
         if self.shard_target_bytes < 1:
             raise ValueError(f"shard_target_bytes must be positive, got {self.shard_target_bytes}")
 
     def key_parts(self, method: Method) -> dict:
-        return store_key_parts(self.spec, method, self.feature_dtype, self.with_features, self.order_seed)
+        return store_key_parts(self.spec, method, self.feature_dtype, self.with_features, self.order_seed, self.precision)
 
     def root(self, method: Method, cache_dir: Path) -> Path:
         return Path(cache_dir) / "stores" / store_key(self.key_parts(method))
@@ -318,10 +330,12 @@ def shard_features(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     batch_size: int,
+    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Every column of one decoded shard: stored images as they are, frozen features in mini-batches of ``batch_size``.
 
-    The frozen forward runs on the device the method is on; features come back as the column's dtype.
+    The frozen forward runs on the device the method is on, under autocast to
+    ``precision`` unless fp32; features come back as the column's dtype.
     """
     out = {c.name: images[c.name] for c in columns if c.name in images and c.dtype == "uint8"}
     feature_cols = [c for c in columns if c.name not in out]
@@ -330,12 +344,28 @@ def shard_features(
     frozen = images[method.frozen_input]
     device = _device_of(method)
     parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else nullcontext()
     for start in range(0, len(frozen), batch_size):
         pixels = normalise(torch.from_numpy(frozen[start : start + batch_size]).to(device), mean, std)
-        features = method.frozen_features(pixels)
+        with autocast:
+            features = method.frozen_features(pixels)
         for col in feature_cols:
             parts[col.name].append(features[col.name].float().cpu().numpy().astype(col.dtype))
     return {**out, **{name: np.concatenate(values) for name, values in parts.items()}}
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on CPU (where autocast gains little); else as asked.
+
+    Raises ConfigError for a name that is none of ``auto``, ``fp32``, ``bf16``, ``fp16``.
+    """
+    if requested != "auto" and requested not in PRECISIONS:
+        raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _device_of(method: Method) -> torch.device:
