@@ -39,7 +39,7 @@ import torch
 
 from medsweep.datasets.spec import SPLITS, DatasetSpec
 from medsweep.datasets.store import StoreWriter
-from medsweep.errors import DatasetError, MedsweepError
+from medsweep.errors import DatasetError
 from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import (
@@ -58,6 +58,7 @@ from medsweep.trainables.preload import (
 )
 
 Progress = Callable[[int], None]
+AUTOSCALED_GPU_ACTORS = 8
 
 
 def preload_on_cluster(
@@ -85,7 +86,8 @@ def preload_on_cluster(
     GPU of the cluster when it has one (:func:`cluster_precision`).
     """
     started = time.perf_counter()
-    precision = cluster_precision(precision)
+    on_gpus, actors = frozen_pass_pool()
+    precision = cluster_precision(precision, on_gpus)
     request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
     with frozen_weights_unused():  # the driver plans (key, shapes) and never runs the backbone
         planner = build_method(config["method"], config)
@@ -94,14 +96,34 @@ def preload_on_cluster(
         if plan.reused is not None:
             return plan.reused
         advance = progress(f"preload {planner.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
-        nodes = _run_pipeline(plan, request, config, batch_size, advance)
+        nodes = _run_pipeline(plan, request, config, batch_size, advance, on_gpus, actors)
         return finish_store(plan, request, planner.name, time.perf_counter() - started, nodes)
 
 
-def cluster_precision(requested: str) -> str:
-    """``auto`` resolved where the frozen pass will run: on one of the cluster's GPUs, else fp32 (CPU actors)."""
-    if requested != "auto" or not ray.cluster_resources().get("GPU", 0):
-        return resolve_precision(requested, "cpu")
+def frozen_pass_pool() -> tuple[bool, int | tuple[int, int]]:
+    """Where the actors go: ``(on GPUs, pool size)``.
+
+    One actor per GPU the cluster has; with none, one per CPU but one (left
+    for decoding); a cluster with neither yet (a head offering Ray nothing,
+    its workers all autoscaled and not up) asks for 1 to
+    :data:`AUTOSCALED_GPU_ACTORS` GPU actors, which the autoscaler answers with
+    GPU workers.
+    """
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if gpus:
+        return True, gpus
+    if cpus:
+        return False, max(1, cpus - 1)
+    return True, (1, AUTOSCALED_GPU_ACTORS)
+
+
+def cluster_precision(requested: str, on_gpus: bool) -> str:
+    """``auto`` resolved where the frozen pass runs: on one of the cluster's GPUs (bf16 before any is up), else fp32."""
+    if requested != "auto" or not on_gpus:
+        return resolve_precision(requested, "cpu")  # a named precision as it is (checked); auto on CPUs: fp32
+    if not ray.cluster_resources().get("GPU", 0):
+        return "bf16"
     return ray.get(ray.remote(num_gpus=1, num_cpus=0)(resolve_precision).remote(requested, "cuda"))
 
 
@@ -111,13 +133,10 @@ def _run_pipeline(
     config: dict[str, Any],
     batch_size: int,
     advance: Progress,
+    on_gpus: bool,
+    actors: int | tuple[int, int],
 ) -> dict[str, dict[str, Any]]:
     """Decode tasks, then frozen-forward actors, one shard per row; returns per-node images, seconds, device."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if cpus < 1:
-        raise MedsweepError("the Ray cluster offers no CPU to decode images; add a worker node with CPUs (`ray status` lists them)")
-    actors = gpus if gpus else max(1, cpus - 1)  # on CPUs, one core stays free for decoding
     items = ray.data.from_items([{"unit": i} for i in range(len(plan.units))], override_num_blocks=max(1, len(plan.units)))
     decoded = items.map_batches(
         _decode,
@@ -132,8 +151,8 @@ def _run_pipeline(
         _FrozenWriter,
         batch_size=1,
         concurrency=actors,
-        num_gpus=1 if gpus else None,
-        num_cpus=None if gpus else 1,
+        num_gpus=1 if on_gpus else None,
+        num_cpus=None if on_gpus else 1,
         fn_constructor_kwargs={
             "config": config,
             "plan": _Shards(plan),
