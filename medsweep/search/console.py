@@ -131,6 +131,13 @@ class SweepConsole:
         self.console.print(
             f"[bold]preload[/] {method}: store {store.key} {how}; {size_mb:.1f} MB, {per_image:.1f} KiB per image"
         )
+        if not result.reused:  # where the frozen pass ran: one line per node
+            for node, done in store.meta.get("frozen_pass", {}).items():
+                rate = done["images"] / done["seconds"] if done.get("seconds") else float("nan")
+                self.console.print(
+                    f"  frozen pass on {node}: {done['images']} images in {done.get('seconds', float('nan')):.1f} s "
+                    f"({rate:.2f} images/s) on {done['device']}"
+                )
 
     def preload_waiting(self, line: str) -> None:
         """Another process holds the store's build lock (see :func:`medsweep.datasets.store.store_lock`)."""

@@ -28,6 +28,7 @@ be visible at the same path on every node (the EFS mount of ``cluster.yaml``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,18 +104,20 @@ def preload_on_cluster(
 def frozen_pass_pool() -> tuple[bool, int | tuple[int, int]]:
     """Where the actors go: ``(on GPUs, pool size)``.
 
-    One actor per GPU the cluster has; with none, one per CPU but one (left
-    for decoding); a cluster with neither yet (a head offering Ray nothing,
-    its workers all autoscaled and not up) asks for 1 to
-    :data:`AUTOSCALED_GPU_ACTORS` GPU actors, which the autoscaler answers with
-    GPU workers.
+    One actor per GPU the cluster has. Without GPUs, one actor per node that
+    offers CPUs, spread over those nodes, each running torch on all of its
+    node's cores (one model per node multiplies its matmuls across the cores
+    best; the decode tasks beside it are a small fraction of the work). A
+    cluster with neither yet (a head offering Ray nothing, its workers all
+    autoscaled and not up) asks for 1 to :data:`AUTOSCALED_GPU_ACTORS` GPU
+    actors, which the autoscaler answers with GPU workers.
     """
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpu_nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
     if gpus:
         return True, gpus
-    if cpus:
-        return False, max(1, cpus - 1)
+    if cpu_nodes:
+        return False, cpu_nodes
     return True, (1, AUTOSCALED_GPU_ACTORS)
 
 
@@ -153,6 +156,7 @@ def _run_pipeline(
         concurrency=actors,
         num_gpus=1 if on_gpus else None,
         num_cpus=None if on_gpus else 1,
+        scheduling_strategy="SPREAD",
         fn_constructor_kwargs={
             "config": config,
             "plan": _Shards(plan),
@@ -208,8 +212,9 @@ class _FrozenWriter:
     """Actor: holds one frozen backbone; runs the frozen forward over a decoded shard and writes the shard."""
 
     def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str, precision: str) -> None:
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu":  # one actor per node: all of the node's cores (see frozen_pass_pool)
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.method = build_method(config["method"], config)
         self.method.eval()
         self.method.to_device(self.device)

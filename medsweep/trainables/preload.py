@@ -193,8 +193,9 @@ def preload(
             tensors = shard_features(method, images, plan.columns, mean, std, batch_size, precision)
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
-        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "device": str(_device_of(method))}}
-        return finish_store(plan, request, method.name, time.perf_counter() - started, nodes)
+        seconds = time.perf_counter() - started
+        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "seconds": seconds, "device": str(_device_of(method))}}
+        return finish_store(plan, request, method.name, seconds, nodes)
 
 
 @dataclass(frozen=True)
