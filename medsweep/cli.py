@@ -7,7 +7,9 @@ the same loop as a trial), ``preload`` (build or list preload stores),
 space and recommended point).
 
 Bad input raises :class:`medsweep.errors.MedsweepError` somewhere below; it is
-printed here as one line and the command exits with code 2.
+printed here as one line and the command exits with code 2. A sweep or resume
+stopped by SIGINT/SIGTERM raises :class:`medsweep.search.interrupts.SweepInterrupted`:
+one line naming ``medsweep resume``, exit code 130 or 143.
 """
 
 from __future__ import annotations
