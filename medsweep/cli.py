@@ -187,7 +187,7 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, run_sweep
+    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, check_out, run_sweep
 
     settings = SweepSettings(
         dataset=args.dataset,
@@ -216,6 +216,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         fixed=_set_pairs(args.set),
         connect_timeout=args.connect_timeout,
     )
+    check_out(settings.out, args.overwrite)  # before the dataset and Ray: refusing must write nothing
     run_sweep(settings, SweepConsole(quiet=args.quiet), overwrite=args.overwrite)
     return 0
 

@@ -5,7 +5,8 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 1. resolve the dataset and check every setting before anything starts: the
    settings' bounds, the dataset's layout, each method built once from its
    fixed values without weights (backbone, image size against its patch size,
-   every ``--set`` value), and ``--out`` (:func:`check_methods`, :func:`check_out`);
+   every ``--set`` value; :func:`check_methods`), and, by the CLI, ``--out``
+   (:func:`check_out`);
 2. start or join Ray (a bounded wait for ``--address``), with SIGINT and
    SIGTERM held by :class:`medsweep.search.interrupts.InterruptGuard`; only
    then is ``--out`` created and ``sweep.json`` written (:func:`prepare_out`);
@@ -317,14 +318,16 @@ def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
 def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, overwrite: bool = False) -> Path:
     """Run a whole sweep; returns its output folder.
 
-    Raises :class:`medsweep.search.interrupts.SweepInterrupted` on SIGINT/SIGTERM,
-    with the search saved for ``medsweep resume`` and no answer written."""
+    ``settings.out`` is not refused here: ``medsweep sweep`` calls :func:`check_out`
+    first, while a caller of this function may prepare the folder itself (the
+    benchmarks enqueue points into its study). Raises
+    :class:`medsweep.search.interrupts.SweepInterrupted` on SIGINT/SIGTERM, with
+    the search saved for ``medsweep resume`` and no answer written."""
     from medsweep.search import tuning  # Ray imports only once a sweep really starts
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     check_methods(settings, spec)
-    check_out(settings.out, overwrite)
     console.dataset(spec)
     with InterruptGuard(settings.out) as guard:
         tuning.start_ray(settings)
