@@ -7,7 +7,9 @@ the same loop as a trial), ``preload`` (build or list preload stores),
 space and recommended point).
 
 Bad input raises :class:`medsweep.errors.MedsweepError` somewhere below; it is
-printed here as one line and the command exits with code 2.
+printed here as one line and the command exits with code 2. A sweep or resume
+stopped by SIGINT/SIGTERM raises :class:`medsweep.search.interrupts.SweepInterrupted`:
+one line naming ``medsweep resume``, exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.errors import MedsweepError
+from medsweep.search.interrupts import SweepInterrupted
 
 DEFAULT_CACHE = Path(".medsweep-cache")
 # Config keys that describe the data, backbone or budget rather than a choice the search made.
@@ -100,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1, help="DDP workers for full fine-tuning trials")
     sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
+    sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept")
     sweep.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
+    sweep.add_argument("--connect-timeout", type=float, default=45.0, metavar="SECONDS", help="how long to wait for the --address cluster to answer")
     sweep.add_argument("--search", default="tpe", choices=["tpe", "random"], help="Optuna sampler after the recommended points")
     sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
     sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
@@ -182,7 +187,7 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, run_sweep
+    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, check_out, run_sweep
 
     settings = SweepSettings(
         dataset=args.dataset,
@@ -209,8 +214,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         search=args.search,
         early_stopping=not args.no_early_stopping,
         fixed=_set_pairs(args.set),
+        connect_timeout=args.connect_timeout,
     )
-    run_sweep(settings, SweepConsole(quiet=args.quiet))
+    check_out(settings.out, args.overwrite)  # before the dataset and Ray: refusing must write nothing
+    run_sweep(settings, SweepConsole(quiet=args.quiet), overwrite=args.overwrite)
     return 0
 
 
@@ -352,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except MedsweepError as error:
         print(f"medsweep: error: {error}", file=sys.stderr)
         return 2
+    except SweepInterrupted as interrupted:
+        print(f"medsweep: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print("medsweep: interrupted; finished work is kept (preload shards, trial checkpoints)", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from medsweep.cli import main
         (["sweep", "--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
         (["sweep", "--set", "rank=4"], "--set rank: no selected method"),
         (["sweep", "--dataset", "/no/such/folder"], "dataset /no/such/folder not found"),
+        (["sweep", "--image-size", "100000"], "--image-size must be between 8 and 4096"),
         (["sweep", "--method", "linear", "--method", "linear"], "--method given twice"),
         (["best", "/no/such/sweep"], "has no best.yaml"),
         (["params", "--method", "fpt_plus", "--backbone", "./missing-dir"], "neither a registered name nor an existing directory"),
@@ -73,3 +75,84 @@ def test_best_prints_each_method_of_a_finished_sweep(tiny_sweep, capsys):
     assert main(["best", str(out), "--json"]) == 0
     (dataset,) = json.loads(capsys.readouterr().out)
     assert dataset == out.parent.name or dataset.startswith("synthetic")
+
+
+def _medsweep(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A real ``medsweep`` process; ``timeout`` is only a no-hang deadline."""
+    return subprocess.run([sys.executable, "-m", "medsweep.cli", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    """Things a user might pass by mistake: a file, an empty folder, a folder of someone's notes, a sweep folder."""
+    from medsweep.datasets import make_synthetic
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    make_synthetic(root / "data", seed=0, image_size=32, n_train=9, n_val=6, n_test=6)
+    (root / "notes.txt").write_text("not a dataset")
+    (root / "empty").mkdir()
+    (root / "foreign").mkdir()
+    (root / "foreign" / "thesis.tex").write_text("mine")
+    (root / "old-sweep").mkdir()
+    (root / "old-sweep" / "sweep.json").write_text('{"methods": ["linear"]}')
+    (root / "old-sweep" / "optuna-study.log").write_text("journal\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--image-size", "0"], "--image-size must be between 8 and 4096 pixels, got 0"),
+        (["--image-size", "100000"], "--image-size must be between 8 and 4096 pixels, got 100000"),
+        (["--backbone", "vit-base-patch16-384", "--image-size", "8"], "smaller than one patch of vit-base-patch16-384 (16 px)"),
+        (["--backbone", "./no-such-backbone"], "neither a registered name nor an existing directory"),
+        (["--method", "fpt_plus", "--set", "keep_ratio=2"], "keep_ratio must be in (0, 1], got 2"),
+        (["--set", "batch_size=0"], "batch_size must be at least 1, got 0"),
+        (["--method", "truncated"], "needs a ResNet backbone"),
+        (["--dataset", "{root}/notes.txt"], "notes.txt is a .txt file, not a dataset"),
+        (["--dataset", "{root}/empty"], "empty is an empty folder"),
+        (["--dataset", "{root}/data/train"], "is a folder with neither train/ nor train_list.txt"),
+        (["--out", "{root}/notes.txt"], "notes.txt is a file, not a folder"),
+        (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
+        (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
+        (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
+    ],
+)
+@pytest.mark.slow  # a process each (~10 s of imports on 2 busy cores)
+def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_inputs, tmp_path, extra, needle):
+    """Each bad input: one line, exit code 2, before Ray starts (no Ray line in the output), and no
+    file written or changed: neither the --out folder nor anything already in the input folder."""
+    before = _tree(bad_inputs)
+    out = tmp_path / "out"
+    argv = ["sweep", "--dataset", str(bad_inputs / "data"), "--method", "linear", "--backbone", "vit-tiny",
+            "--image-size", "32", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--wandb", "disabled"]  # fmt: skip
+    proc = _medsweep(*argv, *[part.format(root=bad_inputs) for part in extra])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("medsweep: error: "), proc.stderr[-2000:]
+    assert needle.format(root=bad_inputs) in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr
+    assert not out.exists()
+    assert _tree(bad_inputs) == before
+
+
+def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
+    """``--overwrite`` deletes exactly the files a sweep writes (checked without running one: the
+    folder is prepared once Ray is up, which needs a real sweep; see test_faults for those)."""
+    from medsweep.search.sweep import SWEEP_OUTPUTS, SweepSettings, check_out, prepare_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("sweep.json", "optuna-study.log", "best.yaml"):
+        (out / name).write_text("old")
+    (out / "ray" / "tune").mkdir(parents=True)
+    (out / "thesis.tex").write_text("mine")
+    check_out(out, overwrite=True)
+    settings = SweepSettings(methods=["linear"], out=out, cache_dir=tmp_path / "cache")
+    prepare_out(settings, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "thesis.tex"]
+    assert json.loads((out / "sweep.json").read_text())["methods"] == ["linear"]
+    assert {"sweep.json", "optuna-study.log", "ray"} <= set(SWEEP_OUTPUTS)

@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -354,3 +355,109 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
     # test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded_diverged.
     epochs = [r["epoch"] for r in _results(out / "ray" / "tune" / removed[0])]
     assert max(epochs) == board.set_index("trial_id").loc[removed[0].removeprefix("trial-"), "epochs_run"]
+
+
+def _last_line(log: Path) -> str:
+    return [line for line in log.read_text().splitlines() if line.strip()][-1]
+
+
+ANSWER = ("leaderboard.csv", "leaderboard.parquet", "best.yaml", "final.yaml", "final.json", "final", "report")
+
+
+def _assert_interrupted_and_resumable(out: Path, log: Path, returncode: int, expected: int, trials: int) -> None:
+    """Exit code and one line; no answer written, no study trial failed; then a real ``medsweep resume``
+    process finishes the sweep with exactly ``trials`` trials."""
+    assert returncode == expected, log.read_text()[-3000:]
+    assert _last_line(log) == f"medsweep: interrupted: `medsweep resume {out}` continues"
+    assert "Traceback" not in log.read_text()
+    assert not [name for name in ANSWER if (out / name).exists()]
+    assert "FAIL" not in {t.state.name for t in load_study(out).trials}
+    resumed = subprocess.run([sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) == {"completed"} and (board["epochs_run"] == EPOCHS).all()
+    states = [t.state.name for t in load_study(out).trials]
+    assert states.count("COMPLETE") == trials and "RUNNING" not in states
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_an_interrupted_sweep_writes_no_answer_and_resumes_to_its_trial_count(tiny_root, cache_dir, tmp_path, signum, expected):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) to the ``medsweep sweep`` process once a trial has
+    reported: Tune stops and saves, the process exits 128 + signal with one line, and resume finishes."""
+    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
+
+    def signal_once_a_trial_reported() -> bool:
+        if not any(_results(t) for t in _trial_dirs(out)):
+            return False
+        driver.send_signal(signum)
+        return True
+
+    try:
+        _wait_for(signal_once_a_trial_reported, 400, driver, log)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            _kill_process_group(driver)
+    _assert_interrupted_and_resumable(out, log, driver.returncode, expected, trials)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_second_ctrl_c_aborts_at_once_and_the_sweep_still_resumes(tiny_root, cache_dir, tmp_path):
+    """Two SIGINTs back to back: the second does not wait for Tune's graceful stop; still one line,
+    exit 130, no answer, and resumable."""
+    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
+
+    def signal_twice_once_a_trial_reported() -> bool:
+        if not any(_results(t) for t in _trial_dirs(out)):
+            return False
+        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signal.SIGINT)
+        return True
+
+    try:
+        _wait_for(signal_twice_once_a_trial_reported, 400, driver, log)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            _kill_process_group(driver)
+    _assert_interrupted_and_resumable(out, log, driver.returncode, 130, trials)
+
+
+def _free_port() -> int:
+    """A local port with nothing listening: bound, then closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_an_address_with_nothing_listening_ends_in_one_line_and_leaves_nothing(tiny_root, cache_dir, tmp_path):
+    """``--address`` of a closed port: one line naming the address and ``ray status``, exit 2, within
+    a deadline far below Ray's own minutes of retries; no --out folder, no process of the driver's session."""
+    address, out, log = f"127.0.0.1:{_free_port()}", tmp_path / "sweep", tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, 2, "--address", address, "--connect-timeout", "5"), log)
+    try:
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            _kill_process_group(driver)
+    assert driver.returncode == 2, log.read_text()[-3000:]
+    line = _last_line(log)
+    assert line.startswith(f"medsweep: error: no Ray cluster answers at --address {address}")
+    assert f"`ray status --address {address}`" in line and "Traceback" not in log.read_text()
+    assert not out.exists()
+    left = [p.pid for p in psutil.process_iter() if _session_of(p) == driver.pid]
+    assert not left, f"processes of the driver's session left behind: {left}"
+
+
+def _session_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except (ProcessLookupError, PermissionError):
+        return None

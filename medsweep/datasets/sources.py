@@ -650,10 +650,21 @@ def _resolve(arg: str, cache_dir: Path, seed: int, fraction: float | None, synth
         return load_imagefolder(path)
     if (path / "train_list.txt").is_file():
         return load_list_files(path, fraction=fraction)
-    raise DatasetError(
-        f"dataset {arg} not found: pass 'synthetic', an ImageFolder folder with train/ val/ test/, "
-        "a list-file folder, or a dataset YAML"
-    )
+    raise DatasetError(f"dataset {arg} {_what_is_there(path)}: {_DATASET_KINDS}")
+
+
+_DATASET_KINDS = "pass 'synthetic', an ImageFolder folder with train/ val/ test/, a list-file folder (train_list.txt), or a dataset YAML"
+
+
+def _what_is_there(path: Path) -> str:
+    """Why ``path`` is no dataset, as what it is: a file or an empty folder is not "not found"."""
+    if path.is_file():
+        return f"is a {path.suffix or 'suffix-less'} file, not a dataset"
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return "is an empty folder"
+        return "is a folder with neither train/ nor train_list.txt"
+    return "not found"
 
 
 # -------------------------------------------------------------------- helpers

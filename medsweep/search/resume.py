@@ -18,6 +18,12 @@ What a resume reuses and what it redoes:
   afresh on the same study, whose recommended points are already waiting in
   its journal and are not enqueued a second time.
 
+A sweep stopped by Ctrl-C or SIGTERM (:mod:`medsweep.search.interrupts`) is
+resumed the same way; Tune saved its experiment as it stopped, and the Optuna
+trials of its unfinished Tune trials are still RUNNING in the study, so the
+restored searcher tells them their values when they finish here. A resume can
+be interrupted and resumed again the same way.
+
 Optuna trials that the dead driver had asked for after Tune's last
 experiment snapshot are unknown to the restored experiment and would stay
 ``RUNNING`` in the study for ever; once the resumed search is over they are
@@ -69,20 +75,24 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     settings = load_settings(out)
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
+    from medsweep.search.interrupts import InterruptGuard
     from medsweep.search.sweep import prepare_stores, sweep_dataset, write_answer
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     console.dataset(spec)
-    tuning.start_ray(settings)
-    stores = prepare_stores(settings, spec, console)
-    if tuning.can_resume(settings):
-        console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")
-        grid = tuning.resume_tuner(settings, stores, console)
-    else:
-        console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
-        grid = tuning.run_tuner(settings, spec, stores, console)
-    write_answer(grid, settings, spec, console)
+    with InterruptGuard(settings.out) as guard:
+        tuning.start_ray(settings)
+        guard.install()  # ray.init sets its own SIGTERM handler
+        stores = prepare_stores(settings, spec, console)
+        with guard.tune_stops_gracefully():
+            if tuning.can_resume(settings):
+                console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")
+                grid = tuning.resume_tuner(settings, stores, console)
+            else:
+                console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
+                grid = tuning.run_tuner(settings, spec, stores, console)
+        write_answer(grid, settings, spec, console)
     return settings.out
 
 

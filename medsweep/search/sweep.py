@@ -2,8 +2,14 @@
 
 Steps (each a function below, called in order by :func:`run_sweep`):
 
-1. resolve the dataset and check every setting before anything starts;
-2. start or join Ray;
+1. resolve the dataset and check every setting before anything starts: the
+   settings' bounds, the dataset's layout, each method built once from its
+   fixed values without weights (backbone, image size against its patch size,
+   every ``--set`` value; :func:`check_methods`), and, by the CLI, ``--out``
+   (:func:`check_out`);
+2. start or join Ray (a bounded wait for ``--address``), with SIGINT and
+   SIGTERM held by :class:`medsweep.search.interrupts.InterruptGuard`; only
+   then is ``--out`` created and ``sweep.json`` written (:func:`prepare_out`);
 3. preload each method's store (reused when its cache key matches) and
    materialize its train/val splits with Ray Data once, so every trial gets
    the same blocks and no read task competes with trials for CPUs (the
@@ -24,6 +30,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +42,7 @@ from medsweep.datasets import load_dataset
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
+from medsweep.search.interrupts import InterruptGuard
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.methods import build_method, get_method
 from medsweep.trainables.preload import preload
@@ -51,6 +59,15 @@ STUDY_FILE = "optuna-study.log"
 # --objective name -> (result / leaderboard column, direction). The loop reports all three in every
 # result, under the same names as the leaderboard's columns, so the study's values are the board's.
 OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), "params": ("learnable_params", "min")}
+# Largest --image-size accepted: 4096 px is beyond every published recipe (512 px), while a typo such as
+# 100000 would ask a ViT for ~40 GB of position embeddings before anything else failed.
+MAX_IMAGE_SIZE = 4096
+MIN_IMAGE_SIZE = 8
+# What a sweep writes into its --out folder; --overwrite deletes these (and only these) first.
+SWEEP_OUTPUTS = (
+    "sweep.json", STUDY_FILE, "leaderboard.csv", "leaderboard.parquet", "best.yaml", "pareto.csv",
+    "final.yaml", "final.json", "final", "report", "ray", "train", "wandb",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,6 +105,7 @@ class SweepSettings:
     fixed: dict[str, Any] = field(default_factory=dict)
     objective: list[str] = field(default_factory=lambda: ["auc"])
     budget_hours: float | None = None
+    connect_timeout: float = 45.0
 
     def __post_init__(self) -> None:
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -141,6 +159,10 @@ class SweepSettings:
             )
         if self.grace_period < 1:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        if not 0 < self.connect_timeout < math.inf:
+            raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -227,21 +249,96 @@ def sweep_dataset(settings: SweepSettings) -> DatasetSpec:
     )
 
 
-def run_sweep(settings: SweepSettings, console: SweepConsole | None = None) -> Path:
-    """Run a whole sweep; returns its output folder."""
+def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
+    """Build each method once from its fixed values, as its trials will, before Ray starts.
+
+    An unknown backbone, a method that does not fit the backbone, an image size
+    below the backbone's patch size, or a ``--set`` value out of the method's or
+    the training config's bounds would otherwise surface only during the
+    preload, after Ray's 20-50 s start. Everything is built on the meta device:
+    shapes and checks, no weights (CDTM's token-mixing matrices at 512 px would
+    be gigabytes).
+    """
+    import torch
+
+    from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
+
+    with torch.device("meta"), frozen_weights_unused():
+        backbone = build_backbone(settings.backbone, settings.image_size, settings.seed)
+        patch = getattr(backbone.config, "patch_size", None)
+        if isinstance(patch, int) and settings.image_size < patch:
+            raise ConfigError(
+                f"--image-size {settings.image_size} is smaller than one patch of {settings.backbone} ({patch} px); "
+                f"pass at least {patch} (a multiple of {patch})"
+            )
+        for method in settings.methods:
+            config = fixed_config(settings, spec, method)
+            TrainConfig.from_dict(config)
+            build_method(method, config)
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that would mix two sweeps or someone's files; writes nothing.
+
+    A folder holding a sweep (its ``sweep.json`` or study) is continued with
+    ``medsweep resume``: a second sweep there mixed the two studies. Anything
+    else found there was not written by medsweep. ``overwrite`` accepts both
+    (:func:`prepare_out` then deletes the previous sweep's files).
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pass a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or overwrite:
+        return
+    if any(name in entries for name in ("sweep.json", STUDY_FILE)):
+        raise ConfigError(
+            f"--out {out} already holds a sweep; continue it with `medsweep resume {out}`, "
+            "or pass another folder (or --overwrite to replace it)"
+        )
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ConfigError(
+        f"--out {out} holds files medsweep did not write ({shown}); pass a new or empty folder, or --overwrite to write into it"
+    )
+
+
+def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
+    """Create the checked ``--out`` and write ``sweep.json``; with ``overwrite``, first delete a
+    previous sweep's files (:data:`SWEEP_OUTPUTS`, nothing else). Called once Ray is up, so a
+    sweep that could not start (a cluster that does not answer) leaves no folder to resume."""
+    out = settings.out
+    for name in SWEEP_OUTPUTS if overwrite else ():
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(settings.to_json())
+
+
+def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, overwrite: bool = False) -> Path:
+    """Run a whole sweep; returns its output folder.
+
+    ``settings.out`` is not refused here: ``medsweep sweep`` calls :func:`check_out`
+    first, while a caller of this function may prepare the folder itself (the
+    benchmarks enqueue points into its study). Raises
+    :class:`medsweep.search.interrupts.SweepInterrupted` on SIGINT/SIGTERM, with
+    the search saved for ``medsweep resume`` and no answer written."""
     from medsweep.search import tuning  # Ray imports only once a sweep really starts
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
+    check_methods(settings, spec)
     console.dataset(spec)
-    out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(settings.to_json())
-    tuning.start_ray(settings)
-    stores = prepare_stores(settings, spec, console)
-    grid = tuning.run_tuner(settings, spec, stores, console)
-    write_answer(grid, settings, spec, console)
-    return out
+    with InterruptGuard(settings.out) as guard:
+        tuning.start_ray(settings)
+        guard.install()  # ray.init sets its own SIGTERM handler
+        prepare_out(settings, overwrite)
+        stores = prepare_stores(settings, spec, console)
+        with guard.tune_stops_gracefully():
+            grid = tuning.run_tuner(settings, spec, stores, console)
+        write_answer(grid, settings, spec, console)
+    return settings.out
 
 
 def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> None:

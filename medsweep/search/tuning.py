@@ -17,11 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import JournalStorage
 from ray import tune
@@ -31,6 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import share_stores
 from medsweep.search.space import build_search
@@ -56,10 +60,63 @@ def start_ray(settings: SweepSettings) -> None:
     env = {"WANDB_MODE": mode, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": logging.WARNING}
     if settings.address:
-        ray.init(address=settings.address, **kwargs)
+        connect(settings.address, settings.connect_timeout, kwargs)
     else:
         ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
     quiet_ray_data()
+
+
+class _ConnectTimeout(BaseException):
+    """Raised by the watchdog alarm; a BaseException, since Ray's GCS retry loop catches Exception."""
+
+
+def connect(address: str, timeout: float, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address)`` within ``timeout`` seconds, else one line naming the address and the check.
+
+    Left alone, Ray retries a cluster that does not answer for minutes (a
+    ``127.0.0.1`` address becomes the node's own IP first). So the GCS port
+    Ray would use is probed over TCP first (nothing listening fails at once),
+    Ray's own GCS wait is capped at the timeout, and an alarm bounds the rest;
+    a failed connect is shut down so no half-initialised driver stays.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    hint = f"check it with `ray status --address {address}` (or start one with `ray start --head`)"
+    try:
+        target = canonicalize_bootstrap_address(address)  # host:port as ray.init would dial it
+    except (ConnectionError, ValueError) as error:
+        raise ConfigError(f"no Ray cluster at --address {address} ({_first_line(error)}); {hint}") from None
+    if target is not None:
+        _probe_tcp(target, timeout, address, hint)
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(max(1, int(timeout))))
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _ConnectTimeout
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        ray.init(address=address, **kwargs)
+    except (_ConnectTimeout, ConnectionError, RuntimeError) as error:
+        ray.shutdown()
+        why = f"no answer within {timeout:g} s" if isinstance(error, _ConnectTimeout) else _first_line(error)
+        raise ConfigError(f"cannot join the Ray cluster at --address {address} ({why}); {hint}") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _probe_tcp(target: str, timeout: float, address: str, hint: str) -> None:
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        why = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__).lower()
+        raise ConfigError(f"no Ray cluster answers at --address {address} ({target}: {why} after up to {timeout:g} s); {hint}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def quiet_ray_data() -> None:
@@ -311,6 +368,18 @@ class SweepSearch(OptunaSearch):
         if result is not None and not all(_finite(result.get(m)) for m in metrics):
             result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Skip the intermediate value of an Optuna trial already finished in the study.
+
+        A driver killed (SIGKILL, a second Ctrl-C) after a trial's end was told
+        to the study but before Tune's next snapshot restores that trial as
+        unfinished; its rerun's reports would raise ``UpdateFinishedTrialError``
+        and end the resumed sweep. The study keeps the value it was told."""
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            pass
 
 
 def _finite(value: Any) -> bool:

@@ -1,0 +1,141 @@
+"""Ctrl-C (SIGINT) and SIGTERM during a sweep: stop it resumable, with no answer written.
+
+Left to itself, Ray Tune catches SIGINT inside ``Tuner.fit()``, saves its
+experiment and returns normally: the sweep could not tell an interrupted
+search from a finished one, wrote a leaderboard of half-run trials and
+marked the study's running trials FAIL, after which ``medsweep resume``
+failed on Optuna's ``UpdateFinishedTrialError``. SIGTERM (what a scheduler
+sends) went to Ray's driver handler, which exits at once.
+
+:class:`InterruptGuard` owns both signals for the whole sweep instead. It
+records the first signal; while the Tuner runs it hands that signal to
+Tune's graceful stop (the SIGUSR1 handler Tune installs for exactly that),
+which stops the trials and snapshots the experiment and the searcher
+(Optuna trials of unfinished Tune trials stay RUNNING in the study and are
+told their values when ``medsweep resume`` finishes them); when ``fit``
+returns, the guard raises :class:`SweepInterrupted` so no answer is
+written. Outside the Tuner (preload, Ray start, export), and for a second
+signal, it raises at once: what is saved is what a killed driver leaves,
+and ``medsweep resume`` handles that too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What Tune logs on its graceful stop, the guard's one line replaces: warnings (the stop, Tune's own restore
+# API, unfetched metrics of unstarted trials), silenced by raising the level, and this one error.
+_TUNE_LOGGER = "ray.tune"
+_TUNE_STOP_ERROR = "Trials did not complete"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A signal ended the sweep in ``out``; a KeyboardInterrupt so that ``except Exception`` in
+    libraries does not swallow it. The CLI prints it as one line and exits with :attr:`exit_code`."""
+
+    def __init__(self, signum: int, out: Path) -> None:
+        super().__init__(signum, out)
+        self.signum = signum
+        self.out = Path(out)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        if not (self.out / "sweep.json").is_file():
+            return "interrupted before the sweep started; nothing to resume"
+        return f"interrupted: `medsweep resume {self.out}` continues"
+
+
+class _DropTuneStopError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TUNE_STOP_ERROR)
+
+
+class InterruptGuard:
+    """Handles SIGINT and SIGTERM for one sweep; see the module docstring."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._tune_before: Any = None
+        self._in_tune = False
+
+    def __enter__(self) -> InterruptGuard:
+        self._saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune must not take SIGINT from the guard
+        self.install()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        """Restore the handlers; a plain KeyboardInterrupt becomes :class:`SweepInterrupted`: Ray
+        re-raises a signal handler's exception met in a blocking ``ray.get`` as a new KeyboardInterrupt."""
+        self._restore()
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, SweepInterrupted):
+            raise SweepInterrupted(self.signum or signal.SIGINT, self.out) from None
+
+    def _restore(self) -> None:
+        if self._saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._saved_env
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def install(self) -> None:
+        """(Re)take both signals: ``ray.init`` replaces any SIGTERM handler with its own exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set there; a sweep run from a thread keeps the defaults
+        for signum in SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    @contextmanager
+    def tune_stops_gracefully(self) -> Iterator[None]:
+        """Around the Tuner: a first signal stops Tune gracefully; raises once ``fit`` has returned."""
+        self._tune_before, self._in_tune = signal.getsignal(signal.SIGUSR1), True
+        tune_logger, run_logger = logging.getLogger(_TUNE_LOGGER), logging.getLogger(f"{_TUNE_LOGGER}.tune")
+        level, quiet = tune_logger.level, _DropTuneStopError()
+        run_logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            self._in_tune = False
+            tune_logger.setLevel(level)
+            run_logger.removeFilter(quiet)
+        self.raise_if_interrupted()
+
+    def raise_if_interrupted(self) -> None:
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum, self.out)
+
+    def _tune_stop(self) -> Any:
+        """Tune's graceful-stop handler, if a running ``fit`` has installed it (else None)."""
+        handler = signal.getsignal(signal.SIGUSR1)
+        if self._in_tune and callable(handler) and handler is not self._tune_before:
+            return handler
+        return None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        stop = self._tune_stop()
+        if first and stop is not None:
+            logging.getLogger(_TUNE_LOGGER).setLevel(logging.ERROR)
+            stop(signum, frame)
+            return
+        raise SweepInterrupted(self.signum, self.out)
