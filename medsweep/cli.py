@@ -85,6 +85,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 
 
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that run on Ray: where, and how the frozen pass runs there."""
+    parser.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
+    parser.add_argument("--connect-timeout", type=float, default=45.0, metavar="SECONDS", help="how long to wait for the --address cluster to answer")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the frozen pass's compute precision (part of the store's key); auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
+    )
+    parser.add_argument("--preload-batch-size", type=_positive_int, default=16, help="images per frozen forward in the preload")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="medsweep", description="Find the best PETL method and hyperparameters for a medical image dataset.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -104,14 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
     sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept")
-    sweep.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
-    sweep.add_argument("--connect-timeout", type=float, default=45.0, metavar="SECONDS", help="how long to wait for the --address cluster to answer")
     sweep.add_argument("--search", default="tpe", choices=["tpe", "random"], help="Optuna sampler after the recommended points")
     sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
     sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
     sweep.add_argument("--final-seeds", type=int, default=3, help="retrain the best config with N seeds and test it once (0: skip)")
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
+    _add_cluster(sweep)
 
     best = sub.add_parser("best", help="print the best configuration per dataset and method of a finished sweep")
     best.add_argument("dir", type=Path)
@@ -132,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     pre.add_argument("--list", action="store_true", help="list stores in the cache with their sizes")
     _add_common(pre)
+    _add_cluster(pre)
 
     params = sub.add_parser("params", help="total and learnable parameters of a method")
     params.add_argument("--method", required=True)
@@ -215,6 +228,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         early_stopping=not args.no_early_stopping,
         fixed=_set_pairs(args.set),
         connect_timeout=args.connect_timeout,
+        precision=args.precision,
+        preload_batch_size=args.preload_batch_size,
     )
     check_out(settings.out, args.overwrite)  # before the dataset and Ray: refusing must write nothing
     run_sweep(settings, SweepConsole(quiet=args.quiet), overwrite=args.overwrite)
@@ -287,18 +302,21 @@ def cmd_preload(args: argparse.Namespace) -> int:
         return 0
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole
-    from medsweep.trainables.methods import build_method
-    from medsweep.trainables.preload import preload
+    from medsweep.search.frozen_pass import preload_on_cluster
+    from medsweep.search.tuning import join_ray
 
     console = SweepConsole()
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)
-    method = build_method(args.method, _method_config(args, args.method, num_classes=spec.num_classes, task=spec.task))
-    result = preload(
+    config = {"method": args.method, **_method_config(args, args.method, num_classes=spec.num_classes, task=spec.task)}
+    join_ray(args.address, args.connect_timeout)
+    result = preload_on_cluster(
         spec,
-        method,
+        config,
         args.cache_dir,
         feature_dtype=args.feature_dtype,
+        batch_size=args.preload_batch_size,
+        precision=args.precision,
         progress=console.progress,
         skip_bad_images=args.skip_bad_images,
         on_wait=console.preload_waiting,

@@ -7,7 +7,7 @@ issue's numbering).
 
 from __future__ import annotations
 
-from bench.figures import datapath, floor, memory, overhead, packing, preload, scaling, search
+from bench.figures import datapath, floor, frozen, memory, overhead, packing, preload, scaling, search
 
-FIGURES = {m.NAME: m for m in (floor, overhead, search, datapath, preload, scaling, memory, packing)}
-REPORT_ORDER = ("floor", "preload", "overhead", "memory", "packing", "search", "datapath", "scaling")
+FIGURES = {m.NAME: m for m in (floor, overhead, search, datapath, preload, scaling, memory, packing, frozen)}
+REPORT_ORDER = ("floor", "preload", "overhead", "memory", "packing", "search", "datapath", "scaling", "frozen")

@@ -322,6 +322,7 @@ def _retrain_method(
         settings.cache_dir,
         progress=console.progress,
         with_features=settings.preload_features,
+        precision=settings.precision,  # as the sweep resolved it: the store its trials read
     )
     console.store_ready(name, result)
     base_seed = int(config.get("seed", settings.seed))

@@ -121,6 +121,11 @@ def frozen_pass_pool() -> tuple[bool, int | tuple[int, int]]:
     return True, (1, AUTOSCALED_GPU_ACTORS)
 
 
+def frozen_pass_precision(requested: str) -> str:
+    """``--precision`` as the frozen pass on this cluster will run it (what a sweep records in ``sweep.json``)."""
+    return cluster_precision(requested, frozen_pass_pool()[0])
+
+
 def cluster_precision(requested: str, on_gpus: bool) -> str:
     """``auto`` resolved where the frozen pass runs: on one of the cluster's GPUs (bf16 before any is up), else fp32."""
     if requested != "auto" or not on_gpus:

@@ -45,7 +45,7 @@ from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.methods import build_method, get_method
-from medsweep.trainables.preload import preload
+from medsweep.trainables.preload import PRECISIONS
 
 DEFAULT_METHODS = ("fpt_plus", "linear")
 DEFAULT_TRIALS = 8
@@ -106,6 +106,8 @@ class SweepSettings:
     objective: list[str] = field(default_factory=lambda: ["auc"])
     budget_hours: float | None = None
     connect_timeout: float = 45.0
+    precision: str = "auto"
+    preload_batch_size: int = 16
 
     def __post_init__(self) -> None:
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -161,6 +163,10 @@ class SweepSettings:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.preload_batch_size < 1:
+            raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
         if not 0 < self.connect_timeout < math.inf:
             raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")
 
@@ -220,14 +226,17 @@ def prepare_stores(
     spec: DatasetSpec,
     console: SweepConsole,
 ) -> dict[str, Any]:
-    """Preload (or reuse) one store per method; returns {method: PreloadResult}."""
+    """Preload (or reuse) one store per method, the frozen pass on the cluster; returns {method: PreloadResult}."""
+    from medsweep.search.frozen_pass import preload_on_cluster  # Ray Data: only once a sweep really starts
+
     results = {}
     for method_name in settings.methods:
-        method = build_method(method_name, fixed_config(settings, spec, method_name))
-        result = preload(
+        result = preload_on_cluster(
             spec,
-            method,
+            fixed_config(settings, spec, method_name),
             settings.cache_dir,
+            batch_size=settings.preload_batch_size,
+            precision=settings.precision,
             progress=console.progress,
             with_features=settings.preload_features,
             skip_bad_images=settings.skip_bad_images,
@@ -325,6 +334,7 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     :class:`medsweep.search.interrupts.SweepInterrupted` on SIGINT/SIGTERM, with
     the search saved for ``medsweep resume`` and no answer written."""
     from medsweep.search import tuning  # Ray imports only once a sweep really starts
+    from medsweep.search.frozen_pass import frozen_pass_precision
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
@@ -333,6 +343,8 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     with InterruptGuard(settings.out) as guard:
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
+        # Resolved where the frozen pass runs, so sweep.json names the stores' precision for resume and final.
+        settings.precision = frozen_pass_precision(settings.precision)
         prepare_out(settings, overwrite)
         stores = prepare_stores(settings, spec, console)
         with guard.tune_stops_gracefully():

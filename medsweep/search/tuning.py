@@ -39,7 +39,8 @@ from medsweep.search.console import SweepConsole
 from medsweep.search.data import share_stores
 from medsweep.search.space import build_search
 from medsweep.search.sweep import STUDY_NAME, SweepSettings, fixed_config, study_storage, wandb_mode
-from medsweep.search.trial import StoreData, run_trial
+from medsweep.search.data import StoreData
+from medsweep.search.trial import run_trial
 from medsweep.trainables.preload import PreloadResult
 
 METRIC = "val_auc"
@@ -57,10 +58,20 @@ def start_ray(settings: SweepSettings) -> None:
     # Tune warns at every forced experiment snapshot (each trial checkpoint with num_to_keep set);
     # per-epoch checkpoints of short trials are the point here, not a misconfiguration.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    env = {"WANDB_MODE": mode, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    join_ray(settings.address, settings.connect_timeout, {"WANDB_MODE": mode, "WANDB_SILENT": "true"})
+
+
+def join_ray(address: str | None, connect_timeout: float, env: dict[str, str] | None = None) -> None:
+    """Join the cluster at ``address`` (a bounded wait, :func:`connect`) or start a local Ray; quiet logs.
+
+    ``env``: environment variables for every Ray worker, beside the ones set here.
+    """
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": logging.WARNING}
-    if settings.address:
-        connect(settings.address, settings.connect_timeout, kwargs)
+    if address:
+        connect(address, connect_timeout, kwargs)
     else:
         ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
     quiet_ray_data()
