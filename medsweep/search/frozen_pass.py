@@ -40,7 +40,7 @@ import torch
 
 from medsweep.datasets.spec import SPLITS, DatasetSpec
 from medsweep.datasets.store import StoreWriter
-from medsweep.errors import DatasetError
+from medsweep.errors import ConfigError, DatasetError
 from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import (
@@ -104,20 +104,27 @@ def preload_on_cluster(
 def frozen_pass_pool() -> tuple[bool, int | tuple[int, int]]:
     """Where the actors go: ``(on GPUs, pool size)``.
 
-    One actor per GPU the cluster has. Without GPUs, one actor per node that
-    offers CPUs, spread over those nodes, each running torch on all of its
-    node's cores (one model per node multiplies its matmuls across the cores
-    best; the decode tasks beside it are a small fraction of the work). A
-    cluster with neither yet (a head offering Ray nothing, its workers all
-    autoscaled and not up) asks for 1 to :data:`AUTOSCALED_GPU_ACTORS` GPU
-    actors, which the autoscaler answers with GPU workers.
+    One actor per GPU the cluster has. Without GPUs, about one actor per node
+    that offers CPUs, each running torch on all of its node's cores (one model
+    per node multiplies its matmuls across the cores best), but always one CPU
+    of the cluster left for the decode tasks: with every CPU held by an actor
+    the decoding would never be scheduled. A cluster with neither yet (a head
+    offering Ray nothing, its workers all autoscaled and not up) asks for 1 to
+    :data:`AUTOSCALED_GPU_ACTORS` GPU actors, which the autoscaler answers
+    with GPU workers.
+
+    Raises ConfigError for a cluster of one CPU and no GPU (the actor would
+    hold the only CPU the decoding needs).
     """
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     cpu_nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
     if gpus:
         return True, gpus
-    if cpu_nodes:
-        return False, cpu_nodes
+    if cpus == 1:
+        raise ConfigError("the frozen pass needs 2 CPUs or a GPU in the Ray cluster (one decodes while the other runs the backbone); `ray status` lists them")
+    if cpus:
+        return False, max(1, min(cpu_nodes, cpus - 1))
     return True, (1, AUTOSCALED_GPU_ACTORS)
 
 
@@ -155,13 +162,13 @@ def _run_pipeline(
         memory=2 * DECODED_SHARD_BYTES,
         fn_kwargs={"plan": _Shards(plan), "skip_bad_images": request.skip_bad_images},
     )
+    pool = ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple) else ray.data.ActorPoolStrategy(size=actors)
     written = decoded.map_batches(
         _FrozenWriter,
         batch_size=1,
-        concurrency=actors,
+        compute=pool,
         num_gpus=1 if on_gpus else None,
         num_cpus=None if on_gpus else 1,
-        scheduling_strategy="SPREAD",
         fn_constructor_kwargs={
             "config": config,
             "plan": _Shards(plan),
@@ -218,7 +225,7 @@ class _FrozenWriter:
 
     def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str, precision: str) -> None:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cpu":  # one actor per node: all of the node's cores (see frozen_pass_pool)
+        if self.device.type == "cpu":  # about one actor per node: all of the node's cores (see frozen_pass_pool)
             torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.method = build_method(config["method"], config)
         self.method.eval()
