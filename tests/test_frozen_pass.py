@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,120 @@ def test_a_bad_image_stops_the_pipeline_with_one_line_or_is_skipped(ray_session,
     assert "\n" not in str(error.value) and str(bad) in str(error.value)
     result = preload_on_cluster(spec, config_for(spec), tmp_path / "cache", skip_bad_images=True)
     assert result.skipped_images == 1 and result.store.meta["skipped"]["train"] == [str(bad)]
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """60 images, one per shard: a pass long enough (tens of tasks) to be hit mid-way, and its clean build."""
+    root = make_synthetic(tmp_path_factory.mktemp("many"), seed=6, image_size=32, n_train=48, n_val=6, n_test=6)
+    spec = load_imagefolder(root, name="many")
+    target = shard_target(spec) // ROWS_PER_SHARD
+    clean = preload(spec, build_method("fpt_plus", config_for(spec)), tmp_path_factory.mktemp("clean"), shard_target_bytes=target).store
+    return root, target, clean
+
+
+def _shards_done(cache: Path) -> int:
+    return len(list(cache.glob("stores/*/*/*.sha256")))
+
+
+def test_a_preload_actor_killed_mid_pass_is_replaced_and_the_store_completes(ray_session, many_shards, tmp_path) -> None:
+    """SIGKILL the frozen-forward actor once a few shards are written: Ray Data restarts it, its shard is
+    recomputed, and the store equals the clean build."""
+    import threading
+
+    import psutil
+
+    root, target, clean = many_shards
+    spec = load_imagefolder(root, name="many")
+    outcome: dict = {}
+
+    def build() -> None:
+        try:
+            outcome["result"] = preload_on_cluster(spec, config_for(spec), tmp_path, shard_target_bytes=target)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        actors = [p for p in psutil.process_iter(["cmdline"]) if "_FrozenWriter" in " ".join(p.info["cmdline"] or [])]
+        if actors and 3 <= _shards_done(tmp_path) < 40:
+            killed = actors[0].pid
+            actors[0].kill()
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    assert killed is not None, "the pass ended before an actor could be killed"
+    assert "error" not in outcome, outcome.get("error")
+    store = outcome["result"].store
+    assert store.verify() == [] and store.num_rows("train") == clean.num_rows("train")
+    assert_same_tensors(store, clean)
+
+
+def assert_same_tensors(store: PreloadStore, clean: PreloadStore) -> None:
+    """Every shard holds the clean build's rows, images equal and features within one float16 step.
+
+    A shard recomputed by a restarted actor may come out of a CPU matmul whose
+    reduction order followed another thread count, which can move a feature by
+    one float16 unit in the last place: the same tensors, not always the same bytes.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from medsweep.datasets.store import decode_columns, table_to_numpy
+
+    for split in ("train", "val", "test"):
+        for mine, reference in zip(store.shard_paths(split), clean.shard_paths(split), strict=True):
+            got, want = table_to_numpy(pq.read_table(mine)), table_to_numpy(pq.read_table(reference))
+            assert got["index"].tolist() == want["index"].tolist() and got["label"].tolist() == want["label"].tolist()
+            got, want = decode_columns(got, store.columns), decode_columns(want, clean.columns)
+            for column in store.columns:
+                if column.dtype == "uint8":
+                    np.testing.assert_array_equal(got[column.name], want[column.name])
+                else:
+                    a, b = got[column.name].astype(np.float32), want[column.name].astype(np.float32)
+                    np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-24)
+
+
+def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_path) -> None:
+    """SIGKILL a ``medsweep preload`` process (and its local Ray) mid-pass; the same command then writes only
+    the missing shards and the store equals the clean build."""
+    import signal
+
+    import psutil
+
+    root, target, clean = many_shards
+    rows_cli = ["--method", "fpt_plus", "--backbone", "vit-tiny", "--image-size", "32", "--set", "side_reduction=2"]
+    argv = [sys.executable, "-m", "medsweep.cli", "preload", "--dataset", str(root), *rows_cli, "--cache-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The CLI has no shard-size flag: a store started with small shards keeps them (layout.json), so the
+    # first run is seeded with the clean build's layout.
+    key = clean.root.name
+    (tmp_path / "stores" / key).mkdir(parents=True)
+    (tmp_path / "stores" / key / "layout.json").write_text((clean.root / "layout.json").read_text())
+    driver = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while _shards_done(tmp_path) < 5 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert driver.poll() is None, "the preload ended before it could be killed"
+    descendants = psutil.Process(driver.pid).children(recursive=True)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    done = _shards_done(tmp_path)
+    store = PreloadStore(tmp_path / "stores" / key)
+    assert not store.is_complete() and 5 <= done < 60
+
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "written in" in rerun.stdout, rerun.stdout
+    assert store.verify() == [] and store.meta["rows_per_shard"] == 1
+    assert_same_tensors(store, clean)
 
 
 @pytest.mark.slow

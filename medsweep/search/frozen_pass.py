@@ -18,7 +18,9 @@ cluster's compute is, never in the driver:
 
 One shard is one unit of work, so a shard's rows keep the store's written
 order whichever actor computed it, and a store built across nodes is, tensor
-for tensor, the one a single process builds on the same kind of device. Ray
+for tensor, the one a single process builds on the same kind of device and
+precision: byte for byte with the same torch thread count, else within one
+float16 step (a CPU matmul's reduction order follows its thread count). Ray
 Data streams the shards with backpressure, so memory is bounded by a few
 decoded shards whatever the dataset's size; an actor lost mid-pass is
 restarted by Ray Data and its shard recomputed; a driver killed mid-pass
