@@ -42,7 +42,7 @@ def _setting(ctx) -> dict[str, Any]:
     if torch.cuda.is_available():
         return {"size": 512, "precision": "bf16", "images": 512, "device": torch.cuda.get_device_name(0)}
     quick = ctx.plan.name == "quick"
-    return {"size": 224 if quick else 384, "precision": "fp32", "images": 12 if quick else 24, "device": "cpu"}
+    return {"size": 224 if quick else 384, "precision": "fp32", "images": 12 if quick else 48, "device": "cpu"}
 
 
 def _config(spec, size: int) -> dict[str, Any]:
