@@ -15,6 +15,7 @@ one line naming ``medsweep resume``, exit code 130 or 143.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -368,6 +369,16 @@ COMMANDS = {
 }
 
 
+# OS errors that mean "this folder cannot take what medsweep writes": the user's to fix, not a bug.
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def unwritable_line(error: OSError) -> str:
+    """One line for a folder medsweep cannot write (an output folder, a log): which file, why, and the fix."""
+    fix = "free space there" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you can write to"
+    return f"cannot write {error.filename or 'a file'}: {error.strerror}; {fix} (--out, --cache-dir), then run again"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -376,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MedsweepError as error:
         print(f"medsweep: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        print(f"medsweep: error: {unwritable_line(error)}", file=sys.stderr)
         return 2
     except SweepInterrupted as interrupted:
         print(f"medsweep: {interrupted}", file=sys.stderr)

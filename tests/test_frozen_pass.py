@@ -23,6 +23,7 @@ from medsweep.errors import DatasetError
 from medsweep.search.frozen_pass import preload_on_cluster
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload, store_columns
+from processes import kill_process_group, local_cluster
 
 CONFIG = {"method": "fpt_plus", "backbone": "vit-tiny", "image_size": 32, "side_reduction": 2}
 ROWS_PER_SHARD = 5
@@ -167,10 +168,6 @@ def assert_same_tensors(store: PreloadStore, clean: PreloadStore) -> None:
 def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_path) -> None:
     """SIGKILL a ``medsweep preload`` process (and its local Ray) mid-pass; the same command then writes only
     the missing shards and the store equals the clean build."""
-    import signal
-
-    import psutil
-
     root, target, clean = many_shards
     rows_cli = ["--method", "fpt_plus", "--backbone", "vit-tiny", "--image-size", "32", "--set", "side_reduction=2"]
     argv = [sys.executable, "-m", "medsweep.cli", "preload", "--dataset", str(root), *rows_cli, "--cache-dir", str(tmp_path)]
@@ -185,14 +182,7 @@ def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_pa
     while _shards_done(tmp_path) < 5 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert driver.poll() is None, "the preload ended before it could be killed"
-    descendants = psutil.Process(driver.pid).children(recursive=True)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_process_group(driver)
     done = _shards_done(tmp_path)
     store = PreloadStore(tmp_path / "stores" / key)
     assert not store.is_complete() and 5 <= done < 60
@@ -229,18 +219,7 @@ def test_a_head_without_cpus_leaves_the_frozen_pass_to_the_worker_nodes(root, si
 
 def _cluster_main(root: Path, cache: Path, out: Path) -> None:
     """The child process: a head without CPUs and two worker nodes build the store."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20, "include_dashboard": False},
-    )
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_cluster(0, [2, 2], 150 * 2**20) as (cluster, workers):
         spec = load_imagefolder(root, name="syn")
         result = preload_on_cluster(spec, config_for(spec), cache, shard_target_bytes=shard_target(spec))
         report = {
@@ -249,9 +228,6 @@ def _cluster_main(root: Path, cache: Path, out: Path) -> None:
             "workers": [node.node_id for node in workers],
         }
         out.write_text(json.dumps(report))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter
 from medsweep.search.data import StoreData, share_stores, store_data
 from medsweep.search.trial import _RayIO
 from medsweep.trainables.preload import PreloadResult
+from processes import local_cluster
 
 COLUMNS = [ColumnSpec("image", (3, 4, 4), "uint8"), ColumnSpec("feat", (6,), "float16")]
 EPOCHS = 2
@@ -242,23 +243,14 @@ def _read_on_node(data: StoreData) -> dict[str, Any]:
 
 def _cluster_main(store_root: Path, out: Path) -> None:
     """The child process: start a 3-node cluster, run (a) and (b), write what was seen to ``out``."""
-    from ray.cluster_utils import Cluster
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": NODE_OBJECT_STORE, "include_dashboard": False},
-    )
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=NODE_OBJECT_STORE) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    seconds["cluster_up"] = time.perf_counter() - started
-    try:
+    with local_cluster(1, [1, 1], NODE_OBJECT_STORE) as (_, workers):
+        seconds["cluster_up"] = time.perf_counter() - started
         result = PreloadResult(PreloadStore(store_root), True, 0.0, 0)
         data, why = store_data(result)
         streamed, _ = store_data(result, fraction=0.0)
@@ -289,9 +281,6 @@ def _cluster_main(store_root: Path, out: Path) -> None:
             "seconds": seconds,
         }
         out.write_text(json.dumps(report))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

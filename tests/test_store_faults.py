@@ -193,3 +193,17 @@ def test_two_preloads_of_one_store_at_once_end_with_one_valid_store(spec, root, 
     assert f"is being built by pid {first.pid}" in waited and "waiting for it" in waited and outcome == "reused"
     store = PreloadStore(next((cache / "stores").glob("*/")))
     assert store.verify() == [] and checksums(store) == checksums(reference) and leftovers(cache) == []
+
+
+def test_an_output_folder_on_a_read_only_disk_is_one_line(root, tmpfs) -> None:
+    """``medsweep train --out`` on a read-only mount: the command's own files, not the store, fail to write."""
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "medsweep.cli", "train", "--dataset", str(root), *CLI_TINY, "--epochs", "1", "--out", str(tmpfs / "run"), "--cache-dir", str(tmpfs.parent / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and "Read-only file system" in error[0] and "choose a folder you can write to" in error[0], error

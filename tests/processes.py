@@ -1,0 +1,54 @@
+"""Helpers for tests that start or kill real processes: whole process groups, local multi-node Ray clusters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process's group (it was started with ``start_new_session``), then any descendants in other groups (Ray workers)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@contextmanager
+def local_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: int) -> Iterator[tuple]:
+    """A ``ray.cluster_utils.Cluster`` (head + one worker node per entry of ``worker_cpus``), this driver connected.
+
+    Yields ``(cluster, worker nodes)``; shuts Ray and the cluster down after. Run it in a child process:
+    a driver is connected to one Ray at a time, and the test session keeps its own.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": head_cpus, "object_store_memory": object_store_bytes, "include_dashboard": False},
+    )
+    workers = [cluster.add_node(num_cpus=cpus, object_store_memory=object_store_bytes) for cpus in worker_cpus]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
