@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 
@@ -52,3 +55,12 @@ def local_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: in
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def run_child(script: str, *args: str, out: Path, timeout: float) -> dict:
+    """Run ``python script args`` (a test file's own ``__main__``) outside any Ray the session joined;
+    fail with its output if it fails; return the JSON it wrote to ``out``."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    child = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -23,7 +23,7 @@ from medsweep.errors import DatasetError
 from medsweep.search.frozen_pass import preload_on_cluster
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload, store_columns
-from processes import kill_process_group, local_cluster
+from processes import kill_process_group, local_cluster, run_child
 
 CONFIG = {"method": "fpt_plus", "backbone": "vit-tiny", "image_size": 32, "side_reduction": 2}
 ROWS_PER_SHARD = 5
@@ -201,16 +201,7 @@ def test_a_head_without_cpus_leaves_the_frozen_pass_to_the_worker_nodes(root, si
     """Head (0 CPUs) + 2 worker nodes (2 CPUs each): the store equals the single-process one, and
     ``store.json`` records the worker nodes, never the head, as where the frozen pass ran."""
     out = tmp_path / "cluster.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.run(
-        [sys.executable, __file__, str(root), str(tmp_path / "cache"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_child(__file__, str(root), str(tmp_path / "cache"), str(out), out=out, timeout=360)
     store = PreloadStore(Path(report["store"]))
     assert checksums(store) == checksums(single_process)
     ran = set(store.meta["frozen_pass"])

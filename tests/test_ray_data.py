@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter
 from medsweep.search.data import StoreData, share_stores, store_data
 from medsweep.search.trial import _RayIO
 from medsweep.trainables.preload import PreloadResult
-from processes import local_cluster
+from processes import local_cluster, run_child
 
 COLUMNS = [ColumnSpec("image", (3, 4, 4), "uint8"), ColumnSpec("feat", (6,), "float16")]
 EPOCHS = 2
@@ -174,16 +172,7 @@ def test_shards_across_nodes(tmp_path: Path) -> None:
     """
     store = tiny_store(tmp_path / "store", {"train": 120, "val": 30}, rows_per_shard=16).store
     out = tmp_path / "cluster.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    child = subprocess.run(
-        [sys.executable, __file__, str(store.root), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_child(__file__, str(store.root), str(out), out=out, timeout=240)
     print(json.dumps(report["seconds"]))  # shown with -s: cluster start, DDP fit, pinned reads
 
     assert "materialized" in report["why"], report["why"]
