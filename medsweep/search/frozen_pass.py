@@ -115,18 +115,17 @@ def frozen_pass_pool() -> tuple[bool, int | tuple[int, int]]:
     :data:`AUTOSCALED_GPU_ACTORS` GPU actors, which the autoscaler answers
     with GPU workers.
 
-    Raises ConfigError for a cluster of one CPU and no GPU (the actor would
-    hold the only CPU the decoding needs).
+    A cluster of one CPU and no GPU gets 0 actors (the actor would hold the
+    only CPU the decoding needs): only a store that is already complete can be
+    used there.
     """
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     cpu_nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
     if gpus:
         return True, gpus
-    if cpus == 1:
-        raise ConfigError("the frozen pass needs 2 CPUs or a GPU in the Ray cluster (one decodes while the other runs the backbone); `ray status` lists them")
     if cpus:
-        return False, max(1, min(cpu_nodes, cpus - 1))
+        return False, min(cpu_nodes, cpus - 1)
     return True, (1, AUTOSCALED_GPU_ACTORS)
 
 
@@ -154,6 +153,8 @@ def _run_pipeline(
     actors: int | tuple[int, int],
 ) -> dict[str, dict[str, Any]]:
     """Decode tasks, then frozen-forward actors, one shard per row; returns per-node images, seconds, device."""
+    if actors == 0:
+        raise ConfigError("the frozen pass needs 2 CPUs or a GPU in the Ray cluster (one decodes while the other runs the backbone); `ray status` lists them")
     items = ray.data.from_items([{"unit": i} for i in range(len(plan.units))], override_num_blocks=max(1, len(plan.units)))
     decoded = items.map_batches(
         _decode,
