@@ -319,12 +319,16 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
         assert conn.poll(120), "the local cluster did not start in 120 s"
         address, raylets = conn.recv()
         out, trials, log = tmp_path / "sweep", 2, tmp_path / "driver.log"
-        driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--address", address), log)
+        # Six epochs: the node must go between a trial's first checkpoint and its last two epochs, a
+        # window of four tiny linear-probe epochs (with three epochs the one-epoch window was missed at times).
+        epochs = 6
+        argv = _sweep_argv(tiny_root, out, cache_dir, trials, "--address", address, "--max-epochs", str(epochs))
+        driver = _start_driver(argv, log)
 
         def remove_node_of_checkpointed_trial() -> bool:
             for index, raylet in enumerate(raylets):
                 running = _trial_processes(raylet)
-                for trial_dir in _checkpointed_early(out):
+                for trial_dir in _checkpointed_early(out, epochs):
                     if _running_pid(trial_dir) in running:
                         conn.send(index)
                         assert conn.poll(60) and conn.recv() == "removed"
@@ -348,7 +352,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
     # The trial on the removed node finished all its epochs elsewhere (each epoch reported once
     # after its restart). Whether it resumed from its checkpoint or had already reported its last
     # epoch when the node went is a race here; resuming from a checkpoint is proven by
-    # test_a_killed_trial_restarts_from_its_checkpoint_and_a_nan_trial_is_recorded_diverged.
+    # test_a_killed_trial_restarts_from_its_checkpoint.
     epochs = [r["epoch"] for r in _results(out / "ray" / "tune" / removed[0])]
     assert max(epochs) == board.set_index("trial_id").loc[removed[0].removeprefix("trial-"), "epochs_run"]
 
