@@ -97,6 +97,8 @@ def bad_inputs(tmp_path_factory) -> Path:
     (root / "empty").mkdir()
     (root / "foreign").mkdir()
     (root / "foreign" / "thesis.tex").write_text("mine")
+    make_synthetic(root / "bad-image", seed=0, image_size=32, n_train=9, n_val=6, n_test=6)
+    next((root / "bad-image" / "val").rglob("*.png")).write_bytes(b"<html>not found</html>")
     (root / "old-sweep").mkdir()
     (root / "old-sweep" / "sweep.json").write_text('{"methods": ["linear"]}')
     (root / "old-sweep" / "optuna-study.log").write_text("journal\n")
@@ -116,6 +118,7 @@ def bad_inputs(tmp_path_factory) -> Path:
         (["--dataset", "{root}/notes.txt"], "notes.txt is a .txt file, not a dataset"),
         (["--dataset", "{root}/empty"], "empty is an empty folder"),
         (["--dataset", "{root}/data/train"], "is a folder with neither train/ nor train_list.txt"),
+        (["--dataset", "{root}/bad-image"], "cannot read image {root}/bad-image/val/"),
         (["--out", "{root}/notes.txt"], "notes.txt is a file, not a folder"),
         (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
         (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),

@@ -29,6 +29,7 @@ Rules, chosen to be predictable rather than clever:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,27 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def check_image_headers(paths: Iterable[Path]) -> None:
+    """Fail on the first file that is not an image at all, reading headers only (no pixels).
+
+    A sweep runs this over every image before Ray starts, so a stray text file
+    or a zero-byte download is one line in a second, not a preload failure
+    minutes later. A file whose header is fine but whose pixels are truncated
+    is still found by the preload. DICOM and TIFF files Pillow does not
+    identify are left to :func:`load_image`, which reads them another way.
+    """
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() in (".dcm", *_TIFF_SUFFIXES):
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except (*_READ_ERRORS, UnidentifiedImageError) as error:
+            if not _has_dicom_magic(path):
+                raise _unreadable(path, error) from error
 
 
 def _unreadable(path: Path, error: BaseException) -> DatasetError:

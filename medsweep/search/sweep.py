@@ -39,6 +39,7 @@ from typing import Any
 import optuna
 
 from medsweep.datasets import load_dataset
+from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
@@ -339,6 +340,8 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     check_methods(settings, spec)
+    if not settings.skip_bad_images:  # with it, unreadable images are the preload's to skip
+        check_image_headers(sample.path for samples in spec.splits.values() for sample in samples)
     console.dataset(spec)
     with InterruptGuard(settings.out) as guard:
         tuning.start_ray(settings)
