@@ -305,11 +305,13 @@ def cmd_preload(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
     from medsweep.search.frozen_pass import preload_on_cluster
     from medsweep.search.tuning import join_ray
+    from medsweep.trainables.preload import check_cache_dir
 
     console = SweepConsole()
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)
     config = {"method": args.method, **_method_config(args, args.method, num_classes=spec.num_classes, task=spec.task)}
+    check_cache_dir(args.cache_dir)  # before Ray: an unwritable cache is one line at once
     join_ray(args.address, args.connect_timeout)
     result = preload_on_cluster(
         spec,

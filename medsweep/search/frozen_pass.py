@@ -94,8 +94,9 @@ def preload_on_cluster(
     request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
     with frozen_weights_unused():  # the driver plans (key, shapes) and never runs the backbone
         planner = build_method(config["method"], config)
-    with building(request.root(planner, cache_dir), cache_dir, on_wait):
-        plan = plan_store(request, planner, cache_dir)
+    parts, root = request.locate(planner, cache_dir)
+    with building(root, cache_dir, on_wait):
+        plan = plan_store(request, planner, parts, root)
         if plan.reused is not None:
             return plan.reused
         advance = progress(f"preload {planner.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)

@@ -46,7 +46,7 @@ from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.methods import build_method, get_method
-from medsweep.trainables.preload import PRECISIONS
+from medsweep.trainables.preload import check_precision
 
 DEFAULT_METHODS = ("fpt_plus", "linear")
 DEFAULT_TRIALS = 8
@@ -164,8 +164,7 @@ class SweepSettings:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        check_precision(self.precision)
         if self.preload_batch_size < 1:
             raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
         if not 0 < self.connect_timeout < math.inf:

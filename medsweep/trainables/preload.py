@@ -44,6 +44,7 @@ from medsweep.datasets.store import (
     discard_shard,
     read_json,
     shard_indices,
+    write_atomically,
     shard_name,
     store_key,
     store_lock,
@@ -181,8 +182,9 @@ def preload(
     started = time.perf_counter()
     precision = resolve_precision(precision, _device_of(method))
     request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
-    with building(request.root(method, cache_dir), cache_dir, on_wait):
-        plan = plan_store(request, method, cache_dir)
+    parts, root = request.locate(method, cache_dir)
+    with building(root, cache_dir, on_wait):
+        plan = plan_store(request, method, parts, root)
         if plan.reused is not None:
             return plan.reused
         advance = progress(f"preload {method.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
@@ -219,11 +221,10 @@ class PreloadRequest:
         if self.shard_target_bytes < 1:
             raise ValueError(f"shard_target_bytes must be positive, got {self.shard_target_bytes}")
 
-    def key_parts(self, method: Method) -> dict:
-        return store_key_parts(self.spec, method, self.feature_dtype, self.with_features, self.order_seed, self.precision)
-
-    def root(self, method: Method, cache_dir: Path) -> Path:
-        return Path(cache_dir) / "stores" / store_key(self.key_parts(method))
+    def locate(self, method: Method, cache_dir: Path) -> tuple[dict, Path]:
+        """The store's key parts and folder, computed once (the key may hash a backbone's weight files)."""
+        parts = store_key_parts(self.spec, method, self.feature_dtype, self.with_features, self.order_seed, self.precision)
+        return parts, Path(cache_dir) / "stores" / store_key(parts)
 
 
 @dataclass
@@ -260,10 +261,9 @@ class StorePlan:
         return sum(len(unit.samples) for unit in self.units)
 
 
-def plan_store(request: PreloadRequest, method: Method, cache_dir: Path) -> StorePlan:
+def plan_store(request: PreloadRequest, method: Method, parts: dict, root: Path) -> StorePlan:
     """Reuse a sound store, or repair what is damaged and list the shards still to write (call under the lock)."""
     started = time.perf_counter()
-    root = request.root(method, cache_dir)
     store = PreloadStore(root)
     repairs = _drop_unreadable_metadata(store)
     if store.is_complete():
@@ -275,7 +275,7 @@ def plan_store(request: PreloadRequest, method: Method, cache_dir: Path) -> Stor
         repairs.append(f"repaired {len(bad)} corrupt shard{'s' if len(bad) > 1 else ''}")
     columns = store_columns(method, request.feature_dtype, request.with_features)
     decode_sizes = _decode_sizes(method, columns)
-    writer = StoreWriter(root, columns, request.spec.task, request.key_parts(method))
+    writer = StoreWriter(root, columns, request.spec.task, parts)
     rows = writer.claim_layout(_rows_per_shard(columns, request.shard_target_bytes, decode_sizes))
     counts = {split: math.ceil(len(request.spec.splits[split]) / rows) for split in request.splits}
     units = []
@@ -355,13 +355,18 @@ def shard_features(
     return {**out, **{name: np.concatenate(values) for name, values in parts.items()}}
 
 
+def check_precision(requested: str) -> None:
+    """Raise ConfigError for a ``--precision`` that is none of ``auto``, ``fp32``, ``bf16``, ``fp16``."""
+    if requested != "auto" and requested not in PRECISIONS:
+        raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}")
+
+
 def resolve_precision(requested: str, device: torch.device | str) -> str:
     """``auto``: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on CPU (where autocast gains little); else as asked.
 
     Raises ConfigError for a name that is none of ``auto``, ``fp32``, ``bf16``, ``fp16``.
     """
-    if requested != "auto" and requested not in PRECISIONS:
-        raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}")
+    check_precision(requested)
     if requested != "auto":
         return requested
     if torch.device(device).type != "cuda":
@@ -387,6 +392,20 @@ def building(root: Path, cache_dir: Path, on_wait: Callable[[str], None] | None)
     try:
         with store_lock(root, on_wait=on_wait):
             yield
+    except OSError as error:
+        raise StoreError(cache_write_error(error, cache_dir)) from error
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Make sure ``cache_dir`` can take a store (created if missing, a file written and removed there).
+
+    Called before Ray starts, so a read-only, full or misnamed cache is one line at once,
+    not after the cluster's start-up. Raises :class:`StoreError` naming the fix.
+    """
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(cache_dir) / ".medsweep-write-check", "")
+        (Path(cache_dir) / ".medsweep-write-check").unlink()
     except OSError as error:
         raise StoreError(cache_write_error(error, cache_dir)) from error
 
