@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_or_auto(text: str) -> int | None:
+    """``--preload-batch-size``: ``auto`` (None: probed from the frozen pass's device memory) or a positive count."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number >= 1, got {text!r}") from None
+
+
 def _gpus(text: str) -> float | None:
     """``--gpus-per-trial``: ``auto`` (None: sized per method from its probed memory) or a number."""
     if text.strip().lower() == "auto":
@@ -96,7 +106,13 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="the frozen pass's compute precision (part of the store's key); auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
     )
-    parser.add_argument("--preload-batch-size", type=_positive_int, default=16, help="images per frozen forward in the preload")
+    parser.add_argument(
+        "--preload-batch-size",
+        type=_batch_or_auto,
+        default=None,
+        metavar="N|auto",
+        help="images per frozen forward in the preload; auto: the most that fit 80%% of a GPU's free memory (probed on each actor), 16 on CPUs",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,10 +37,18 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, needle, capsys):
     assert needle in err
 
 
-def test_argparse_errors_are_one_line_too():
-    proc = subprocess.run([sys.executable, "-m", "medsweep.cli", "sweep", "--trials", "many"], capture_output=True, text=True)
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["sweep", "--trials", "many"], "invalid int value"),
+        (["preload", "--preload-batch-size", "0"], "--preload-batch-size: must be at least 1"),
+        (["preload", "--preload-batch-size", "lots"], "--preload-batch-size: must be auto or a whole number >= 1"),
+    ],
+)
+def test_argparse_errors_are_one_line_too(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "medsweep.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "invalid int value" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

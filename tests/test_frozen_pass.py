@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import medsweep.trainables.preload as preload_module
 from medsweep.datasets import load_imagefolder, make_synthetic
 from medsweep.datasets.store import PreloadStore
 from medsweep.errors import DatasetError
 from medsweep.search.frozen_pass import preload_on_cluster
+from medsweep.trainables.memory import batch_within, frozen_batch_size
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload, store_columns
 from processes import kill_process_group, local_cluster, run_child
@@ -74,9 +76,32 @@ def test_the_pipeline_writes_the_single_process_store_without_decoding_in_the_dr
     nodes = store.meta["frozen_pass"]
     assert sum(node["images"] for node in nodes.values()) == 35
     assert {node["device"] for node in nodes.values()} == {"cpu"}
+    assert {node["batch_size"] for node in nodes.values()} == {ROWS_PER_SHARD}  # CPU batch 16, cut to a shard's rows
     assert set(nodes) <= {node["NodeID"] for node in ray_session.nodes()}
     again = preload_on_cluster(spec, config_for(spec), tmp_path)
     assert again.reused and again.images_processed == 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "per_image", "cap", "expected"),
+    [(1000, 10, 256, 64), (1000, 10, 32, 32), (5, 10, 256, 1), (-1, 10, 256, 1), (640, 10, 256, 64), (639, 10, 256, 32)],
+)
+def test_the_probed_frozen_batch_is_the_largest_power_of_two_that_fits(budget, per_image, cap, expected) -> None:
+    assert batch_within(budget, per_image, cap) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_probed_frozen_batch_runs_within_the_gpus_free_memory() -> None:
+    method = build_method("fpt_plus", {**CONFIG, "image_size": 224, "num_classes": 3, "task": "multiclass"}).eval()
+    method.to_device(torch.device("cuda"))
+    batch = frozen_batch_size(method, 224, torch.bfloat16)
+    free, _ = torch.cuda.mem_get_info()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        method.frozen_features(torch.zeros(batch, 3, 224, 224, device="cuda"))
+    assert 1 <= batch <= 256 and torch.cuda.max_memory_allocated() - before <= free
 
 
 def test_a_bad_image_stops_the_pipeline_with_one_line_or_is_skipped(ray_session, tmp_path) -> None:

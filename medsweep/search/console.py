@@ -136,7 +136,7 @@ class SweepConsole:
                 rate = done["images"] / done["seconds"] if done.get("seconds") else float("nan")
                 self.console.print(
                     f"  frozen pass on {node}: {done['images']} images in {done.get('seconds', float('nan')):.1f} s "
-                    f"({rate:.2f} images/s) on {done['device']}"
+                    f"({rate:.2f} images/s) on {done['device']}" + (f", batch {done['batch_size']}" if done.get("batch_size") else "")
                 )
 
     def preload_waiting(self, line: str) -> None:

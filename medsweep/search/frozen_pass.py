@@ -54,6 +54,7 @@ from medsweep.trainables.preload import (
     building,
     decode_shard,
     finish_store,
+    frozen_batch_size_for,
     plan_store,
     resolve_precision,
     shard_features,
@@ -70,7 +71,7 @@ def preload_on_cluster(
     cache_dir: Path,
     *,
     feature_dtype: str = "float16",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     splits: tuple[str, ...] = SPLITS,
     with_features: bool = True,
     shard_target_bytes: int = SHARD_TARGET_BYTES,
@@ -84,8 +85,10 @@ def preload_on_cluster(
 
     Same arguments, store and semantics as :func:`medsweep.trainables.preload.preload`
     (which takes a built method instead of its flat config); Ray must be
-    initialised. ``store.json``'s ``frozen_pass`` records, per node, the images
-    it ran, its seconds and its device. ``precision="auto"`` resolves on a
+    initialised. ``batch_size`` None: each actor probes its device's memory
+    (:func:`~medsweep.trainables.preload.frozen_batch_size_for`). ``store.json``'s
+    ``frozen_pass`` records, per node, the images it ran, its seconds, its
+    device and batch size. ``precision="auto"`` resolves on a
     GPU of the cluster when it has one (:func:`cluster_precision`).
     """
     started = time.perf_counter()
@@ -148,7 +151,7 @@ def _run_pipeline(
     plan: StorePlan,
     request: PreloadRequest,
     config: dict[str, Any],
-    batch_size: int,
+    batch_size: int | None,
     advance: Progress,
     on_gpus: bool,
     actors: int | tuple[int, int],
@@ -186,7 +189,7 @@ def _run_pipeline(
     for row in written.iter_rows():
         if row["error"]:
             raise DatasetError(str(row["error"]))
-        node = nodes.setdefault(str(row["node"]), {"images": 0, "seconds": 0.0, "device": str(row["device"])})
+        node = nodes.setdefault(str(row["node"]), {"images": 0, "seconds": 0.0, "device": str(row["device"]), "batch_size": int(row["batch_size"])})
         node["images"] += int(row["images"])
         node["seconds"] += float(row["seconds"])
         advance(int(row["images"]))
@@ -202,6 +205,7 @@ class _Shards:
         self.root = plan.root
         self.columns = plan.columns
         self.key_parts = plan.writer.key_parts
+        self.rows_per_shard = plan.rows_per_shard
 
 
 def _decode(batch: dict[str, np.ndarray], plan: _Shards, skip_bad_images: bool) -> dict[str, np.ndarray]:
@@ -227,7 +231,7 @@ def _decode(batch: dict[str, np.ndarray], plan: _Shards, skip_bad_images: bool) 
 class _FrozenWriter:
     """Actor: holds one frozen backbone; runs the frozen forward over a decoded shard and writes the shard."""
 
-    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int, task: str, precision: str) -> None:
+    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int | None, task: str, precision: str) -> None:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cpu":  # about one actor per node: all of the node's cores (see frozen_pass_pool)
             torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -236,7 +240,7 @@ class _FrozenWriter:
         self.method.to_device(self.device)
         self.mean, self.std = backbone_normalisation(self.method.config.backbone)
         self.plan = plan
-        self.batch_size = batch_size
+        self.batch_size = batch_size or frozen_batch_size_for(self.method, plan.sizes, plan.rows_per_shard, precision)
         self.task = task
         self.precision = precision
         self.num_classes = int(config["num_classes"])
@@ -245,7 +249,7 @@ class _FrozenWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if batch["error"][0]:
-            return {"images": np.array([0]), "node": np.array([""]), "device": np.array([""]), "seconds": np.array([0.0]), "error": batch["error"]}
+            return {"images": np.array([0]), "node": np.array([""]), "device": np.array([""]), "seconds": np.array([0.0]), "batch_size": np.array([0]), "error": batch["error"]}
         started = time.perf_counter()
         unit = self.plan.units[int(batch["unit"][0])]
         kept = np.frombuffer(batch["kept"][0], dtype=np.int64)
@@ -261,5 +265,6 @@ class _FrozenWriter:
             "node": np.array([self.node]),
             "device": np.array([str(self.device)]),
             "seconds": np.array([time.perf_counter() - started]),
+            "batch_size": np.array([self.batch_size]),
             "error": np.array([""], dtype=object),
         }

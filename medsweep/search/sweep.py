@@ -108,7 +108,7 @@ class SweepSettings:
     budget_hours: float | None = None
     connect_timeout: float = 45.0
     precision: str = "auto"
-    preload_batch_size: int = 16
+    preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
 
     def __post_init__(self) -> None:
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -165,7 +165,7 @@ class SweepSettings:
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
         check_precision(self.precision)
-        if self.preload_batch_size < 1:
+        if self.preload_batch_size is not None and self.preload_batch_size < 1:
             raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
         if not 0 < self.connect_timeout < math.inf:
             raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")

@@ -86,3 +86,51 @@ def _measure(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str,
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
     return parameter_bytes(model, optimizer) + saved_activation_bytes(model, step)
+
+
+# The frozen pass (no gradients) on one device: how many images per forward.
+CPU_FROZEN_BATCH = 16  # on CPU memory is no limit and larger batches gain nothing (figure 8's setting)
+FROZEN_BATCH_CAP = 256  # beyond this a GPU is saturated and a shard rarely holds more rows
+FROZEN_MEMORY_SHARE = 0.8  # of the memory free on the device: room for the allocator's slack and the outputs
+
+
+def frozen_batch_size(method: nn.Module, image_size: int, precision: torch.dtype | None, cap: int = FROZEN_BATCH_CAP) -> int:
+    """The frozen forward's batch size on the device ``method`` is on, from a probe of its memory.
+
+    On CUDA: the peak memory of ``method.frozen_features`` on batches of 1 and 4
+    images (zeros, under autocast to ``precision`` unless None) gives a fixed
+    part and a part per image; the answer is the largest power of two whose
+    predicted peak fits :data:`FROZEN_MEMORY_SHARE` of the memory free now,
+    at most ``cap``. On CPU: :data:`CPU_FROZEN_BATCH`, at most ``cap``.
+    """
+    device = next((p.device for p in method.parameters() if not p.is_meta), torch.device("cpu"))
+    if device.type != "cuda":
+        return max(1, min(CPU_FROZEN_BATCH, cap))
+    one, four = (_frozen_peak(method, images, image_size, precision, device) for images in (1, 4))
+    per_image = max((four - one) / 3, 1.0)
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_within(FROZEN_MEMORY_SHARE * free - (one - per_image), per_image, cap)
+
+
+def batch_within(budget_bytes: float, per_image_bytes: float, cap: int) -> int:
+    """The largest power of two ``n <= cap`` with ``n * per_image_bytes <= budget_bytes`` (at least 1)."""
+    fits = int(budget_bytes // per_image_bytes) if budget_bytes > 0 else 0
+    size = 1
+    while size * 2 <= min(fits, cap):
+        size *= 2
+    return size
+
+
+@torch.no_grad()
+def _frozen_peak(method: nn.Module, images: int, image_size: int, precision: torch.dtype | None, device: torch.device) -> int:
+    """Bytes the frozen forward of ``images`` images allocates at its peak, above what was allocated before."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    pixels = torch.zeros(images, 3, image_size, image_size, device=device)
+    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+        features = method.frozen_features(pixels)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del features, pixels
+    return int(peak)

@@ -52,6 +52,7 @@ from medsweep.datasets.store import (
 from medsweep.errors import ConfigError, DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
+from medsweep.trainables.memory import FROZEN_BATCH_CAP, frozen_batch_size
 from medsweep.trainables.methods.base import Method
 
 SHARD_TARGET_BYTES = 64 << 20
@@ -137,7 +138,7 @@ def preload(
     cache_dir: Path,
     *,
     feature_dtype: str = "float16",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     splits: tuple[str, ...] = SPLITS,
     progress: Callable[[str, int], Progress] | None = None,
     with_features: bool = True,
@@ -156,6 +157,8 @@ def preload(
     written.
 
     Args:
+        batch_size: images per frozen forward; None probes the device's memory
+            (:func:`frozen_batch_size_for`).
         progress: ``progress(description, total)`` returns a callback advanced by
             the number of images done (the CLI passes a rich progress bar).
         with_features: False stores the frozen input image instead of the
@@ -190,13 +193,15 @@ def preload(
         advance = progress(f"preload {method.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
         method.eval()
         mean, std = backbone_normalisation(method.config.backbone)
+        if with_features and not batch_size:
+            batch_size = frozen_batch_size_for(method, plan.decode_sizes, plan.rows_per_shard, precision)
         for unit in plan.units:
             kept, images = decode_shard(unit.samples, plan.decode_sizes, skip_bad_images)
             tensors = shard_features(method, images, plan.columns, mean, std, batch_size, precision)
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
         seconds = time.perf_counter() - started
-        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "seconds": seconds, "device": str(_device_of(method))}}
+        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}}
         return finish_store(plan, request, method.name, seconds, nodes)
 
 
@@ -353,6 +358,14 @@ def shard_features(
         for col in feature_cols:
             parts[col.name].append(features[col.name].float().cpu().numpy().astype(col.dtype))
     return {**out, **{name: np.concatenate(values) for name, values in parts.items()}}
+
+
+def frozen_batch_size_for(method: Method, decode_sizes: dict[str, int], rows_per_shard: int, precision: str) -> int:
+    """The frozen forward's batch size on the method's device: a memory probe on a GPU
+    (:func:`medsweep.trainables.memory.frozen_batch_size`), never more than a shard's rows."""
+    size = decode_sizes.get(method.frozen_input, method.config.image_size)
+    dtype = None if precision == "fp32" else PRECISIONS[precision]
+    return frozen_batch_size(method, size, dtype, cap=max(1, min(FROZEN_BATCH_CAP, rows_per_shard)))
 
 
 def check_precision(requested: str) -> None:
