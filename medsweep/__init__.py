@@ -2,10 +2,10 @@
 
 The four sub-packages are the four concerns (see README "Architecture"):
 ``datasets`` (images in, tensors and preload stores out), ``trainables``
-(backbones, methods, the training loop, metrics), ``spaces`` (search spaces
-and published recommended tables, pure data) and ``search`` (Ray Tune +
-Optuna orchestration). Dependencies point one way: search -> trainables ->
-datasets, search -> spaces.
+(backbones, methods, the training loop, metrics and their statistics),
+``spaces`` (search spaces and published recommended tables, pure data) and
+``search`` (Ray Tune + Optuna orchestration). Dependencies point one way:
+search -> trainables -> datasets, search -> spaces.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
-"""The final answer: bootstrap CI, test split kept out of the search, retraining a real sweep's best config."""
+"""The final answer: test split kept out of the search, retraining a real sweep's best config.
+
+The bootstrap CI it reports is tested with its module, in test_statistics.py.
+"""
 
 from __future__ import annotations
 
@@ -17,97 +20,18 @@ from medsweep.errors import ConfigError
 from medsweep.search.final import (
     FINAL_JSON,
     FINAL_YAML,
-    bootstrap_auc_ci,
     load_settings,
-    predict,
-    probabilities,
-    resampled_auc,
     retrain_best,
     run,
 )
 from medsweep.search.sweep import SweepSettings
-from medsweep.trainables.loop import load_trained
+from medsweep.trainables.loop import load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.metrics import classification_metrics
 from medsweep.trainables.preload import PreloadResult, preload
+from medsweep.trainables.store_io import StoreIO
 
 LINEAR = {"method": "linear", "backbone": "vit-tiny", "image_size": 64, "seed": 0}
-
-
-def _labels(n: int = 60, classes: int = 3, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, classes, n)
-
-
-def _logits(labels: np.ndarray, seed: int, classes: int = 3, signal: float = 1.5) -> np.ndarray:
-    """Logits that carry some signal about ``labels`` (AUC well above 0.5, below 1), one model per seed."""
-    logits = np.random.default_rng(100 + seed).normal(size=(len(labels), classes))
-    logits[np.arange(len(labels)), labels] += signal
-    return logits
-
-
-# ------------------------------------------------------------------ bootstrap
-
-
-@pytest.mark.parametrize("classes", [2, 3, 5])
-def test_vectorised_auc_matches_the_reported_metric(classes):
-    labels = _labels(classes=classes)
-    logits = np.round(_logits(labels, 0, classes), 1)  # ties, counted half by both
-    expected = classification_metrics(logits, labels, "multiclass")["auc"]
-    got = resampled_auc(probabilities(logits, "multiclass"), labels, "multiclass", np.ones((1, len(labels)), dtype=int))
-    assert got[0] == pytest.approx(expected, abs=1e-12)
-
-
-@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
-def test_resample_counts_give_the_auc_of_the_resampled_images(task):
-    rng = np.random.default_rng(4)
-    if task == "multilabel":
-        labels = (rng.random((40, 3)) < 0.4).astype(np.float32)
-        logits = np.round(rng.normal(size=(40, 3)) + labels, 1)
-    else:
-        labels = _labels(n=40)
-        logits = np.round(_logits(labels, 1), 1)
-    index = rng.integers(0, 40, size=(5, 40))
-    counts = np.stack([np.bincount(row, minlength=40) for row in index])
-    got = resampled_auc(probabilities(logits, task), labels, task, counts)
-    expected = [classification_metrics(logits[row], labels[row], task)["auc"] for row in index]
-    assert got == pytest.approx(expected, abs=1e-12)
-
-
-def test_vectorised_auc_matches_for_multilabel_and_skips_one_outcome_labels():
-    rng = np.random.default_rng(2)
-    labels = (rng.random((50, 4)) < 0.4).astype(np.float32)
-    labels[:, 3] = 0  # no positive: left out, as in the metric
-    logits = rng.normal(size=(50, 4)) + labels
-    expected = classification_metrics(logits, labels, "multilabel")["auc"]
-    got = resampled_auc(probabilities(logits, "multilabel"), labels, "multilabel", np.ones((1, 50), dtype=int))
-    assert got[0] == pytest.approx(expected, abs=1e-12)
-
-
-def test_bootstrap_ci_covers_the_mean_over_seeds_and_is_deterministic():
-    labels = _labels()
-    logits = [_logits(labels, seed) for seed in range(3)]
-    probs = [probabilities(x, "multiclass") for x in logits]
-    point = np.mean([classification_metrics(x, labels, "multiclass")["auc"] for x in logits])
-
-    first = bootstrap_auc_ci(probs, labels, "multiclass", seed=7)
-    again = bootstrap_auc_ci(probs, labels, "multiclass", seed=7)
-    other = bootstrap_auc_ci(probs, labels, "multiclass", seed=8)
-
-    assert first == again
-    assert (first["low"], first["high"]) != (other["low"], other["high"])
-    assert first["point"] == pytest.approx(point)
-    assert first["low"] < first["point"] < first["high"]
-    assert 0.5 < first["low"] and first["high"] < 1.0
-    assert first["resamples_used"] == first["resamples"] == 1000
-
-
-def test_bootstrap_ci_narrows_with_more_test_images():
-    def width(n: int) -> float:
-        labels = _labels(n=n)
-        ci = bootstrap_auc_ci([probabilities(_logits(labels, 0), "multiclass")], labels, "multiclass", resamples=300)
-        return ci["high"] - ci["low"]
-
-    assert width(800) < width(50) / 2
 
 
 # ------------------------------------------------------------------ retraining without Ray
@@ -247,7 +171,7 @@ def test_the_kept_checkpoint_is_the_best_validation_epoch(finished):
     seed = entry["seeds"][0]
     config = {**entry["config"], "seed": seed["seed"]}
     store = preload(_spec(settings), build_method("fpt_plus", config), settings.cache_dir).store
-    logits, labels = predict(load_trained("fpt_plus", config, finished / seed["checkpoint"]), store, "val")
+    _, logits, labels = predict(load_trained("fpt_plus", config, finished / seed["checkpoint"]), StoreIO(store), "val")
     assert classification_metrics(logits, labels, config["task"])["auc"] == pytest.approx(seed["val"]["auc"], abs=1e-6)
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
-from medsweep.trainables.loop import fit, load_trained
+from medsweep.datasets.store import LABEL, decode_columns
+from medsweep.trainables.backbones import backbone_normalisation
+from medsweep.trainables.inputs import model_inputs
+from medsweep.trainables.loop import CHECKPOINT_FILE, fit, load_trained, predict
 from medsweep.trainables.methods import build_method
+from medsweep.trainables.metrics import classification_metrics
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
 
@@ -76,14 +82,61 @@ def test_divergent_loss_stops_the_trial_as_diverged(synthetic_spec, linear_store
 
 
 def test_trained_weights_load_back(synthetic_spec, linear_store, tmp_path):
+    """The loaded model is the trained one: its weights are the checkpoint's, bit for bit, and it predicts
+    the validation metrics the loop reported for that epoch. A fresh model (what a load that loads
+    nothing would return) differs in both."""
     io = StoreIO(linear_store)
     config = _config(synthetic_spec, epochs=2)
     fit(config, io, tmp_path)
-    method = load_trained("linear", config, io.checkpoints[-1]).eval()
+    saved = torch.load(io.checkpoints[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["model"]
+    method = load_trained("linear", config, io.checkpoints[-1])
     fresh = build_method("linear", config)
-    assert not all(
-        (a == b).all() for a, b in zip(method.head.parameters(), fresh.head.parameters())
-    ), "checkpoint weights should differ from a fresh head"
+
+    loaded = method.trainable_state_dict()
+    assert set(loaded) == set(saved) and saved
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert not all(torch.equal(fresh.trainable_state_dict()[k], saved[k]) for k in saved)
+
+    reported = io.reports[-1]
+    metrics, _, _ = predict(method, StoreIO(linear_store), "val", batch_size=config["batch_size"])
+    assert metrics["loss"] == pytest.approx(reported["val_loss"], rel=1e-6)
+    assert metrics["auc"] == pytest.approx(reported["val_auc"], abs=1e-9)
+    fresh_metrics, _, _ = predict(fresh, StoreIO(linear_store), "val", batch_size=config["batch_size"])
+    assert fresh_metrics["loss"] != pytest.approx(reported["val_loss"], rel=1e-3)
+
+
+def _predict_as_final_did(method, store, split, batch_size=64):
+    """The batch loop ``search/final.py`` had before it called the loop's evaluation: the reference
+    :func:`predict` must reproduce exactly."""
+    device = torch.device("cpu")
+    method.to(device).eval()
+    io = StoreIO(store)
+    mean, std = backbone_normalisation(method.config.backbone)
+    stored = {c.name for c in io.columns}
+    images = {k: v for k, v in method.image_inputs().items() if k in stored}
+    features = tuple(k for k in method.feature_keys() if k in stored)
+    logits, labels = [], []
+    with torch.no_grad():
+        for arrays in io.batches(split, batch_size, epoch=0, shuffle=False):
+            inputs = model_inputs(decode_columns(arrays, io.columns), images, features, mean, std, device, None)
+            logits.append(method(inputs).float().cpu().numpy())
+            labels.append(arrays[LABEL])
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def test_predict_returns_the_logits_and_labels_of_the_old_final_batch_loop(synthetic_spec, linear_store, tmp_path):
+    io = StoreIO(linear_store)
+    config = _config(synthetic_spec, epochs=1)
+    fit(config, io, tmp_path)
+    method = load_trained("linear", config, io.checkpoints[-1])
+    metrics, logits, labels = predict(method, StoreIO(linear_store), "test")
+    expected_logits, expected_labels = _predict_as_final_did(method, linear_store, "test")
+    assert logits.dtype == expected_logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, expected_logits)
+    assert labels.dtype == expected_labels.dtype
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert len(labels) == linear_store.num_rows("test")
+    assert {k: v for k, v in metrics.items() if k != "loss"} == classification_metrics(expected_logits, expected_labels, config["task"])
 
 
 def test_staged_method_switches_stage_and_counts_more_parameters(synthetic_spec, tmp_path):

@@ -15,12 +15,12 @@ hands Ray Data the train and val shards only), and test metrics are written
 nowhere but ``final.yaml`` / ``final.json``.
 
 Confidence interval: a percentile bootstrap of the *mean over seeds* of the
-per-seed test AUC, the number reported as the answer. Each of the 1000
-resamples draws test images with replacement (seeded) and applies the same
-draw to every seed's predictions, so the interval reflects test-set sampling
-for the reported quantity. Seed-to-seed spread is reported separately (the
-per-seed values and their standard deviation); averaging the seeds'
-probabilities into an ensemble instead would score a model nobody trained.
+per-seed test AUC, the number reported as the answer, the same draws of test
+images for every seed (:func:`~medsweep.trainables.statistics.bootstrap_auc_ci`,
+where the statistics live, torch-free). Seed-to-seed spread is reported
+separately (the per-seed values and their standard deviation). The test
+logits come from :func:`~medsweep.trainables.loop.predict`, the loop's own
+evaluation; this module only orchestrates: seeds, files, console.
 
 Layout: ``final.yaml`` / ``final.json`` beside ``best.yaml``, and per run
 ``final/<method>/seed-<n>/`` with ``config.json``, ``metrics.jsonl`` (every
@@ -35,7 +35,6 @@ import json
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -47,26 +46,20 @@ import torch
 import yaml
 
 from medsweep.datasets.spec import DatasetSpec
-from medsweep.datasets.store import LABEL, PreloadStore, decode_columns
+from medsweep.datasets.store import PreloadStore
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.export import read_best
 from medsweep.search.sweep import SweepSettings
-from medsweep.trainables.backbones import backbone_normalisation
-from medsweep.trainables.inputs import model_inputs
-from medsweep.trainables.loop import device_for_trial, fit, load_trained
-from medsweep.trainables.methods import Method, build_method
-from medsweep.trainables.metrics import classification_metrics
+from medsweep.trainables.loop import fit, load_trained, predict
+from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
+from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
 from medsweep.trainables.store_io import StoreIO
 
 FINAL_DIR = "final"
 FINAL_YAML = "final.yaml"
 FINAL_JSON = "final.json"
-BOOTSTRAP_RESAMPLES = 1000
-CI_LEVEL = 0.95
-_BOOTSTRAP_CHUNK = 100  # resamples scored at once: bounds memory at a few chunk x test-images arrays
-EVAL_BATCH = 64
 
 
 @dataclass
@@ -108,119 +101,6 @@ class _BestCheckpointIO(StoreIO):
             self.best, self.best_report = checkpoint_dir, dict(metrics)
         else:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
-    """Softmax (multi-class) or sigmoid (multi-label) probabilities, the scores the AUC ranks."""
-    logits = logits.astype(np.float64)
-    if task == "multilabel":
-        return 1 / (1 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def resampled_auc(probs: np.ndarray, labels: np.ndarray, task: str, counts: np.ndarray) -> np.ndarray:
-    """Macro AUC of each bootstrap resample, given as ``counts`` [B, N]: how often each test image was drawn.
-
-    Matches :func:`~medsweep.trainables.metrics.classification_metrics`: the
-    mean of one-vs-rest (multi-class) or per-label AUCs over the classes with
-    both outcomes in the resample (NaN when none has), ties counted half.
-    Each class's scores are sorted once; a resample only reweights them
-    (Mann-Whitney U with multiplicities), O(B x N) per class instead of a sort
-    per resample. Measured on the shared 2-core host, 3 seeds x 1000
-    resamples of a 25,600-image, 14-label test set (NIH ChestX-ray14 size):
-    25 s this way, about 5 min ranking every resample.
-    """
-    targets = labels.astype(bool) if task == "multilabel" else labels[:, None] == np.arange(probs.shape[1])
-    per_class = np.full((counts.shape[0], probs.shape[1]), np.nan)
-    for c in range(probs.shape[1]):
-        order = np.argsort(probs[:, c], kind="stable")
-        scores, positive = probs[order, c], targets[order, c]
-        weights = counts[:, order]  # integer multiplicities: the sums below are exact
-        neg = np.where(positive, 0, weights)
-        pos = weights - neg
-        group_starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])  # runs of tied scores
-        if len(group_starts) < len(scores):
-            neg, pos = np.add.reduceat(neg, group_starts, axis=1), np.add.reduceat(pos, group_starts, axis=1)
-        below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower than each group
-        twice_u = (pos * (2 * below + neg)).sum(axis=1)  # a tied negative counts half
-        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-        valid = (n_pos > 0) & (n_neg > 0)
-        per_class[valid, c] = twice_u[valid] / (2 * n_pos[valid] * n_neg[valid])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no valid class: NaN
-        return np.nanmean(per_class, axis=1)
-
-
-def _draw_counts(rng: np.random.Generator, resamples: int, n: int) -> np.ndarray:
-    """[resamples, n] multiplicities of ``n`` images drawn with replacement, per resample."""
-    draws = rng.integers(0, n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
-    return np.bincount(draws.ravel(), minlength=resamples * n).reshape(resamples, n)
-
-
-def bootstrap_auc_ci(
-    probs_per_seed: list[np.ndarray],
-    labels: np.ndarray,
-    task: str,
-    *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = CI_LEVEL,
-) -> dict[str, Any]:
-    """Percentile bootstrap CI of the mean over seeds of the test AUC (see the module docstring).
-
-    Every resample draws ``len(labels)`` test images with replacement from
-    ``numpy.random.default_rng(seed)`` and scores all seeds on the same draw.
-    Resamples whose AUC is undefined (one class only) are dropped and counted.
-    """
-    if not probs_per_seed:
-        raise ValueError("bootstrap_auc_ci needs the test probabilities of at least one seed")
-    n = len(labels)
-    identity = np.ones((1, n), dtype=np.int64)
-    point = float(np.mean([resampled_auc(p, labels, task, identity)[0] for p in probs_per_seed]))
-    rng = np.random.default_rng(seed)
-    means = []
-    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
-        counts = _draw_counts(rng, min(_BOOTSTRAP_CHUNK, resamples - start), n)
-        means.append(np.mean([resampled_auc(p, labels, task, counts) for p in probs_per_seed], axis=0))
-    values = np.concatenate(means)
-    finite = values[np.isfinite(values)]
-    tail = (1 - level) / 2 * 100
-    low, high = (np.percentile(finite, [tail, 100 - tail]) if finite.size else (math.nan, math.nan))
-    return {
-        "point": point,
-        "low": float(low),
-        "high": float(high),
-        "level": level,
-        "resamples": resamples,
-        "resamples_used": int(finite.size),
-        "bootstrap_seed": seed,
-    }
-
-
-@torch.no_grad()
-def predict(method: Method, store: PreloadStore, split: str, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every image of ``split`` (eval mode, no augmentation), in store order.
-
-    The evaluation half of ``fit``'s per-epoch validation, returning the raw
-    logits because the bootstrap needs per-image scores, not only metrics.
-    """
-    device = device_for_trial()
-    method.to(device).eval()
-    io = StoreIO(store)
-    mean, std = backbone_normalisation(method.config.backbone)
-    stored = {c.name for c in io.columns}
-    images = {k: v for k, v in method.image_inputs().items() if k in stored}
-    features = tuple(k for k in method.feature_keys() if k in stored)
-    logits, labels = [], []
-    for arrays in io.batches(split, batch_size, epoch=0, shuffle=False):
-        inputs = model_inputs(decode_columns(arrays, io.columns), images, features, mean, std, device, None)
-        logits.append(method(inputs).float().cpu().numpy())
-        labels.append(arrays[LABEL])
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 # ------------------------------------------------------------------ retraining
@@ -362,17 +242,16 @@ def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: 
     shutil.rmtree(folder / "epochs", ignore_errors=True)
     best = io.best_report
     method = load_trained(config["method"], config, checkpoint)
-    logits, labels = predict(method, store, "test")
-    task = config["task"]
+    metrics, logits, labels = predict(method, StoreIO(store), "test")
     return SeedRun(
         seed=seed,
         best_epoch=int(best["epoch"]),
         val={k.removeprefix("val_"): float(v) for k, v in best.items() if k.startswith("val_")},
-        test=classification_metrics(logits, labels, task),
+        test={k: v for k, v in metrics.items() if k != "loss"},  # final.yaml reports the classification metrics
         train_seconds=seconds,
         checkpoint=checkpoint,
         last_report=io.reports[-1],
-        probabilities=probabilities(logits, task),
+        probabilities=probabilities(logits, config["task"]),
         labels=labels,
     )
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import numpy as np
 import torch
@@ -33,6 +33,13 @@ from medsweep.trainables.metrics import classification_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGENCE_LOSS = 1e4
+EVAL_BATCH = 64  # images per batch in predict
+
+
+class BatchOf(Protocol):
+    """Turns a store batch into the model's inputs and the label tensor; ``train``: augmented."""
+
+    def __call__(self, arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
 
 class TrialIO(Protocol):
@@ -118,10 +125,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     task = method.config.task
     device = device_for_trial()
     method.to_device(device)
-    images = {k: v for k, v in method.image_inputs().items() if k in stored_names}
-    features = tuple(k for k in method.feature_keys() if k in stored_names)
     model = io.prepare_model(method)
-    mean, std = backbone_normalisation(method.config.backbone)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
 
@@ -138,11 +142,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng"])
     generator = torch.Generator()  # augmentation draws, reseeded per epoch (see below)
-
-    def batch_of(arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        decoded = decode_columns(arrays, io.columns)
-        inputs = model_inputs(decoded, images, features, mean, std, device, generator if train else None)
-        return inputs, torch.tensor(arrays[LABEL], device=device)
+    batch_of = batch_maker(method, io.columns, device, generator)
 
     memory_bytes: int | None = None
     metrics: dict[str, Any] = {}
@@ -206,9 +206,43 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     return metrics
 
 
+def batch_maker(method: Method, columns: list[ColumnSpec], device: torch.device, generator: torch.Generator | None) -> BatchOf:
+    """The :class:`BatchOf` of ``method`` over a store with ``columns``: the inputs it has stored, normalised
+    for its backbone, on ``device``; training batches augmented with draws from ``generator``."""
+    stored = {c.name for c in columns}
+    images = {k: v for k, v in method.image_inputs().items() if k in stored}
+    features = tuple(k for k in method.feature_keys() if k in stored)
+    mean, std = backbone_normalisation(method.config.backbone)
+
+    def batch_of(arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        decoded = decode_columns(arrays, columns)
+        inputs = model_inputs(decoded, images, features, mean, std, device, generator if train else None)
+        return inputs, torch.tensor(arrays[LABEL], device=device)
+
+    return batch_of
+
+
+@overload
+def evaluate(
+    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: Literal[False] = ...
+) -> dict[str, float]: ...
+
+
+@overload
+def evaluate(
+    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: Literal[True]
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]: ...
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of, task: str) -> dict[str, float]:
-    """Loss and classification metrics over every batch (eval mode, no augmentation)."""
+def evaluate(
+    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: bool = False
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Loss and classification metrics over every batch (eval mode, no augmentation).
+
+    ``outputs=True`` also returns the logits [N, C] (float32) and labels in
+    batch order, for whoever needs per-image scores (the final answer's bootstrap).
+    """
     model.eval()
     all_logits, all_labels, losses = [], [], []
     for arrays in batches:
@@ -218,7 +252,21 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_o
         all_logits.append(logits.float().cpu().numpy())
         all_labels.append(labels.cpu().numpy())
     logits_np, labels_np = np.concatenate(all_logits), np.concatenate(all_labels)
-    return {"loss": float(np.sum(losses) / len(labels_np)), **classification_metrics(logits_np, labels_np, task)}
+    metrics = {"loss": float(np.sum(losses) / len(labels_np)), **classification_metrics(logits_np, labels_np, task)}
+    return (metrics, logits_np, labels_np) if outputs else metrics
+
+
+def predict(method: Method, io: TrialIO, split: str, batch_size: int = EVAL_BATCH) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """:func:`evaluate` of a trained ``method`` on every image of ``split``, in ``io``'s unshuffled order.
+
+    Returns its metrics (``loss`` included), logits and labels. On the val
+    split with the trial's batch size, the metrics are what ``fit`` reported
+    as ``val_*`` for the same weights.
+    """
+    device = device_for_trial()
+    method.to_device(device)
+    batches = io.batches(split, batch_size, epoch=0, shuffle=False)
+    return evaluate(method, batches, batch_maker(method, io.columns, device, None), method.config.task, outputs=True)
 
 
 def _save(folder: Path, method: Method, optimizer, scheduler, state: LoopState) -> Path:

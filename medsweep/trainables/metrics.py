@@ -3,7 +3,9 @@
 Multi-class: macro one-vs-rest AUC on softmax probabilities, accuracy, macro
 F1/precision/recall and quadratic kappa (graded labels such as DR grades).
 Multi-label: mean AUC over the labels that have both outcomes in the split
-(NIH ChestX-ray14 style). The FPT paper's efficiency scores PPE and PME are
+(NIH ChestX-ray14 style), on sigmoid probabilities. Both come from
+:func:`~medsweep.trainables.statistics.probabilities`, as do the scores the
+final answer's bootstrap resamples. The FPT paper's efficiency scores PPE and PME are
 here too because the leaderboard ranks by them.
 """
 
@@ -14,6 +16,8 @@ import warnings
 
 import numpy as np
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from medsweep.trainables.statistics import probabilities
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
@@ -29,15 +33,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) ->
     return _multiclass(logits, labels.astype(np.int64))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def _multiclass(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     num_classes = logits.shape[1]
-    probs = _softmax(logits.astype(np.float64))
+    probs = probabilities(logits, "multiclass")
     preds = probs.argmax(axis=1)
     present = np.unique(labels)
     with warnings.catch_warnings():
@@ -61,7 +59,7 @@ def _multiclass(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def _multilabel(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    probs = probabilities(logits, "multilabel")
     aucs = [
         roc_auc_score(labels[:, c], probs[:, c])
         for c in range(labels.shape[1])
