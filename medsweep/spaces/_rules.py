@@ -48,6 +48,8 @@ class Rule:
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if (too_low or too_high) and value not in self.special:
+            if self.high is None and not self.low_open and not self.special:
+                return f"must be at least {self.low:g}, got {value!r}"
             special = "".join(f" or {v}" for v in self.special)
             return f"must be in {self._interval()}{special}, got {value!r}"
         return None
