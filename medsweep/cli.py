@@ -26,8 +26,6 @@ from medsweep.errors import MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
 
 DEFAULT_CACHE = Path(".medsweep-cache")
-# Config keys that describe the data, backbone or budget rather than a choice the search made.
-NOT_HYPERPARAMETERS = ("method", "backbone", "image_size", "num_classes", "task", "epochs", "seed", "workers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pre)
     _add_cluster(pre)
 
-    params = sub.add_parser("params", help="total and learnable parameters of a method")
+    params = sub.add_parser("params", help="total and learnable parameters of a method at its recommended values (as train runs it)")
     params.add_argument("--method", required=True)
     params.add_argument("--num-classes", type=_positive_int, default=5)
     params.add_argument("--json", action="store_true")
     _add_common(params)
 
-    probe = sub.add_parser("probe", help="peak memory of one training step")
+    probe = sub.add_parser("probe", help="peak memory of one training step at the method's recommended values (as train runs it)")
     probe.add_argument("--method", required=True)
     probe.add_argument("--batch-size", type=_positive_int, default=16)
     probe.add_argument("--num-classes", type=_positive_int, default=5)
@@ -215,6 +213,14 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
     return {"method": method, "backbone": args.backbone, "image_size": args.image_size, "seed": args.seed, **extra, **_set_pairs(args.set)}
 
 
+def _run_config(args: argparse.Namespace, method: str, dataset: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The flat config ``train``, ``params`` and ``probe`` run: the method's recommended values (the
+    centre of its sweep space), then the command's flags and ``--set`` values."""
+    from medsweep.spaces import recommended
+
+    return {**recommended(method, dataset=dataset), **_method_config(args, method, **extra)}
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
     from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, check_out, run_sweep
@@ -255,6 +261,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from medsweep.search.export import read_best
+    from medsweep.trainables.config import NOT_HYPERPARAMETERS  # data, backbone, budget, placement
 
     best = read_best(args.dir)
     if args.json:
@@ -277,13 +284,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole
-    from medsweep.spaces import recommended
     from medsweep.trainables.runner import train_once
 
     console = SweepConsole()
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)
-    config = {**recommended(args.method, dataset=spec.name), **_method_config(args, args.method)}
+    config = _run_config(args, args.method, dataset=spec.name)
     config.update(epochs=args.epochs, batch_size=args.batch_size, **({"lr": args.lr} if args.lr else {}))
     out = args.out or Path("runs") / f"{args.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
@@ -347,7 +353,7 @@ def cmd_preload(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     from medsweep.trainables.methods import build_method
 
-    method = build_method(args.method, _method_config(args, args.method, num_classes=args.num_classes))
+    method = build_method(args.method, _run_config(args, args.method, num_classes=args.num_classes))
     learnable, total = method.parameter_counts()
     report = {"method": args.method, "backbone": args.backbone, "image_size": args.image_size, "learnable": learnable, "total": total, "learnable_pct": 100 * learnable / total}
     if args.json:
@@ -360,7 +366,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from medsweep.trainables.probe import probe_memory
 
-    report = probe_memory(_method_config(args, args.method, num_classes=args.num_classes), args.batch_size)
+    report = probe_memory(_run_config(args, args.method, num_classes=args.num_classes), args.batch_size)
     if args.json:
         print(json.dumps(report))
     else:

@@ -213,7 +213,7 @@ def test_truncated_rejects_out_of_range_and_non_resnet(resnet50_layout: str) -> 
         build_method("truncated", {"backbone": resnet50_layout, "truncation": 4})
     with pytest.raises(ConfigError, match=r"layer granularity: it has 16 residual layers, use 1\.\.16"):
         build_method("truncated", {"backbone": resnet50_layout, "truncation": 17, "granularity": "layer"})
-    with pytest.raises(ConfigError, match="truncation must be -1"):
+    with pytest.raises(ConfigError, match=r"truncation must be in \[1, inf\) or -1"):
         build_method("truncated", {"truncation": 0})
     with pytest.raises(ConfigError, match="granularity"):
         build_method("truncated", {"granularity": "stage"})

@@ -77,6 +77,11 @@ def test_prompt_count(deep: bool, prompt_sets: int) -> None:
     assert learnable("prompt", num_prompts=5, deep=deep) == prompt_sets * 5 * D + HEAD
 
 
+def test_bitfit_count() -> None:
+    """Every bias of the tiny ViT (patch embedding; per block q/k/v/o, two LayerNorms, MLP 64 + 32; final norm) + head."""
+    assert learnable("bitfit") == D + BLOCKS * (4 * D + 2 * D + 2 * D + D) + D + HEAD
+
+
 def test_adapter_count() -> None:
     assert learnable("adapter", bottleneck=7) == BLOCKS * (D * 7 + 7 + 7 * D + D) + HEAD
 

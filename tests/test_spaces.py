@@ -175,7 +175,7 @@ def test_unknown_dataset_falls_back_to_default_unless_weights_asked() -> None:
 
 def test_unknown_method_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="known methods: linear, full, fpt_plus, fpt, lora"):
-        recommended("bitfit")
+        recommended("ssf")
 
 
 def test_other_method_defaults_cite_their_sources() -> None:
@@ -360,7 +360,7 @@ def test_cross_method_points_name_params_by_method() -> None:
     [
         ([], {}, "no methods"),
         (["lora", "lora"], {}, "more than once"),
-        (["lora", "bitfit"], {}, "known methods"),
+        (["lora", "ssf"], {}, "known methods"),
         (["fpt", "linear"], {"weights": "mrm", "dataset": "nih", "fraction": 1}, "lora is not among"),
     ],
 )

@@ -26,10 +26,11 @@ import yaml
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
+from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.trainables.metrics import pme, ppe
 
-# Config keys that are plumbing, not hyperparameters.
-INTERNAL_KEYS = ("store_key", "gpus_per_trial", "cpus_per_trial")
+# Config keys that are plumbing, not hyperparameters (see medsweep.trainables.config.Placement).
+INTERNAL_KEYS = PLUMBING_KEYS
 VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
 PARETO_CSV = "pareto.csv"
 PARETO_COLUMN = "on_pareto_front"

@@ -9,12 +9,13 @@ constants (the sweep's ``--max-epochs`` over a table's 100 epochs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from optuna.trial import BaseTrial, FixedTrial
 
 from medsweep.spaces import Space, cross_method_space, points_to_evaluate, to_trial_config, validate
+from medsweep.trainables.config import PLACEMENT_KEYS, MethodConfig
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ def build_search(
     return space, points
 
 
-# Keys a sweep adds to every trial config; not part of any method's schema.
-SWEEP_KEYS = ("backbone", "image_size", "num_classes", "task", "store_key", "gpus_per_trial", "cpus_per_trial", "workers")
+# Keys a sweep adds to every trial config that no space holds: the common method-config fields
+# (data and backbone) and the placement keys (see medsweep.trainables.config).
+SWEEP_KEYS = (*(f.name for f in fields(MethodConfig)), *PLACEMENT_KEYS)
 
 
 def trial_config(tune_config: dict[str, Any]) -> dict[str, Any]:

@@ -159,12 +159,14 @@ CUDA_CONTEXT_BYTES = 500 * 2**20
 def gpu_fraction(probe_bytes: int, gpu_total_bytes: int, method: str, workers: int = 1) -> float:
     """The GPU fraction one trial of ``method`` reserves, from its probed step memory.
 
-    ``full`` always gets whole GPUs, ``workers`` of them (one per DDP worker).
+    A method that runs DDP (``Method.ddp``) always gets whole GPUs, ``workers`` of them (one per DDP worker).
     Otherwise the smallest 1/k (k in :data:`GPU_SHARES`) of the smallest GPU's
     ``gpu_total_bytes`` that holds ``probe_bytes * GPU_SAFETY + CUDA_CONTEXT_BYTES``;
     a method that needs more than a whole GPU still gets 1 (it may not fit at all).
     """
-    if method == "full":
+    from medsweep.trainables.methods import runs_ddp
+
+    if runs_ddp(method):
         return float(workers)
     need = probe_bytes * GPU_SAFETY + CUDA_CONTEXT_BYTES
     for share in GPU_SHARES:
@@ -254,14 +256,17 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
 
         spec = sweep_dataset(settings)
     gpu_total = smallest_gpu_bytes()
-    # `full` gets whole GPUs whatever it measures: not probed (its probe is the costliest).
-    probes = probe_methods(settings, spec, num_gpus=0.01, methods=[m for m in settings.methods if m != "full"])
+    from medsweep.trainables.methods import runs_ddp
+
+    # DDP methods get whole GPUs whatever they measure: not probed (their probe is the costliest).
+    ddp = [m for m in settings.methods if runs_ddp(m)]
+    probes = probe_methods(settings, spec, num_gpus=0.01, methods=[m for m in settings.methods if m not in ddp])
     gpu_total = min([gpu_total or math.inf, *(p.get("gpu_total_bytes", math.inf) for p in probes.values())])
     gpu_total = gpu_total if math.isfinite(gpu_total) else 0  # no GPU size known: whole GPUs, the safe side
-    # gpu_fraction's rule for `full` does not read the memory: no probe bytes to give it.
-    fractions = {"full": gpu_fraction(0, int(gpu_total), "full", settings.workers)} if "full" in settings.methods else {}
-    if "full" in settings.methods and console is not None:
-        console.console.print(f"[bold]gpu[/] full: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
+    # gpu_fraction's rule for DDP methods does not read the memory: no probe bytes to give it.
+    fractions = {method: gpu_fraction(0, int(gpu_total), method, settings.workers) for method in ddp}
+    for method in ddp if console is not None else []:
+        console.console.print(f"[bold]gpu[/] {method}: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
     for method, probe in probes.items():
         fractions[method] = gpu_fraction(probe["peak_bytes"], int(gpu_total), method, settings.workers)
         if console is not None:

@@ -12,11 +12,21 @@ asks this package for
 * :func:`to_trial_config` to turn what a trial receives into the flat config
   (see :mod:`medsweep.spaces._space` for the param naming scheme), and
   :func:`validate` to refuse bad values before anything launches.
+
+What the search knows of each method is one record in the method's own file,
+:mod:`medsweep.spaces.methods` (rules, recommended point and its source,
+searched distributions); every table here is derived from those records.
+The rules are also what the config dataclasses of ``medsweep.trainables``
+check their fields with (:func:`check_method_config`, :data:`TRAIN_RULES`,
+:data:`CONTEXT_RULES`), so each rule is written once.
 """
 
 from medsweep.spaces._describe import describe, format_describe
-from medsweep.spaces._recommend import Recommendation, recommendation, recommended
-from medsweep.spaces._schema import METHODS, OPTIMIZERS, TRAIN_RULES, allowed_keys, validate
+from medsweep.spaces._recommend import recommendation, recommended
+from medsweep.spaces._record import MethodSpace, Recommendation
+from medsweep.spaces._rules import CONTEXT_CHECKS, CONTEXT_RULES, OPTIMIZERS, TRAIN_RULES, Rule, problem_of, refuse_unknown
+from medsweep.spaces._schema import allowed_keys, check_method_config, config_keys, validate
+from medsweep.spaces.methods import METHODS, RECORDS, record
 from medsweep.spaces._space import (
     SEARCHED,
     Space,
@@ -30,21 +40,31 @@ from medsweep.spaces._space import (
 from medsweep.spaces.tables import LoraRow, lora_recommended
 
 __all__ = [
+    "CONTEXT_CHECKS",
+    "CONTEXT_RULES",
     "METHODS",
     "OPTIMIZERS",
+    "RECORDS",
     "SEARCHED",
     "TRAIN_RULES",
     "LoraRow",
+    "MethodSpace",
     "Recommendation",
+    "Rule",
     "Space",
     "allowed_keys",
+    "check_method_config",
+    "config_keys",
     "cross_method_space",
     "describe",
     "format_describe",
     "lora_recommended",
     "points_to_evaluate",
+    "problem_of",
     "recommendation",
     "recommended",
+    "record",
+    "refuse_unknown",
     "replay",
     "search_space_keys",
     "space_for",

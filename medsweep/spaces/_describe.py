@@ -12,7 +12,8 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from medsweep.spaces._recommend import recommendation
-from medsweep.spaces._space import Distribution, Node, space_for
+from medsweep.spaces._record import Distribution
+from medsweep.spaces._space import Node, space_for
 
 
 def describe(

@@ -14,7 +14,7 @@ What is searched, around each method's recommended point ``rec``:
 * ``weight_decay``: log-uniform over [rec / 10, rec x 10] where the published
   recipe uses one (rec > 0); a recipe without weight decay keeps 0;
 * the method's own keys and the training keys that matter for it, from the
-  :data:`SEARCHED` table below (each range contains the recommended value);
+  ``searched`` of its record (:mod:`medsweep.spaces.methods`) (each range contains the recommended value);
 * LoRA only: ``optimizer`` in {sgd, adamw}, the one method with both recipes
   published for the same task; lr, weight decay and epochs follow the chosen
   optimizer's recipe.
@@ -48,41 +48,13 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import BaseTrial, FixedTrial
 
 from medsweep.errors import ConfigError
-from medsweep.spaces._recommend import Recommendation, recommendation
-from medsweep.spaces._schema import METHODS, OPTIMIZERS, check_method
+from medsweep.spaces._recommend import recommendation
+from medsweep.spaces._record import Distribution, Recommendation
+from medsweep.spaces._rules import OPTIMIZERS
+from medsweep.spaces.methods import METHODS, RECORDS, record
 
-Distribution = FloatDistribution | IntDistribution | CategoricalDistribution
-
-_FPT_SEARCHED: dict[str, Distribution] = {
-    # The preload stores the most important tokens up to the largest keep ratio a
-    # sweep uses and a trial keeps a prefix, so the upper bound sets the store size
-    # (0.5: 2.5x the store of the published 0.2).
-    "keep_ratio": FloatDistribution(0.05, 0.5),
-    "num_prompts": CategoricalDistribution((4, 8, 16, 32, 64)),
-    # The side network is small, so every batch here fits where 16 does.
-    "batch_size": CategoricalDistribution((8, 16, 32)),
-}
-
-# Method keys (and training keys beyond lr / weight decay) searched per method.
-SEARCHED: dict[str, dict[str, Distribution]] = {
-    "linear": {"batch_size": CategoricalDistribution((8, 16, 32, 64))},  # a head: any batch fits
-    "full": {"warmup_epochs": IntDistribution(0, 5)},  # warm-up guards pretrained weights under full updates
-    "fpt_plus": _FPT_SEARCHED,
-    "fpt": _FPT_SEARCHED,
-    "lora": {"rank": CategoricalDistribution((4, 8, 16, 32))},
-    "adapter": {"bottleneck": CategoricalDistribution((16, 32, 64, 128, 256))},
-    "prompt": {  # VPT's prompt lengths (1-100 of its grid), shallow or deep
-        "num_prompts": CategoricalDistribution((1, 5, 10, 50, 100)),
-        "deep": CategoricalDistribution((True, False)),
-    },
-    "cdtm": {"num_centers": CategoricalDistribution((100, 200, 300, 400))},
-    "staged": {
-        "stage1": CategoricalDistribution(("linear", "cdtm")),
-        "stage1_epochs": CategoricalDistribution((25, 50, 100)),
-    },
-    # TTL's published block-wise truncations; -1 keeps the whole network.
-    "truncated": {"truncation": CategoricalDistribution((1, 2, 3, -1))},
-}
+# Method keys (and training keys beyond lr / weight decay) searched per method: each record's ``searched``.
+SEARCHED: dict[str, dict[str, Distribution]] = {name: space.searched for name, space in RECORDS.items()}
 
 # Categorical keys whose choice prefixes the names under it, in the order they nest.
 _BRANCH_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (("method", METHODS), ("optimizer", OPTIMIZERS))
@@ -231,15 +203,16 @@ def _method_nodes(
     if not names:
         raise ConfigError(f"no methods to search; known methods: {', '.join(METHODS)}")
     for name in names:
-        check_method(name)
+        record(name)
     if len(set(names)) != len(names):
         raise ConfigError(f"methods listed more than once: {', '.join(names)}")
-    if weights is not None and "lora" not in names:
-        raise ConfigError(f"weights={weights!r} selects a LoRA-medical table, but lora is not among the methods")
+    if weights is not None and not any(record(name).weights for name in names):
+        with_tables = " or ".join(name for name in METHODS if record(name).weights)
+        raise ConfigError(f"weights={weights!r} selects a LoRA-medical table, but {with_tables} is not among the methods")
     return {
         name: method_node(
             recommendation(
-                name, dataset=dataset, fraction=fraction, weights=weights if name == "lora" else None
+                name, dataset=dataset, fraction=fraction, weights=weights if record(name).weights else None
             )
         )
         for name in names
@@ -277,8 +250,9 @@ def _leaf(method: str, values: Mapping[str, Any]) -> Node:
 
 def _distribution(method: str, key: str, value: Any) -> Distribution | None:
     """The distribution searched for ``key`` around its recommended ``value``, or None (constant)."""
-    if key in SEARCHED[method]:
-        return SEARCHED[method][key]
+    searched = record(method).searched
+    if key in searched:
+        return searched[key]
     if key == "lr" or (key == "weight_decay" and value > 0):
         return FloatDistribution(value / 10, value * 10, log=True)
     return None

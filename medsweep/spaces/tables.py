@@ -1,7 +1,9 @@
-"""Published hyperparameters, encoded as plain data, plus the defaults of methods without a table.
+"""Published hyperparameters, encoded as plain data, shared by several methods.
 
 Everything here is either copied from a public work (and says where) or a
-stated default (and says why). Search spaces are centred on these values, so a
+stated default (and says why). A method's own recommended point, and the source
+it cites, is in its record (:mod:`medsweep.spaces.methods`), built from these.
+Search spaces are centred on these values, so a
 sweep starts from what the authors ran rather than from a guess.
 
 Sources (see ``/work/shared/reference`` and DESIGN.md):
@@ -152,10 +154,8 @@ FPT_KEEP_RATIO = 0.2
 FPT_NUM_PROMPTS = 16
 FPT_SIDE_REDUCTION = 8  # side hidden = frozen hidden / 8 (768 -> 96)
 FPT_FROZEN_IMAGE_SIZE = 512
-# Side-network input at the 512 px frozen input: 1/4 of it for FPT+, 7/16 for FPT.
-FPT_SIDE_IMAGE_SIZE = {"fpt_plus": 128, "fpt": 224}
 
-_FPT_TRAINING: dict[str, Any] = {
+FPT_TRAINING: dict[str, Any] = {
     "weight_decay": FPT_WEIGHT_DECAY,
     "optimizer": "adamw",
     "warmup_epochs": FPT_WARMUP_EPOCHS,
@@ -170,7 +170,7 @@ _FPT_TRAINING: dict[str, Any] = {
 # Cross-domain README commands (--init-lr 1e-4 --batch-size 8 --epochs 100
 # --warmup_epochs 2) and config_clip_vit.py (Adam, L2 weight decay 1e-3); the
 # code uses AMP and no gradient clipping.
-_CROSS_DOMAIN_TRAINING: dict[str, Any] = {
+CROSS_DOMAIN_TRAINING: dict[str, Any] = {
     "lr": 1e-4,
     "weight_decay": 1e-3,
     "optimizer": "adam",
@@ -187,7 +187,7 @@ STAGED_STAGE1_EPOCHS = 100
 
 # TTL main.py: Adam lr 1e-4, no weight decay, no clipping; README: batch 64,
 # --max_epoch 200 (ReduceLROnPlateau there, stopping at lr < 1e-6).
-_TTL_TRAINING: dict[str, Any] = {
+TTL_TRAINING: dict[str, Any] = {
     "lr": 1e-4,
     "weight_decay": 0.0,
     "optimizer": "adam",
@@ -201,69 +201,3 @@ _TTL_TRAINING: dict[str, Any] = {
 # no single value is recommended. 3 (drop only the last block) is our default:
 # the mildest truncation, and the space searches all four.
 TTL_TRUNCATION = 3
-
-# -- Defaults of every method ------------------------------------------------------
-
-# The recommended flat config of each method when no table applies (method key
-# excluded). Prompt tuning and adapters have no medical table: they use the FPT
-# pipeline's training setup (the FPT works ran them as baselines in it) with
-# VPT/AdaptFormer-style defaults that are reasonable, not published for these
-# data: AdamW lr 1e-3, VPT-deep with 10 prompts per layer, AdaptFormer's
-# bottleneck 64.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": dict(_CROSS_DOMAIN_TRAINING),
-    "full": dict(_CROSS_DOMAIN_TRAINING),
-    "fpt_plus": {
-        "lr": FPT_DEFAULT_LR,
-        **_FPT_TRAINING,
-        "keep_ratio": FPT_KEEP_RATIO,
-        "num_prompts": FPT_NUM_PROMPTS,
-        "side_image_size": FPT_SIDE_IMAGE_SIZE["fpt_plus"],
-        "side_reduction": FPT_SIDE_REDUCTION,
-    },
-    "fpt": {
-        "lr": FPT_DEFAULT_LR,
-        **_FPT_TRAINING,
-        "keep_ratio": FPT_KEEP_RATIO,
-        "num_prompts": FPT_NUM_PROMPTS,
-        "side_image_size": FPT_SIDE_IMAGE_SIZE["fpt"],
-        "side_reduction": FPT_SIDE_REDUCTION,
-    },
-    "lora": {
-        "lr": LORA_DEFAULT_ROWS[LORA_DEFAULT_OPTIMIZER].absolute_lr,
-        "weight_decay": LORA_WEIGHT_DECAY[LORA_DEFAULT_OPTIMIZER],
-        "optimizer": LORA_DEFAULT_OPTIMIZER,
-        "warmup_epochs": LORA_WARMUP_EPOCHS,
-        "epochs": LORA_DEFAULT_ROWS[LORA_DEFAULT_OPTIMIZER].epochs,
-        "batch_size": LORA_BATCH_SIZE,
-        "grad_clip": LORA_GRAD_CLIP,
-        "seed": 0,
-        "rank": LORA_DEFAULT_ROWS[LORA_DEFAULT_OPTIMIZER].rank,
-        "alpha": LORA_ALPHA,
-        "lora_dropout": LORA_DROPOUT,
-    },
-    "adapter": {**_FPT_TRAINING, "lr": 1e-3, "bottleneck": 64},
-    "prompt": {**_FPT_TRAINING, "lr": 1e-3, "num_prompts": 10, "deep": True},
-    "cdtm": {**_CROSS_DOMAIN_TRAINING, "num_centers": CDTM_NUM_CENTERS},
-    "staged": {
-        **_CROSS_DOMAIN_TRAINING,
-        "epochs": 2 * _CROSS_DOMAIN_TRAINING["epochs"],
-        "stage1": "cdtm",
-        "stage1_epochs": STAGED_STAGE1_EPOCHS,
-    },
-    "truncated": {**_TTL_TRAINING, "truncation": TTL_TRUNCATION, "granularity": "block"},
-}
-
-# Where each default comes from, for ``describe`` and ``medsweep spaces show``.
-METHOD_DEFAULT_SOURCES: dict[str, str] = {
-    "linear": "cross-domain fine-tuning (JBHI 2023) linear mode: Adam lr 1e-4, L2 1e-3, warm-up 2, batch 8, 100 epochs",
-    "full": "cross-domain fine-tuning (JBHI 2023) full mode: Adam lr 1e-4, L2 1e-3, warm-up 2, batch 8, 100 epochs",
-    "fpt_plus": "FPT official training defaults (20 epochs, batch 16, AdamW wd 0.1, clip 1, keep 0.2, 16 prompts, side 128 px)",
-    "fpt": "FPT official training defaults (20 epochs, batch 16, AdamW wd 0.1, clip 1, keep 0.2, 16 prompts, side 224 px)",
-    "lora": "LoRA-medical defaults without a table row: AdamW base lr 3e-3 x 64/256, rank 8, 100 epochs, alpha 32, dropout 0.1",
-    "adapter": "FPT pipeline training setup; AdamW lr 1e-3 and AdaptFormer-style bottleneck 64 (reasonable defaults, not published for medical data)",
-    "prompt": "FPT pipeline training setup; AdamW lr 1e-3 and VPT-deep with 10 prompts (reasonable defaults, not published for medical data)",
-    "cdtm": "cross-domain fine-tuning (JBHI 2023) frt mode (CDTM, 300 centres): Adam lr 1e-4, L2 1e-3, warm-up 2, batch 8, 100 epochs",
-    "staged": "cross-domain staged fine-tuning: 100 frozen epochs (CDTM) then 100 unfrozen at lr / 10; Adam lr 1e-4, L2 1e-3, batch 8",
-    "truncated": "TTL (BMVC 2023): Adam lr 1e-4, no weight decay, batch 64, 200 epochs; truncation 3 is our default among the published 1/2/3/-1",
-}

@@ -30,6 +30,7 @@ from medsweep.trainables.inputs import model_inputs, steps_per_epoch
 from medsweep.trainables.memory import step_memory_bytes
 from medsweep.trainables.methods import Method, build_method, get_method
 from medsweep.trainables.metrics import classification_metrics
+from medsweep.trainables.optimizers import OPTIMIZER_KINDS
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGENCE_LOSS = 1e4
@@ -83,12 +84,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tens
 
 
 def make_optimizer(method: Method, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    groups = method.param_groups(cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    if cfg.optimizer == "adam":  # L2 through weight_decay, as the cross-domain and TTL code
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    return OPTIMIZER_KINDS[cfg.optimizer].build(method.param_groups(cfg.weight_decay), lr)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
+from medsweep.trainables.optimizers import OPTIMIZER_KINDS
+
 
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
@@ -31,7 +32,7 @@ def parameter_bytes(model: nn.Module, optimizer: str) -> int:
         size = param.numel() * param.element_size()
         total += size
         if param.requires_grad:
-            total += size * (1 + OPTIMIZER_STATES.get(optimizer, 2))
+            total += size * (1 + OPTIMIZER_KINDS[optimizer].states)
     return total
 
 

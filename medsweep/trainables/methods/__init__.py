@@ -17,6 +17,7 @@ from medsweep.trainables.methods.base import (
     list_methods,
     make_config,
     register_method,
+    runs_ddp,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -32,4 +33,5 @@ __all__ = [
     "list_methods",
     "make_config",
     "register_method",
+    "runs_ddp",
 ]

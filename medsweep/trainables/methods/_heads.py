@@ -35,7 +35,7 @@ def build_frozen_vit(config: MethodConfig, method: str) -> Backbone:
         raise ConfigError(
             f"method {method!r} adapts the blocks of a ViT (HF ViTModel), but backbone {config.backbone!r} is a "
             f"{type(backbone.model).__name__}; use a ViT such as vit-tiny, vit-base-patch16-384 or dino-vitb16, "
-            "or the 'full' method for CNN and CLIP backbones"
+            "or a method that takes any backbone family (full fine-tuning, linear probe, CDTM) for CNN and CLIP backbones"
         )
     without_pooler(backbone).model.requires_grad_(False)
     return backbone

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from medsweep.errors import ConfigError
 from medsweep.trainables.backbones import pooled_features
 from medsweep.trainables.methods._heads import build_frozen_vit
 from medsweep.trainables.methods.base import Method, MethodConfig, register_method
@@ -36,11 +35,6 @@ class AdapterConfig(MethodConfig):
     """
 
     bottleneck: int = field(default=64, metadata={"help": "hidden width of each adapter (FPT's 2.03% baseline: 96)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.bottleneck < 1:
-            raise ConfigError(f"bottleneck must be at least 1, got {self.bottleneck}")
 
 
 class Bottleneck(nn.Module):

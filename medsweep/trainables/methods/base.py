@@ -25,16 +25,15 @@ logits ``[B, num_classes]``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from medsweep.errors import ConfigError
+from medsweep.trainables.config import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -45,48 +44,15 @@ class ImageInput:
     augment: bool
 
 
-@dataclass
-class MethodConfig:
-    """Fields every method has. Subclasses add their own, each with a default and help."""
-
-    backbone: str = field(default="vit-tiny", metadata={"help": "registered backbone name, local save_pretrained folder, or hub id"})
-    image_size: int = field(default=64, metadata={"help": "input resolution of the (frozen or tuned) backbone"})
-    num_classes: int = field(default=2, metadata={"help": "number of classes (set from the dataset)"})
-    task: Literal["multiclass", "multilabel"] = field(default="multiclass", metadata={"help": "softmax/CE or sigmoid/BCE"})
-
-    def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ConfigError(f"image_size must be at least 8 pixels, got {self.image_size}")
-        if self.num_classes < 2 and self.task == "multiclass":
-            raise ConfigError(f"a multi-class task needs at least 2 classes, got {self.num_classes}")
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be positive, got {self.num_classes}")
-        if self.task not in ("multiclass", "multilabel"):
-            raise ConfigError(f"task must be 'multiclass' or 'multilabel', got {self.task!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
-        """Build from a flat dict, ignoring keys that belong to other configs (training, search)."""
-        known = cls.field_names()
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
 class Method(nn.Module):
     """Base class of every PETL method; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
     preloadable: ClassVar[bool] = False
     frozen_input: ClassVar[str] = "pixel_values"
+    # A method that trains the whole backbone on its own: a sweep runs its trials with DDP over
+    # ``--workers`` whole GPUs (one per worker) instead of a probed fraction of one GPU.
+    ddp: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -201,7 +167,10 @@ def register_method(name: str, config_cls: type[MethodConfig], model_cls: type[M
         raise ValueError(f"method {name!r} is already registered")
     if not issubclass(config_cls, MethodConfig) or not issubclass(model_cls, Method):
         raise TypeError(f"method {name!r}: config must subclass MethodConfig and model must subclass Method")
+    if "method" in vars(config_cls):
+        raise ValueError(f"method {name!r}: {config_cls.__name__} is already the config of {config_cls.method!r}")
     model_cls.name = name
+    config_cls.method = name  # its fields are checked with the rules of this name's record in spaces
     _METHODS[name] = MethodEntry(name, config_cls, model_cls, description)
 
 
@@ -215,8 +184,14 @@ def get_method(name: str) -> MethodEntry:
     return _METHODS[name]
 
 
+def runs_ddp(name: str) -> bool:
+    """Whether a sweep runs ``name``'s trials with DDP on whole GPUs (see :attr:`Method.ddp`)."""
+    return get_method(name).model_cls.ddp
+
+
 def make_config(name: str, values: dict[str, Any] | None = None) -> MethodConfig:
-    """A flat dict (a trial's config) to the method's config; unrelated keys are ignored."""
+    """A flat dict (a trial's config) to the method's config: keys of the trial config's other
+    groups are ignored, a key of no group is refused (see :mod:`medsweep.trainables.config`)."""
     return get_method(name).config_cls.from_dict(values or {})
 
 

@@ -58,13 +58,6 @@ class CdtmConfig(MethodConfig):
     num_centers: int = field(default=300, metadata={"help": "learned centres, one N x N token-mixing matrix each (300 in the paper)"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "hidden width of the module's MLP as a multiple of the token width"})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_centers < 1:
-            raise ConfigError(f"num_centers must be at least 1, got {self.num_centers}")
-        if not self.mlp_ratio > 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-
 
 # -- the backbone as a token sequence (shared with staged.py) ---------------------------
 

@@ -78,28 +78,6 @@ class _FineGrainedPromptConfig(MethodConfig):
         metadata={"help": "token score: attention received averaged over all queries (global) or from the CLS query"},
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.keep_ratio <= 1:
-            raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if not 0 < self.preload_keep_ratio <= 1:
-            raise ConfigError(f"preload_keep_ratio must be in (0, 1], got {self.preload_keep_ratio}")
-        if self.keep_ratio > self.preload_keep_ratio:
-            raise ConfigError(
-                f"keep_ratio {self.keep_ratio} exceeds preload_keep_ratio {self.preload_keep_ratio}: "
-                "set preload_keep_ratio to the largest keep_ratio of the search"
-            )
-        if self.num_prompts < 1:
-            raise ConfigError(f"num_prompts must be at least 1, got {self.num_prompts}")
-        if self.side_image_size < 0:
-            raise ConfigError(f"side_image_size must be >= 0 (0 derives it from image_size), got {self.side_image_size}")
-        if self.side_reduction < 1:
-            raise ConfigError(f"side_reduction must be at least 1, got {self.side_reduction}")
-        if not 0 <= self.fusion_dropout < 1:
-            raise ConfigError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout}")
-        if self.token_importance not in ("global", "class_token"):
-            raise ConfigError(f"token_importance must be 'global' or 'class_token', got {self.token_importance!r}")
-
 
 @dataclass
 class FPTPlusConfig(_FineGrainedPromptConfig):

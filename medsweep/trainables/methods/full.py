@@ -25,6 +25,8 @@ class FullConfig(MethodConfig):
 
 
 class FullFineTuning(Method):
+    ddp = True  # trains the whole backbone: DDP over --workers whole GPUs in a sweep
+
     def __init__(self, config: FullConfig) -> None:
         super().__init__(config)
         self.backbone = without_pooler(build_backbone(config.backbone, config.image_size))

@@ -25,12 +25,12 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from medsweep.errors import ConfigError
+from medsweep.spaces.methods.lora import PROJECTIONS as PROJECTION_NAMES
 from medsweep.trainables.methods._heads import build_frozen_vit, frozen_subtrees, vit_tokens
 from medsweep.trainables.methods.base import Method, MethodConfig, register_method
 
-# Projection names a config may target, to the ViTAttention module names of transformers 5.
-PROJECTIONS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj"}
+# Projection names a config may target (spaces' record lists them) to the ViTAttention module names of transformers 5.
+PROJECTIONS = dict(zip(PROJECTION_NAMES, ("q_proj", "k_proj", "v_proj", "o_proj"), strict=True))
 
 
 @dataclass
@@ -53,23 +53,6 @@ class LoRAConfig(MethodConfig):
         metadata={"help": "comma-separated attention projections to adapt: query, key, value, output"},
     )
     pool: Literal["cls", "mean"] = field(default="mean", metadata={"help": "head input: CLS token or mean of the patch tokens (LoRA-medical)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rank < 1:
-            raise ConfigError(f"rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.pool not in ("cls", "mean"):
-            raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        names = self.projections()
-        unknown = sorted(set(names) - set(PROJECTIONS))
-        if not names or unknown:
-            raise ConfigError(
-                f"target_modules must name some of {', '.join(PROJECTIONS)} (comma-separated), got {self.target_modules!r}"
-            )
 
     def projections(self) -> list[str]:
         """``target_modules`` as a list of projection names."""

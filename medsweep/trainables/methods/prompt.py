@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from medsweep.errors import ConfigError
 from medsweep.trainables.methods._heads import build_frozen_vit
 from medsweep.trainables.methods.base import Method, MethodConfig, register_method
 
@@ -40,13 +39,6 @@ class PromptConfig(MethodConfig):
     num_prompts: int = field(default=16, metadata={"help": "prompt tokens inserted after CLS (per block when deep)"})
     deep: bool = field(default=True, metadata={"help": "new prompts before every block (VPT-deep) instead of only at the input (VPT-shallow)"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "dropout on the prompt tokens in training (VPT uses 0.1)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_prompts < 1:
-            raise ConfigError(f"num_prompts must be at least 1, got {self.num_prompts}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ConfigError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
 
 class PromptTuning(Method):

@@ -27,7 +27,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medsweep.errors import ConfigError
 from medsweep.trainables.backbones import build_backbone, feature_dim
 from medsweep.trainables.methods.base import Method, register_method
 from medsweep.trainables.methods.cdtm import CdtmConfig, TransferModule, backbone_tokens, num_tokens, strip_unused_pooling
@@ -41,13 +40,6 @@ class StagedConfig(CdtmConfig):
 
     stage1: Literal["linear", "cdtm"] = field(default="cdtm", metadata={"help": "what trains on the frozen backbone in stage 1: a linear head, or the CDTM and head"})
     stage1_epochs: int = field(default=10, metadata={"help": "epochs of stage 1; stage 2 (everything trains, lr x 0.1) runs the remaining epochs"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.stage1 not in ("linear", "cdtm"):
-            raise ConfigError(f"stage1 must be 'linear' or 'cdtm', got {self.stage1!r}")
-        if self.stage1_epochs < 1:
-            raise ConfigError(f"stage1_epochs must be at least 1, got {self.stage1_epochs}")
 
 
 class StagedFineTuning(Method):

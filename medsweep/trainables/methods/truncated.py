@@ -51,13 +51,6 @@ class TruncatedConfig(MethodConfig):
     granularity: Literal["block", "layer"] = field(default="block", metadata={"help": "truncate at stage (block-wise TTL) or residual-layer (layer-wise TTL) boundaries"})
     pool: bool = field(default=True, metadata={"help": "global average pool before the head (as the published block-wise runs); off: flatten the whole map (truncation -1 always pools)"})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.granularity not in ("block", "layer"):
-            raise ConfigError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
-        if self.truncation != -1 and self.truncation < 1:
-            raise ConfigError(f"truncation must be -1 (whole network) or a positive depth, got {self.truncation}")
-
 
 def _stride2(side: int) -> int:
     """Side after a stride-2 convolution or pooling of a ResNet: 7x7 pad 3, 3x3 pad 1 and 1x1 pad 0 all give ceil(side / 2)."""
