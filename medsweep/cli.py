@@ -201,7 +201,8 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, check_out, run_sweep
+    from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings
+    from medsweep.search.sweep import check_out, run_sweep
 
     settings = SweepSettings(
         dataset=args.dataset,

@@ -50,7 +50,8 @@ def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
     Returns (output folder, settings, console text).
     """
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import SweepSettings, run_sweep
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweep")
     settings = SweepSettings(

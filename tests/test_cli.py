@@ -145,7 +145,9 @@ def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_inputs
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
     """``--overwrite`` deletes exactly the files a sweep writes (checked without running one: the
     folder is prepared once Ray is up, which needs a real sweep; see test_faults for those)."""
-    from medsweep.search.sweep import SWEEP_OUTPUTS, SweepSettings, check_out, prepare_out
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.study import SWEEP_OUTPUTS
+    from medsweep.search.sweep import check_out, prepare_out
 
     out = tmp_path / "out"
     out.mkdir()

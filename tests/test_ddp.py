@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from medsweep.search.console import SweepConsole
-from medsweep.search.sweep import SweepSettings, run_sweep
+from medsweep.search.settings import SweepSettings
+from medsweep.search.sweep import run_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from medsweep.search.sweep import load_study
+from medsweep.search.study import load_study
 from medsweep.spaces import points_to_evaluate
 
 pytestmark = pytest.mark.slow

@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ from medsweep.datasets.store import LABEL, PreloadStore, decode_columns
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.export import read_best
-from medsweep.search.sweep import SweepSettings
+from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
+from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML
 from medsweep.trainables.backbones import backbone_normalisation
 from medsweep.trainables.inputs import model_inputs
 from medsweep.trainables.loop import device_for_trial, fit, load_trained
@@ -60,9 +61,6 @@ from medsweep.trainables.metrics import classification_metrics
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
 
-FINAL_DIR = "final"
-FINAL_YAML = "final.yaml"
-FINAL_JSON = "final.json"
 BOOTSTRAP_RESAMPLES = 1000
 CI_LEVEL = 0.95
 _BOOTSTRAP_CHUNK = 100  # resamples scored at once: bounds memory at a few chunk x test-images arrays
@@ -437,19 +435,7 @@ def _json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------ command
 
 
-def load_settings(out: Path) -> SweepSettings:
-    """The settings a finished sweep ran with, from its ``sweep.json`` (``out`` is where it is now)."""
-    path = Path(out) / "sweep.json"
-    if not path.is_file():
-        raise ConfigError(f"{out} has no sweep.json; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
-    saved = json.loads(path.read_text())
-    known = {f.name for f in fields(SweepSettings)}
-    return SweepSettings(**{**{k: v for k, v in saved.items() if k in known}, "out": Path(out)})
-
-
 def run(args: argparse.Namespace) -> int:
-    from medsweep.search.sweep import sweep_dataset
-
     settings = load_settings(args.dir)
     if args.cache_dir is not None:
         settings.cache_dir = args.cache_dir
