@@ -128,7 +128,7 @@ def timed_sweep(
     ray_start = ctx.ray()
     out = ctx.work / "sweeps" / name
     settings = SweepSettings(
-        **{"methods": ["fpt_plus"], "wandb": "disabled", "cache_dir": ctx.cache_dir, "out": out, **overrides}
+        **{"methods": ["fpt_plus"], "wandb": "disabled", "final_seeds": 0, "cache_dir": ctx.cache_dir, "out": out, **overrides}
     )
     shutil.rmtree(out, ignore_errors=True)  # an old Optuna journal there would seed TPE with stale trials
     if points:

@@ -66,6 +66,7 @@ def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
         out=out,
         cache_dir=tmp_path_factory.mktemp("cache"),
         fixed={"side_reduction": 2},
+        final_seeds=0,
     )
     console = SweepConsole(record=True)
     run_sweep(settings, console)

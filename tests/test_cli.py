@@ -161,3 +161,35 @@ def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, t
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "thesis.tex"]
     assert json.loads((out / "sweep.json").read_text())["methods"] == ["linear"]
     assert {"sweep.json", "optuna-study.log", "ray"} <= set(SWEEP_OUTPUTS)
+
+
+def test_every_option_that_is_a_sweep_setting_defaults_to_the_settings_default():
+    """One home per default: each command's option of the same name as a SweepSettings field (or
+    TrainConfig field, for one training config) takes that field's default, whichever command it is."""
+    from dataclasses import MISSING, fields
+
+    from medsweep.cli import build_parser
+    from medsweep.search.settings import DEFAULT_TRIALS, SweepSettings
+    from medsweep.trainables.config import TrainConfig
+
+    default = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(SweepSettings)}
+    parser = build_parser()
+    sweep = vars(parser.parse_args(["sweep"]))
+    # None in argparse, decided by cmd_sweep: --method (DEFAULT_METHODS), --trials (none with --budget-hours alone).
+    separately = {"methods", "trials", "out", "objective"}
+    compared = [name for name in default if name in sweep and name not in separately]
+    assert len(compared) >= 15, compared
+    for name in compared:
+        assert sweep[name] == default[name], name
+    assert sweep["objective"].split(",") == default["objective"]
+    assert default["trials"] == DEFAULT_TRIALS
+    assert sweep["final_seeds"] == 3  # what `medsweep sweep` has always done (README: "--final-seeds N | 3")
+    shared = ("dataset", "backbone", "image_size", "cache_dir", "seed", "preload_batch_size", "connect_timeout", "precision")
+    for command in (["train", "--method", "linear"], ["preload"], ["params", "--method", "linear"], ["probe", "--method", "linear"]):
+        args = vars(parser.parse_args(command))
+        for name in (n for n in shared if n in args):
+            assert args[name] == default[name], (command[0], name)
+        if "batch_size" in args:
+            assert args["batch_size"] == TrainConfig().batch_size, command[0]
+    assert vars(parser.parse_args(["train", "--method", "linear"]))["epochs"] == default["max_epochs"]
+    assert parser.parse_args(["final", "somewhere"]).seeds == default["final_seeds"]

@@ -223,6 +223,7 @@ def _tiny_settings(
         out=out,
         cache_dir=cache,
         early_stopping=False,
+        final_seeds=0,
         **extra,
     )
 

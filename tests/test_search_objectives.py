@@ -31,6 +31,7 @@ def _tiny_settings(root, out, cache, **overrides):
             "out": out,
             "cache_dir": cache,
             "fixed": {"side_reduction": 2},
+            "final_seeds": 0,
             **overrides,
         }
     )

@@ -3,7 +3,7 @@
 The bottom of :mod:`medsweep.search` with :mod:`medsweep.search.study`: the
 sweep, the tuner, the final retrain, the report and ``medsweep resume`` read
 their settings from here, and the CLI's defaults are this dataclass's
-so each default has one home. A sweep saves its
+(:func:`setting_default`), so each default has one home. A sweep saves its
 settings as ``sweep.json``; :func:`load_settings` reads them back.
 """
 
@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,8 @@ OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), 
 # 100000 would ask a ViT for ~40 GB of position embeddings before anything else failed.
 MAX_IMAGE_SIZE = 4096
 MIN_IMAGE_SIZE = 8
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+SEARCHES = ("tpe", "random")  # Optuna's sampler after the recommended points
 
 
 @dataclass
@@ -53,6 +55,8 @@ class SweepSettings:
     is ``auto`` (each method's fraction sized from its probed memory, see
     :func:`medsweep.search.tuning.gpu_fraction`). ``objective`` lists the
     ``OBJECTIVES`` the study optimises; more than one makes it multi-objective.
+    ``final_seeds``: the best configuration is retrained with this many seeds and
+    tested once when the search ends (0 skips it).
     """
 
     dataset: str = "synthetic"
@@ -72,7 +76,7 @@ class SweepSettings:
     grace_period: int = 2
     fraction: float | None = None
     preload_features: bool = True
-    final_seeds: int = 0
+    final_seeds: int = 3
     skip_bad_images: bool = False
     search: str = "tpe"
     early_stopping: bool = True
@@ -122,11 +126,11 @@ class SweepSettings:
             raise ConfigError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.wandb not in ("auto", "online", "offline", "disabled"):
+        if self.wandb not in WANDB_MODES:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
         if self.final_seeds < 0:
             raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
-        if self.search not in ("tpe", "random"):
+        if self.search not in SEARCHES:
             raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
         if self.fraction is not None and not 0 < self.fraction <= 100:
             raise ConfigError(f"--fraction is a percentage of the training set in (0, 100], got {self.fraction}")
@@ -156,6 +160,14 @@ class SweepSettings:
     def objective_columns(self) -> list[tuple[str, str]]:
         """(result / leaderboard column, ``max`` or ``min``) of each objective, in ``--objective`` order."""
         return [OBJECTIVES[name] for name in self.objective]
+
+
+def setting_default(name: str) -> Any:
+    """The default of the :class:`SweepSettings` field ``name`` (a fresh copy of a list or dict).
+
+    The CLI's options take their defaults from here, so a default is written once."""
+    spec = next(f for f in fields(SweepSettings) if f.name == name)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
 def load_settings(out: Path) -> SweepSettings:
