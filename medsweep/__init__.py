@@ -5,7 +5,10 @@ The four sub-packages are the four concerns (see README "Architecture"):
 (backbones, methods, the training loop, metrics), ``spaces`` (search spaces
 and published recommended tables, pure data) and ``search`` (Ray Tune +
 Optuna orchestration). Dependencies point one way: search -> trainables ->
-datasets, search -> spaces.
+datasets, search -> spaces. Inside ``search``, ``settings`` and ``study`` are the
+bottom (what a sweep is set to and what it writes), the modules that run a sweep
+import them, and ``sweep`` / ``resume`` import those; ``tests/test_layering.py``
+checks on the source that no import runs in a circle.
 """
 
 __version__ = "0.1.0"
