@@ -193,3 +193,15 @@ def test_every_option_that_is_a_sweep_setting_defaults_to_the_settings_default()
             assert args["batch_size"] == TrainConfig().batch_size, command[0]
     assert vars(parser.parse_args(["train", "--method", "linear"]))["epochs"] == default["max_epochs"]
     assert parser.parse_args(["final", "somewhere"]).seeds == default["final_seeds"]
+
+
+@pytest.mark.parametrize("command", ["final", "resume"])
+def test_a_sweep_json_with_an_unknown_setting_is_refused_by_every_reader(command, tmp_path, capsys):
+    """One load_settings for resume and final: a setting this version does not know is one line
+    naming the fix, never silently dropped (which would retrain or resume a different sweep)."""
+    from medsweep.search.settings import SweepSettings
+
+    (tmp_path / "sweep.json").write_text(SweepSettings(methods=["linear"], out=tmp_path).to_json()[:-2] + ', "warp_drive": 9\n}')
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not know (warp_drive)" in err and "version of medsweep that wrote it" in err
