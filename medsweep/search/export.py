@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.errors import ConfigError
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
 from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV
@@ -174,7 +175,5 @@ def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -
 def read_best(out: Path) -> dict[str, Any]:
     path = Path(out) / BEST_YAML
     if not path.is_file():
-        from medsweep.errors import ConfigError
-
         raise ConfigError(f"{out} has no {BEST_YAML}; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
     return yaml.safe_load(path.read_text())

@@ -30,6 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
@@ -38,6 +40,7 @@ from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
+from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.methods import build_method
 
@@ -78,10 +81,6 @@ def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
     shapes and checks, no weights (CDTM's token-mixing matrices at 512 px would
     be gigabytes).
     """
-    import torch
-
-    from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
-
     with torch.device("meta"), frozen_weights_unused():
         backbone = build_backbone(settings.backbone, settings.image_size, settings.seed)
         patch = getattr(backbone.config, "patch_size", None)
