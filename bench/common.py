@@ -14,7 +14,7 @@ import torch
 from medsweep.datasets import load_dataset, load_imagefolder, make_synthetic
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.search.space import build_search
-from medsweep.search.sweep import DEMO_BACKBONE, SweepSettings, fixed_config
+from medsweep.search.settings import DEMO_BACKBONE, SweepSettings, fixed_config
 from medsweep.spaces import points_to_evaluate, replay
 from medsweep.trainables.methods import Method, build_method
 

@@ -122,12 +122,13 @@ def timed_sweep(
     exactly these configs, through the unchanged searcher, Tuner and trial.
     """
     from medsweep.search import tuning
-    from medsweep.search.sweep import SweepSettings, run_sweep
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.sweep import run_sweep
 
     ray_start = ctx.ray()
     out = ctx.work / "sweeps" / name
     settings = SweepSettings(
-        **{"methods": ["fpt_plus"], "wandb": "disabled", "cache_dir": ctx.cache_dir, "out": out, **overrides}
+        **{"methods": ["fpt_plus"], "wandb": "disabled", "final_seeds": 0, "cache_dir": ctx.cache_dir, "out": out, **overrides}
     )
     shutil.rmtree(out, ignore_errors=True)  # an old Optuna journal there would seed TPE with stale trials
     if points:
@@ -173,7 +174,7 @@ def enqueue(out: Path, points: list[dict[str, Any]]) -> None:
     """Put ``points`` in the study file a sweep writing to ``out`` will open (``run_sweep``'s study name)."""
     import optuna
 
-    from medsweep.search.sweep import STUDY_NAME, study_storage
+    from medsweep.search.study import STUDY_NAME, study_storage
 
     out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(

@@ -24,8 +24,8 @@ from typing import Any
 
 from medsweep.errors import MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
-
-DEFAULT_CACHE = Path(".medsweep-cache")
+from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, WANDB_MODES, SweepSettings, setting_default
+from medsweep.trainables.config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,29 +85,39 @@ def _set_pairs(pairs: list[str]) -> dict[str, Any]:
     return fixed
 
 
+# Every option that is also a sweep setting takes its default from SweepSettings (setting_default),
+# whichever command it belongs to, so `medsweep train --backbone` and `medsweep sweep --backbone`
+# cannot drift apart; the options of one training config take TrainConfig's.
+def _train_default(name: str) -> Any:
+    """The default of a :class:`TrainConfig` field (the options of the commands that train or probe one config)."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="vit-small-demo", help="registered name, save_pretrained folder or hub id")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the backbone / frozen path")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where preload stores and the synthetic set live")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default=setting_default("backbone"), help="registered name, save_pretrained folder or hub id")
+    parser.add_argument("--image-size", type=int, default=setting_default("image_size"), help="input size of the backbone / frozen path")
+    parser.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="where preload stores and the synthetic set live")
+    parser.add_argument("--seed", type=int, default=setting_default("seed"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 
 
 def _add_cluster(parser: argparse.ArgumentParser) -> None:
     """Options of the commands that run on Ray: where, and how the frozen pass runs there."""
-    parser.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default a local Ray")
-    parser.add_argument("--connect-timeout", type=float, default=45.0, metavar="SECONDS", help="how long to wait for the --address cluster to answer")
+    parser.add_argument("--address", default=setting_default("address"), help="Ray cluster address (e.g. auto); default a local Ray")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=setting_default("connect_timeout"), metavar="SECONDS", help="how long to wait for the --address cluster to answer"
+    )
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=setting_default("precision"),
         choices=["auto", "fp32", "bf16", "fp16"],
         help="the frozen pass's compute precision (part of the store's key); auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
     )
     parser.add_argument(
         "--preload-batch-size",
         type=_batch_or_auto,
-        default=None,
+        default=setting_default("preload_batch_size"),
         metavar="N|auto",
         help="images per frozen forward in the preload; auto: the most that fit 80%% of a GPU's free memory (probed on each actor), 16 on CPUs",
     )
@@ -118,24 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sweep = sub.add_parser("sweep", help="run a sweep (no arguments: the built-in synthetic demo)")
-    sweep.add_argument("--dataset", default="synthetic", help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
-    sweep.add_argument("--method", action="append", dest="methods", help="method to sweep (repeatable); default fpt_plus and linear")
-    sweep.add_argument("--trials", type=int, default=None, help="number of trials (recommended points first, then TPE); default 8, unbounded with --budget-hours")
-    sweep.add_argument("--budget-hours", type=float, default=None, help="time budget of the search in hours; ends it (with --trials: whichever comes first)")
-    sweep.add_argument("--objective", default="auc", help="auc, or auc with memory and/or params (e.g. auc,memory): a multi-objective search with a Pareto front")
-    sweep.add_argument("--max-epochs", type=int, default=6, help="epoch budget per trial (ASHA stops weak trials sooner)")
-    sweep.add_argument("--fraction", type=float, default=None, help="label fraction of the training set in percent (1, 10, 100...)")
-    sweep.add_argument("--grace-period", type=int, default=2, help="epochs every trial runs before ASHA may stop it")
-    sweep.add_argument("--gpus-per-trial", type=_gpus, default=None, help="GPU fraction each trial reserves, for every method; default auto: sized per method from its probed memory (0 without GPUs)")
-    sweep.add_argument("--cpus-per-trial", type=float, default=1.0)
-    sweep.add_argument("--workers", type=int, default=1, help="DDP workers for full fine-tuning trials")
-    sweep.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="auto: online with WANDB_API_KEY, else offline files")
+    sweep.add_argument("--dataset", default=setting_default("dataset"), help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
+    sweep.add_argument("--method", action="append", dest="methods", help=f"method to sweep (repeatable); default {' and '.join(DEFAULT_METHODS)}")
+    # None here, DEFAULT_TRIALS in cmd_sweep: without --trials, --budget-hours alone is an unbounded search.
+    sweep.add_argument("--trials", type=int, default=None, help=f"number of trials (recommended points first, then TPE); default {DEFAULT_TRIALS}, unbounded with --budget-hours")
+    sweep.add_argument("--budget-hours", type=float, default=setting_default("budget_hours"), help="time budget of the search in hours; ends it (with --trials: whichever comes first)")
+    sweep.add_argument(
+        "--objective",
+        default=",".join(setting_default("objective")),
+        help="auc, or auc with memory and/or params (e.g. auc,memory): a multi-objective search with a Pareto front",
+    )
+    sweep.add_argument("--max-epochs", type=int, default=setting_default("max_epochs"), help="epoch budget per trial (ASHA stops weak trials sooner)")
+    sweep.add_argument("--fraction", type=float, default=setting_default("fraction"), help="label fraction of the training set in percent (1, 10, 100...)")
+    sweep.add_argument("--grace-period", type=int, default=setting_default("grace_period"), help="epochs every trial runs before ASHA may stop it")
+    sweep.add_argument(
+        "--gpus-per-trial",
+        type=_gpus,
+        default=setting_default("gpus_per_trial"),
+        help="GPU fraction each trial reserves, for every method; default auto: sized per method from its probed memory (0 without GPUs)",
+    )
+    sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"))
+    sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
+    sweep.add_argument("--wandb", default=setting_default("wandb"), choices=WANDB_MODES, help="auto: online with WANDB_API_KEY, else offline files")
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
     sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept")
-    sweep.add_argument("--search", default="tpe", choices=["tpe", "random"], help="Optuna sampler after the recommended points")
+    sweep.add_argument("--search", default=setting_default("search"), choices=SEARCHES, help="Optuna sampler after the recommended points")
     sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
     sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
-    sweep.add_argument("--final-seeds", type=int, default=3, help="retrain the best config with N seeds and test it once (0: skip)")
+    sweep.add_argument("--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)")
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
     _add_cluster(sweep)
@@ -145,16 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--json", action="store_true")
 
     train = sub.add_parser("train", help="train one configuration (the loop a trial runs), without a sweep")
-    train.add_argument("--dataset", default="synthetic")
+    train.add_argument("--dataset", default=setting_default("dataset"))
     train.add_argument("--method", required=True)
-    train.add_argument("--epochs", type=_positive_int, default=6)
+    train.add_argument("--epochs", type=_positive_int, default=setting_default("max_epochs"), help="default: a sweep's --max-epochs")
     train.add_argument("--lr", type=float, default=None, help="default: the method's recommended learning rate")
-    train.add_argument("--batch-size", type=_positive_int, default=16)
+    train.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"))
     train.add_argument("--out", type=Path, default=None, help="where to write metrics.jsonl, config.json, checkpoints")
     _add_common(train)
 
     pre = sub.add_parser("preload", help="build the preload store of a method over a dataset, or list stores")
-    pre.add_argument("--dataset", default="synthetic")
+    pre.add_argument("--dataset", default=setting_default("dataset"))
     pre.add_argument("--method", default="fpt_plus")
     pre.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     pre.add_argument("--list", action="store_true", help="list stores in the cache with their sizes")
@@ -169,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="peak memory of one training step at the method's recommended values (as train runs it)")
     probe.add_argument("--method", required=True)
-    probe.add_argument("--batch-size", type=_positive_int, default=16)
+    probe.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"))
     probe.add_argument("--num-classes", type=_positive_int, default=5)
     probe.add_argument("--json", action="store_true")
     _add_common(probe)
@@ -185,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     final = sub.add_parser("final", help="retrain a finished sweep's best configuration with several seeds and test it once")
     final.add_argument("dir", type=Path, help="output folder of a finished sweep")
-    final.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    final.add_argument("--seeds", type=int, default=setting_default("final_seeds"), help="number of seeds (seed, seed+1, ...)")
     final.add_argument("--per-method", action="store_true", help="also retrain each other method's best configuration")
     final.add_argument("--cache-dir", type=Path, default=None, help="preload cache (default: the sweep's)")
 
@@ -223,7 +243,7 @@ def _run_config(args: argparse.Namespace, method: str, dataset: str | None = Non
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import DEFAULT_METHODS, DEFAULT_TRIALS, SweepSettings, check_out, run_sweep
+    from medsweep.search.sweep import check_out, run_sweep  # torch and transformers: only for a sweep
 
     settings = SweepSettings(
         dataset=args.dataset,

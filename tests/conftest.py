@@ -50,7 +50,8 @@ def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
     Returns (output folder, settings, console text).
     """
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import SweepSettings, run_sweep
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweep")
     settings = SweepSettings(
@@ -65,6 +66,7 @@ def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
         out=out,
         cache_dir=tmp_path_factory.mktemp("cache"),
         fixed={"side_reduction": 2},
+        final_seeds=0,
     )
     console = SweepConsole(record=True)
     run_sweep(settings, console)

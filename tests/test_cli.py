@@ -153,7 +153,9 @@ def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_inputs
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
     """``--overwrite`` deletes exactly the files a sweep writes (checked without running one: the
     folder is prepared once Ray is up, which needs a real sweep; see test_faults for those)."""
-    from medsweep.search.sweep import SWEEP_OUTPUTS, SweepSettings, check_out, prepare_out
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.study import SWEEP_OUTPUTS
+    from medsweep.search.sweep import check_out, prepare_out
 
     out = tmp_path / "out"
     out.mkdir()
@@ -167,3 +169,47 @@ def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, t
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "thesis.tex"]
     assert json.loads((out / "sweep.json").read_text())["methods"] == ["linear"]
     assert {"sweep.json", "optuna-study.log", "ray"} <= set(SWEEP_OUTPUTS)
+
+
+def test_every_option_that_is_a_sweep_setting_defaults_to_the_settings_default():
+    """One home per default: each command's option of the same name as a SweepSettings field (or
+    TrainConfig field, for one training config) takes that field's default, whichever command it is."""
+    from dataclasses import MISSING, fields
+
+    from medsweep.cli import build_parser
+    from medsweep.search.settings import DEFAULT_TRIALS, SweepSettings
+    from medsweep.trainables.config import TrainConfig
+
+    default = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(SweepSettings)}
+    parser = build_parser()
+    sweep = vars(parser.parse_args(["sweep"]))
+    # None in argparse, decided by cmd_sweep: --method (DEFAULT_METHODS), --trials (none with --budget-hours alone).
+    separately = {"methods", "trials", "out", "objective"}
+    compared = [name for name in default if name in sweep and name not in separately]
+    assert len(compared) >= 15, compared
+    for name in compared:
+        assert sweep[name] == default[name], name
+    assert sweep["objective"].split(",") == default["objective"]
+    assert default["trials"] == DEFAULT_TRIALS
+    assert sweep["final_seeds"] == 3  # what `medsweep sweep` has always done (README: "--final-seeds N | 3")
+    shared = ("dataset", "backbone", "image_size", "cache_dir", "seed", "preload_batch_size", "connect_timeout", "precision")
+    for command in (["train", "--method", "linear"], ["preload"], ["params", "--method", "linear"], ["probe", "--method", "linear"]):
+        args = vars(parser.parse_args(command))
+        for name in (n for n in shared if n in args):
+            assert args[name] == default[name], (command[0], name)
+        if "batch_size" in args:
+            assert args["batch_size"] == TrainConfig().batch_size, command[0]
+    assert vars(parser.parse_args(["train", "--method", "linear"]))["epochs"] == default["max_epochs"]
+    assert parser.parse_args(["final", "somewhere"]).seeds == default["final_seeds"]
+
+
+@pytest.mark.parametrize("command", ["final", "resume"])
+def test_a_sweep_json_with_an_unknown_setting_is_refused_by_every_reader(command, tmp_path, capsys):
+    """One load_settings for resume and final: a setting this version does not know is one line
+    naming the fix, never silently dropped (which would retrain or resume a different sweep)."""
+    from medsweep.search.settings import SweepSettings
+
+    (tmp_path / "sweep.json").write_text(SweepSettings(methods=["linear"], out=tmp_path).to_json()[:-2] + ', "warp_drive": 9\n}')
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not know (warp_drive)" in err and "version of medsweep that wrote it" in err

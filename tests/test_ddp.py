@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from medsweep.search.console import SweepConsole
-from medsweep.search.sweep import SweepSettings, run_sweep
+from medsweep.search.settings import SweepSettings
+from medsweep.search.sweep import run_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -24,6 +25,7 @@ def test_full_fine_tuning_trial_runs_on_two_ddp_workers(ray_session, synthetic_r
         out=tmp_path / "sweep",
         cache_dir=tmp_path / "cache",
         early_stopping=False,
+        final_seeds=0,
     )
     run_sweep(settings, SweepConsole(record=True))
     board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str})

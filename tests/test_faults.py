@@ -35,7 +35,9 @@ from medsweep.errors import ConfigError
 from processes import kill_process_group
 from medsweep.search import resume
 from medsweep.search.console import SweepConsole
-from medsweep.search.sweep import SweepSettings, load_study, run_sweep
+from medsweep.search.settings import SweepSettings
+from medsweep.search.study import load_study
+from medsweep.search.sweep import run_sweep
 from medsweep.spaces import points_to_evaluate
 
 EPOCHS = 3
@@ -221,6 +223,7 @@ def _tiny_settings(
         out=out,
         cache_dir=cache,
         early_stopping=False,
+        final_seeds=0,
         **extra,
     )
 

@@ -18,13 +18,11 @@ import yaml
 
 from medsweep.errors import ConfigError
 from medsweep.search.final import (
-    FINAL_JSON,
-    FINAL_YAML,
-    load_settings,
     retrain_best,
     run,
 )
-from medsweep.search.sweep import SweepSettings
+from medsweep.search.settings import SweepSettings, load_settings
+from medsweep.search.study import FINAL_JSON, FINAL_YAML
 from medsweep.trainables.loop import load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.metrics import classification_metrics

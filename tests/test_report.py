@@ -15,8 +15,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from medsweep.errors import ConfigError
-from medsweep.search.report import PARETO_CSV, REPORT_DIR, learning_curves, pareto_front, write_report
-from medsweep.search.sweep import STUDY_FILE, STUDY_NAME
+from medsweep.search.report import learning_curves, pareto_front, write_report
+from medsweep.search.study import PARETO_CSV, REPORT_DIR, STUDY_FILE, STUDY_NAME
 
 NAN = float("nan")
 

@@ -16,7 +16,7 @@ GPU_80GB = 80 * 2**30
 
 
 def _tiny_settings(root, out, cache, **overrides):
-    from medsweep.search.sweep import SweepSettings
+    from medsweep.search.settings import SweepSettings
 
     return SweepSettings(
         **{
@@ -31,6 +31,7 @@ def _tiny_settings(root, out, cache, **overrides):
             "out": out,
             "cache_dir": cache,
             "fixed": {"side_reduction": 2},
+            "final_seeds": 0,
             **overrides,
         }
     )
@@ -103,7 +104,7 @@ def test_bad_budget_or_objective_is_one_line_and_exit_code_2(argv, needle, capsy
 
 def test_no_trial_count_and_no_budget_is_refused():
     from medsweep.errors import ConfigError
-    from medsweep.search.sweep import SweepSettings
+    from medsweep.search.settings import SweepSettings
 
     with pytest.raises(ConfigError, match="--trials N or --budget-hours H"):
         SweepSettings(trials=None)
@@ -138,7 +139,7 @@ def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
-    from medsweep.search.sweep import load_study
+    from medsweep.search.study import load_study
     from medsweep.spaces import points_to_evaluate, to_trial_config
 
     out, settings, _ = multi_sweep
@@ -181,7 +182,7 @@ def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
 @pytest.mark.slow
 def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthetic_root, tmp_path):
     from medsweep.search.console import SweepConsole
-    from medsweep.search.resume import load_settings
+    from medsweep.search.settings import load_settings
     from medsweep.search.sweep import run_sweep
 
     out = tmp_path / "budget"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from medsweep.search.sweep import load_study
+from medsweep.search.study import load_study
 from medsweep.spaces import points_to_evaluate
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,35 @@ def test_sweep_writes_a_leaderboard_with_one_row_per_trial(tiny_sweep):
     assert board["status"].isin(["completed", "stopped early"]).all()
     assert (board["epochs_run"] >= 1).all() and (board["epochs_run"] <= settings.max_epochs).all()
     assert board["best_val_auc"].is_monotonic_decreasing
-    assert pd.read_parquet(out / "leaderboard.parquet").equals(pd.read_parquet(out / "leaderboard.parquet"))
+    parquet = pd.read_parquet(out / "leaderboard.parquet")
+    pd.testing.assert_frame_equal(parquet.astype({"trial_id": str}), board, check_dtype=False)  # the same board twice
     fpt = board[board["method"] == "fpt_plus"]
     assert (fpt["keep_ratio"] > 0).all() and (fpt["keep_ratio"] <= 1).all()
+
+
+def _tune_results(out) -> pd.DataFrame:
+    """Every result each trial reported, as Tune wrote it (``ray/tune/trial-*/result.json``, one JSON per line):
+    a record of the trials kept apart from the leaderboard's writer."""
+    paths = sorted((out / "ray" / "tune").glob("trial-*/result.json"))
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows).astype({"trial_id": str})
+
+
+def test_leaderboard_matches_what_each_trial_reported_to_tune(tiny_sweep):
+    """Each row of leaderboard.parquet against its trial's own results: best validation AUC over
+    its epochs, the epochs it ran, its cost and its method."""
+    out, _, _ = tiny_sweep
+    board = pd.read_parquet(out / "leaderboard.parquet").astype({"trial_id": str}).set_index("trial_id")
+    reported = _tune_results(out).groupby("trial_id")
+    assert sorted(board.index) == sorted(reported.groups)
+    for trial_id, results in reported:
+        row, last = board.loc[trial_id], results.sort_values("epoch").iloc[-1]
+        assert row["best_val_auc"] == pytest.approx(results["val_auc"].max()), trial_id
+        assert row["best_epoch"] == results.loc[results["val_auc"].idxmax(), "epoch"], trial_id
+        assert row["epochs_run"] == last["epoch"], trial_id
+        assert row["learnable_params"] == last["learnable_params"], trial_id
+        assert row["peak_mem_mb"] == pytest.approx(last["peak_mem_mb"]), trial_id
+        assert row["method"] == last["config"]["method"], trial_id
 
 
 def test_recommended_points_run_first_then_tpe(tiny_sweep):

@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medsweep.search.sweep import SweepSettings
+from medsweep.search.settings import SweepSettings
 from medsweep.search.tuning import tpe_startup_trials
 
 from bench.common import demo_spec, recommended_point, table

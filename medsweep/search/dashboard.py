@@ -14,12 +14,11 @@ import argparse
 from pathlib import Path
 
 from medsweep.errors import ConfigError, MedsweepError
+from medsweep.search.study import STUDY_FILE, study_storage
 
 
 def sweep_storage(out: Path):
     """The sweep's study storage; a folder without a study is bad input."""
-    from medsweep.search.sweep import STUDY_FILE, study_storage  # imported here: `medsweep --help` must stay fast
-
     if not (Path(out) / STUDY_FILE).is_file():
         raise ConfigError(f"{out} has no {STUDY_FILE}; pass the --out folder of a sweep (the study is written once its search starts)")
     return study_storage(out)

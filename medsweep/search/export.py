@@ -24,15 +24,16 @@ import pandas as pd
 import yaml
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.errors import ConfigError
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
 from medsweep.trainables.config import PLUMBING_KEYS
+from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV
 from medsweep.trainables.metrics import pme, ppe
 
 # Config keys that are plumbing, not hyperparameters (see medsweep.trainables.config.Placement).
 INTERNAL_KEYS = PLUMBING_KEYS
 VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
-PARETO_CSV = "pareto.csv"
 PARETO_COLUMN = "on_pareto_front"
 UNUSABLE = ("error", "diverged")
 
@@ -164,18 +165,16 @@ def pareto_rows(board: pd.DataFrame, settings) -> pd.DataFrame:
 
 
 def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -> None:
-    board.to_csv(out / "leaderboard.csv", index=False)
-    board.to_parquet(out / "leaderboard.parquet", index=False)
+    board.to_csv(out / LEADERBOARD_CSV, index=False)
+    board.to_parquet(out / LEADERBOARD_PARQUET, index=False)
     if settings.multi_objective:
         pareto_rows(board, settings).to_csv(out / PARETO_CSV, index=False)
     best = best_configs(board, spec, settings.objective)
-    (out / "best.yaml").write_text(yaml.dump(best, Dumper=_NoAliasDumper, sort_keys=False))
+    (out / BEST_YAML).write_text(yaml.dump(best, Dumper=_NoAliasDumper, sort_keys=False))
 
 
 def read_best(out: Path) -> dict[str, Any]:
-    path = Path(out) / "best.yaml"
+    path = Path(out) / BEST_YAML
     if not path.is_file():
-        from medsweep.errors import ConfigError
-
-        raise ConfigError(f"{out} has no best.yaml; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
+        raise ConfigError(f"{out} has no {BEST_YAML}; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
     return yaml.safe_load(path.read_text())

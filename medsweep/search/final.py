@@ -37,7 +37,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,14 @@ from medsweep.datasets.store import PreloadStore
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.export import read_best
-from medsweep.search.sweep import SweepSettings
+from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
+from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML
 from medsweep.trainables.loop import fit, load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
 from medsweep.trainables.store_io import StoreIO
 
-FINAL_DIR = "final"
-FINAL_YAML = "final.yaml"
-FINAL_JSON = "final.json"
 
 
 @dataclass
@@ -316,19 +314,7 @@ def _json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------ command
 
 
-def load_settings(out: Path) -> SweepSettings:
-    """The settings a finished sweep ran with, from its ``sweep.json`` (``out`` is where it is now)."""
-    path = Path(out) / "sweep.json"
-    if not path.is_file():
-        raise ConfigError(f"{out} has no sweep.json; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
-    saved = json.loads(path.read_text())
-    known = {f.name for f in fields(SweepSettings)}
-    return SweepSettings(**{**{k: v for k, v in saved.items() if k in known}, "out": Path(out)})
-
-
 def run(args: argparse.Namespace) -> int:
-    from medsweep.search.sweep import sweep_dataset
-
     settings = load_settings(args.dir)
     if args.cache_dir is not None:
         settings.cache_dir = args.cache_dir

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from medsweep.search.study import SETTINGS_FILE
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What Tune logs on its graceful stop, the guard's one line replaces: warnings (the stop, Tune's own restore
 # API, unfetched metrics of unstarted trials), silenced by raising the level, and this one error.
@@ -53,7 +55,7 @@ class SweepInterrupted(KeyboardInterrupt):
         return 128 + self.signum
 
     def __str__(self) -> str:
-        if not (self.out / "sweep.json").is_file():
+        if not (self.out / SETTINGS_FILE).is_file():
             return "interrupted before the sweep started; nothing to resume"
         return f"interrupted: `medsweep resume {self.out}` continues"
 

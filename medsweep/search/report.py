@@ -32,14 +32,22 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from medsweep.errors import ConfigError
-from medsweep.search.final import FINAL_YAML
 from medsweep.search.pareto import pareto_front
+from medsweep.search.study import (
+    BEST_YAML,
+    FINAL_YAML,
+    LEADERBOARD_CSV,
+    PARETO_CSV,
+    RAY_DIR,
+    REPORT_DIR,
+    STUDY_FILE,
+    load_study,
+)
+from medsweep.trainables.config import NOT_HYPERPARAMETERS
 
-REPORT_DIR = "report"
 TOP_ROWS = 15
-PARETO_CSV = "pareto.csv"
 # Keys of a trial's config that are the data, backbone or budget, not a choice of the search.
-FIXED_KEYS = ("method", "backbone", "image_size", "num_classes", "task", "epochs", "seed", "workers", "side_image_size")
+FIXED_KEYS = (*NOT_HYPERPARAMETERS, "side_image_size")
 # (x column, axis label, file, title) of each accuracy-vs-cost plot.
 COST_AXES = (
     (
@@ -71,7 +79,7 @@ def learning_curves(out: Path) -> pd.DataFrame:
     A restored trial may log an epoch twice; the later row wins.
     """
     frames = []
-    for path in sorted((out / "ray" / "tune").glob("trial-*/progress.csv")):
+    for path in sorted((out / RAY_DIR / "tune").glob("trial-*/progress.csv")):
         try:
             frame = pd.read_csv(path, usecols=["trial_id", "epoch", "val_auc"], dtype={"trial_id": str})
         except (pd.errors.EmptyDataError, ValueError):  # a trial that died before its first epoch
@@ -99,8 +107,6 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
     """
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
-    from medsweep.search.sweep import STUDY_FILE, load_study
 
     if not (out / STUDY_FILE).is_file():
         return Importances({}, {}, [f"no Optuna study ({STUDY_FILE}) in the sweep folder: importances need it"])
@@ -449,10 +455,10 @@ def write_report(out: Path, fmt: str = "md") -> Path:
     out = Path(out)
     if fmt not in ("md", "html"):
         raise ConfigError(f"--format must be md or html, got {fmt!r}")
-    board_path = out / "leaderboard.csv"
+    board_path = out / LEADERBOARD_CSV
     if not board_path.is_file():
         raise ConfigError(
-            f"{out} has no leaderboard.csv; pass the output folder of a finished sweep (see `medsweep sweep --out`)"
+            f"{out} has no {LEADERBOARD_CSV}; pass the output folder of a finished sweep (see `medsweep sweep --out`)"
         )
     board = pd.read_csv(board_path, dtype={"trial_id": str})  # an all-digit id is still an id
     if board.empty:
@@ -474,7 +480,7 @@ def write_report(out: Path, fmt: str = "md") -> Path:
 
 
 def _dataset_name(out: Path) -> str:
-    best = out / "best.yaml"
+    best = out / BEST_YAML
     if best.is_file():
         return ", ".join(yaml.safe_load(best.read_text()) or {}) or "?"
     return "?"

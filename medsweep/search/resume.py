@@ -39,35 +39,17 @@ not a moved or copied one.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medsweep.errors import ConfigError
+from medsweep.search.interrupts import InterruptGuard
+from medsweep.search.settings import load_settings, sweep_dataset
 
 if TYPE_CHECKING:
     from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import SweepSettings
 
-# medsweep.search.sweep (torch, transformers) and Ray are imported inside the functions:
-# `medsweep --help` builds this module's parser and must not pay for them.
-
-
-def load_settings(out: Path) -> SweepSettings:
-    """The settings a sweep saved in ``sweep.json``, with ``out`` set to where the folder is now."""
-    path = Path(out) / "sweep.json"
-    if not path.is_file():
-        raise ConfigError(f"{out} has no sweep.json; pass the --out folder of a sweep started with `medsweep sweep`")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); repair it, or run the sweep again with `medsweep sweep`") from None
-    from medsweep.search.sweep import SweepSettings
-
-    unknown = sorted(set(saved) - set(SweepSettings.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"{path} has settings this medsweep does not know ({', '.join(unknown)}); resume with the version that wrote it")
-    return SweepSettings(**{**saved, "out": Path(out)})
+# medsweep.search.sweep (torch, transformers), the console (rich) and Ray are imported inside the
+# functions: `medsweep --help` builds this module's parser and must not pay for them.
 
 
 def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
@@ -75,8 +57,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     settings = load_settings(out)
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
-    from medsweep.search.interrupts import InterruptGuard
-    from medsweep.search.sweep import prepare_stores, sweep_dataset, write_answer
+    from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)

@@ -26,199 +26,23 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import math
-import os
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
+import torch
 
-from medsweep.datasets import load_dataset
 from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
+from medsweep.search import export, final, report
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
+from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset
+from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
+from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
-from medsweep.trainables.methods import build_method, get_method
-from medsweep.trainables.preload import check_precision
-
-DEFAULT_METHODS = ("fpt_plus", "linear")
-DEFAULT_TRIALS = 8
-DEMO_BACKBONE = "vit-small-demo"
-# The demo backbone is 64 wide, 12x narrower than ViT-B: the official side
-# reduction of 8 would leave an 8-wide side network that barely trains in a few
-# epochs; 2 keeps it 32 wide. Applied only to the demo backbone, only if unset.
-DEMO_FIXED = {"side_reduction": 2}
-STUDY_NAME = "medsweep"
-STUDY_FILE = "optuna-study.log"
-# --objective name -> (result / leaderboard column, direction). The loop reports all three in every
-# result, under the same names as the leaderboard's columns, so the study's values are the board's.
-OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), "params": ("learnable_params", "min")}
-# Largest --image-size accepted: 4096 px is beyond every published recipe (512 px), while a typo such as
-# 100000 would ask a ViT for ~40 GB of position embeddings before anything else failed.
-MAX_IMAGE_SIZE = 4096
-MIN_IMAGE_SIZE = 8
-# What a sweep writes into its --out folder; --overwrite deletes these (and only these) first.
-SWEEP_OUTPUTS = (
-    "sweep.json", STUDY_FILE, "leaderboard.csv", "leaderboard.parquet", "best.yaml", "pareto.csv",
-    "final.yaml", "final.json", "final", "report", "ray", "train", "wandb",
-)  # fmt: skip
-
-
-@dataclass
-class SweepSettings:
-    """Everything a sweep needs; saved as ``sweep.json`` in its output folder.
-
-    ``trials=None`` is an unbounded search, ended by ``budget_hours`` (Tune's
-    ``time_budget_s``); with both, whichever comes first. ``gpus_per_trial=None``
-    is ``auto`` (each method's fraction sized from its probed memory, see
-    :func:`medsweep.search.tuning.gpu_fraction`). ``objective`` lists the
-    ``OBJECTIVES`` the study optimises; more than one makes it multi-objective.
-    """
-
-    dataset: str = "synthetic"
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    trials: int | None = DEFAULT_TRIALS
-    max_epochs: int = 6
-    backbone: str = DEMO_BACKBONE
-    image_size: int = 128
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float = 1.0
-    workers: int = 1
-    wandb: str = "auto"
-    seed: int = 0
-    out: Path | None = None
-    cache_dir: Path = Path(".medsweep-cache")
-    address: str | None = None
-    grace_period: int = 2
-    fraction: float | None = None
-    preload_features: bool = True
-    final_seeds: int = 0
-    skip_bad_images: bool = False
-    search: str = "tpe"
-    early_stopping: bool = True
-    fixed: dict[str, Any] = field(default_factory=dict)
-    objective: list[str] = field(default_factory=lambda: ["auc"])
-    budget_hours: float | None = None
-    connect_timeout: float = 45.0
-    precision: str = "auto"
-    preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        # Absolute in sweep.json, so `medsweep resume DIR` finds the data and stores from any directory.
-        self.cache_dir = Path(self.cache_dir).resolve()
-        if self.dataset != "synthetic" and Path(self.dataset).exists():
-            self.dataset = str(Path(self.dataset).resolve())
-        if self.trials is not None and self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
-        if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):
-            raise ConfigError(f"--budget-hours must be a number of hours > 0 (e.g. 0.5), got {self.budget_hours}")
-        if self.trials is None and self.budget_hours is None:
-            raise ConfigError("give --trials N or --budget-hours H (or both): an unbounded search needs a time budget")
-        if isinstance(self.objective, str):
-            self.objective = [part.strip() for part in self.objective.split(",") if part.strip()]
-        self.objective = list(self.objective)
-        unknown_objectives = [name for name in self.objective if name not in OBJECTIVES]
-        if unknown_objectives or not self.objective:
-            raise ConfigError(
-                f"--objective takes a comma-separated list of {', '.join(OBJECTIVES)} (e.g. auc,memory), got {','.join(self.objective)!r}"
-            )
-        if len(set(self.objective)) != len(self.objective) or "auc" not in self.objective:
-            raise ConfigError(f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}")
-        if self.max_epochs < 1:
-            raise ConfigError(f"--max-epochs must be at least 1, got {self.max_epochs}")
-        if not self.methods:
-            raise ConfigError("give at least one --method")
-        for method in self.methods:
-            get_method(method)  # unknown name -> ConfigError listing the known ones
-        if len(set(self.methods)) != len(self.methods):
-            raise ConfigError(f"--method given twice: {self.methods}")
-        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
-            raise ConfigError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
-        if self.cpus_per_trial <= 0:
-            raise ConfigError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.wandb not in ("auto", "online", "offline", "disabled"):
-            raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
-        if self.final_seeds < 0:
-            raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
-        if self.search not in ("tpe", "random"):
-            raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
-        if self.fraction is not None and not 0 < self.fraction <= 100:
-            raise ConfigError(f"--fraction is a percentage of the training set in (0, 100], got {self.fraction}")
-        unknown = [key for key in self.fixed if not any(key in _settable_keys(m) for m in self.methods)]
-        if unknown:
-            raise ConfigError(
-                f"--set {unknown[0]}: no selected method ({', '.join(self.methods)}) has this setting; "
-                f"see `medsweep spaces show METHOD` for each method's keys"
-            )
-        if self.grace_period < 1:
-            raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
-        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
-        check_precision(self.precision)
-        if self.preload_batch_size is not None and self.preload_batch_size < 1:
-            raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
-        if not 0 < self.connect_timeout < math.inf:
-            raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
-
-    @property
-    def multi_objective(self) -> bool:
-        return len(self.objective) > 1
-
-    def objective_columns(self) -> list[tuple[str, str]]:
-        """(result / leaderboard column, ``max`` or ``min``) of each objective, in ``--objective`` order."""
-        return [OBJECTIVES[name] for name in self.objective]
-
-
-def _settable_keys(method: str) -> set[str]:
-    """Keys a ``--set`` may fix for ``method``: its config fields and the training fields."""
-    return get_method(method).config_cls.field_names() | set(TrainConfig.__dataclass_fields__)
-
-
-def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dict[str, Any]:
-    """Values a trial does not search: data shape, backbone, budget, resources, ``--set`` values.
-
-    A side network's input size is derived from the frozen input size (FPT+:
-    a quarter) rather than taken from the published 512 px recipe's 128 px.
-    """
-    keys = _settable_keys(method)
-    derived = {"side_image_size": 0} if "side_image_size" in keys else {}
-    if "stage1_epochs" in keys:  # the published stage lengths (25-100 epochs) exceed a sweep's budget
-        derived["stage1_epochs"] = max(1, settings.max_epochs // 2)
-    demo = DEMO_FIXED if settings.backbone == DEMO_BACKBONE else {}
-    user = {k: v for k, v in {**demo, **settings.fixed}.items() if k in keys}
-    return {
-        **derived,
-        "method": method,
-        "backbone": settings.backbone,
-        "image_size": settings.image_size,
-        "num_classes": spec.num_classes,
-        "task": spec.task,
-        "epochs": settings.max_epochs,
-        "seed": settings.seed,
-        "workers": settings.workers if method == "full" else 1,
-        "cpus_per_trial": settings.cpus_per_trial,
-        **user,
-    }
-
-
-def wandb_mode(requested: str) -> str:
-    """``auto``: online only with an API key (never hang waiting for a network), else offline files."""
-    if requested != "auto":
-        return requested
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+from medsweep.trainables.methods import build_method
 
 
 def prepare_stores(
@@ -247,17 +71,6 @@ def prepare_stores(
     return results
 
 
-def sweep_dataset(settings: SweepSettings) -> DatasetSpec:
-    """The sweep's dataset with its fixed split (loaded the same way by ``medsweep resume``)."""
-    return load_dataset(
-        settings.dataset,
-        cache_dir=settings.cache_dir,
-        seed=settings.seed,
-        fraction=settings.fraction / 100 if settings.fraction is not None else None,  # percent on the CLI
-        synthetic_size=settings.image_size,
-    )
-
-
 def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
     """Build each method once from its fixed values, as its trials will, before Ray starts.
 
@@ -268,10 +81,6 @@ def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
     shapes and checks, no weights (CDTM's token-mixing matrices at 512 px would
     be gigabytes).
     """
-    import torch
-
-    from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
-
     with torch.device("meta"), frozen_weights_unused():
         backbone = build_backbone(settings.backbone, settings.image_size, settings.seed)
         patch = getattr(backbone.config, "patch_size", None)
@@ -299,7 +108,7 @@ def check_out(out: Path, overwrite: bool = False) -> None:
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries or overwrite:
         return
-    if any(name in entries for name in ("sweep.json", STUDY_FILE)):
+    if any(name in entries for name in (SETTINGS_FILE, STUDY_FILE)):
         raise ConfigError(
             f"--out {out} already holds a sweep; continue it with `medsweep resume {out}`, "
             "or pass another folder (or --overwrite to replace it)"
@@ -312,8 +121,8 @@ def check_out(out: Path, overwrite: bool = False) -> None:
 
 def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
     """Create the checked ``--out`` and write ``sweep.json``; with ``overwrite``, first delete a
-    previous sweep's files (:data:`SWEEP_OUTPUTS`, nothing else). Called once Ray is up, so a
-    sweep that could not start (a cluster that does not answer) leaves no folder to resume."""
+    previous sweep's files (:data:`medsweep.search.study.SWEEP_OUTPUTS`, nothing else). Called once
+    Ray is up, so a sweep that could not start (a cluster that does not answer) leaves no folder to resume."""
     out = settings.out
     for name in SWEEP_OUTPUTS if overwrite else ():
         path = out / name
@@ -322,7 +131,7 @@ def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
         elif path.exists() or path.is_symlink():
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(settings.to_json())
+    (out / SETTINGS_FILE).write_text(settings.to_json())
 
 
 def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, overwrite: bool = False) -> Path:
@@ -333,7 +142,8 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     benchmarks enqueue points into its study). Raises
     :class:`medsweep.search.interrupts.SweepInterrupted` on SIGINT/SIGTERM, with
     the search saved for ``medsweep resume`` and no answer written."""
-    from medsweep.search import tuning  # Ray imports only once a sweep really starts
+    # Ray (tuning) and Ray Data (frozen_pass) are imported only once a sweep really starts.
+    from medsweep.search import tuning
     from medsweep.search.frozen_pass import frozen_pass_precision
 
     console = console or SweepConsole()
@@ -358,10 +168,6 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
 def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> None:
     """Close the study, then leaderboard and best.yaml from a finished Tune run (fresh or resumed), the table,
     the final retrain and the report."""
-    from medsweep.search import export
-
-    from medsweep.search import final, report
-
     orphans = fail_orphaned_trials(settings.out)
     if orphans:
         console.console.print(
@@ -375,32 +181,3 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
         final.retrain_best(settings.out, spec, settings, seeds=settings.final_seeds, console=console)
     page = report.write_report(settings.out)
     console.console.print(f"report: {page}")
-
-
-def study_storage(out: Path) -> optuna.storages.JournalStorage:
-    """The sweep's file-backed Optuna storage (the searcher writes it, ``medsweep dashboard`` reads it)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(Path(out).resolve() / STUDY_FILE)))
-
-
-def load_study(out: Path) -> optuna.Study:
-    """The sweep's Optuna study from its file-backed storage."""
-    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(out))
-
-
-def fail_orphaned_trials(out: Path) -> int:
-    """Mark the study's trials still ``RUNNING`` after the search ended as ``FAIL``; returns how many.
-
-    Such a trial was asked of the study but never ran: by a driver killed after Tune's last
-    snapshot (``medsweep resume``), or pending when ``--budget-hours`` ended the search. Left
-    RUNNING, the dashboard would show it running and the sampler treat it as pending."""
-    study = load_study(out)
-    orphans = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in orphans:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(orphans)
-
-
-ProgressFactory = Callable[[str, int], Callable[[int], None]]

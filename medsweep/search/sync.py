@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from medsweep.errors import ConfigError, MedsweepError
+from medsweep.search.study import WANDB_DIR
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 DEFAULT_TIMEOUT_S = 600
@@ -29,7 +30,7 @@ DEFAULT_TIMEOUT_S = 600
 
 def offline_runs(out: Path) -> list[Path]:
     """The sweep's W&B run folders written in offline mode, oldest first."""
-    return sorted((Path(out) / "wandb").glob("offline-run-*"))
+    return sorted((Path(out) / WANDB_DIR).glob("offline-run-*"))
 
 
 def wandb_host() -> str:

@@ -38,7 +38,8 @@ from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import share_stores
 from medsweep.search.space import build_search
-from medsweep.search.sweep import STUDY_NAME, SweepSettings, fixed_config, study_storage, wandb_mode
+from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset, wandb_mode
+from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
 from medsweep.search.data import StoreData
 from medsweep.search.trial import run_trial
 from medsweep.trainables.preload import PreloadResult
@@ -252,8 +253,6 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
     if ray.cluster_resources().get("GPU", 0) <= 0:
         return {method: 0.0 for method in settings.methods}
     if spec is None:
-        from medsweep.search.sweep import sweep_dataset
-
         spec = sweep_dataset(settings)
     gpu_total = smallest_gpu_bytes()
     from medsweep.trainables.methods import runs_ddp
@@ -415,7 +414,7 @@ class SharedData:
 
 def experiment_path(settings: SweepSettings) -> Path:
     """Where Tune keeps the sweep's experiment state (``tuner.pkl``, trial folders, checkpoints)."""
-    return Path(settings.out).resolve() / "ray" / "tune"
+    return Path(settings.out).resolve() / RAY_DIR / "tune"
 
 
 def share_data(
@@ -436,7 +435,7 @@ def build_trainable(settings: SweepSettings, shared: SharedData):
     """``run_trial`` bound to the shared datasets, reserving each trial's CPU and GPU fraction."""
     out = Path(settings.out).resolve()
     return tune.with_resources(
-        tune.with_parameters(run_trial, stores=shared.stores, storage_path=str(out / "train")),
+        tune.with_parameters(run_trial, stores=shared.stores, storage_path=str(out / TRAIN_DIR)),
         trial_resources(settings, shared.gpus),
     )
 

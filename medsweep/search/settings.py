@@ -1,0 +1,245 @@
+"""A sweep's settings: :class:`SweepSettings`, their checks and defaults, and what a trial does not search.
+
+The bottom of :mod:`medsweep.search` with :mod:`medsweep.search.study`: the
+sweep, the tuner, the final retrain, the report and ``medsweep resume`` read
+their settings from here, and the CLI's defaults are this dataclass's
+(:func:`setting_default`), so each default has one home. A sweep saves its
+settings as ``sweep.json``; :func:`load_settings` reads them back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medsweep.errors import ConfigError
+from medsweep.search.study import SETTINGS_FILE
+from medsweep.trainables.config import TrainConfig
+
+if TYPE_CHECKING:
+    from medsweep.datasets.spec import DatasetSpec
+
+# medsweep.trainables.methods and .preload (torch, transformers) and medsweep.datasets are imported
+# inside the functions: the CLI builds its parser from these defaults, and `medsweep --help` must
+# not pay seconds for torch.
+
+DEFAULT_METHODS = ("fpt_plus", "linear")
+DEFAULT_TRIALS = 8
+DEMO_BACKBONE = "vit-small-demo"
+# The demo backbone is 64 wide, 12x narrower than ViT-B: the official side
+# reduction of 8 would leave an 8-wide side network that barely trains in a few
+# epochs; 2 keeps it 32 wide. Applied only to the demo backbone, only if unset.
+DEMO_FIXED = {"side_reduction": 2}
+# --objective name -> (result / leaderboard column, direction). The loop reports all three in every
+# result, under the same names as the leaderboard's columns, so the study's values are the board's.
+OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), "params": ("learnable_params", "min")}
+# Largest --image-size accepted: 4096 px is beyond every published recipe (512 px), while a typo such as
+# 100000 would ask a ViT for ~40 GB of position embeddings before anything else failed.
+MAX_IMAGE_SIZE = 4096
+MIN_IMAGE_SIZE = 8
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+SEARCHES = ("tpe", "random")  # Optuna's sampler after the recommended points
+
+
+@dataclass
+class SweepSettings:
+    """Everything a sweep needs; saved as ``sweep.json`` in its output folder.
+
+    ``trials=None`` is an unbounded search, ended by ``budget_hours`` (Tune's
+    ``time_budget_s``); with both, whichever comes first. ``gpus_per_trial=None``
+    is ``auto`` (each method's fraction sized from its probed memory, see
+    :func:`medsweep.search.tuning.gpu_fraction`). ``objective`` lists the
+    ``OBJECTIVES`` the study optimises; more than one makes it multi-objective.
+    ``final_seeds``: the best configuration is retrained with this many seeds and
+    tested once when the search ends (0 skips it).
+    """
+
+    dataset: str = "synthetic"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    trials: int | None = DEFAULT_TRIALS
+    max_epochs: int = 6
+    backbone: str = DEMO_BACKBONE
+    image_size: int = 128
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float = 1.0
+    workers: int = 1
+    wandb: str = "auto"
+    seed: int = 0
+    out: Path | None = None
+    cache_dir: Path = Path(".medsweep-cache")
+    address: str | None = None
+    grace_period: int = 2
+    fraction: float | None = None
+    preload_features: bool = True
+    final_seeds: int = 3
+    skip_bad_images: bool = False
+    search: str = "tpe"
+    early_stopping: bool = True
+    fixed: dict[str, Any] = field(default_factory=dict)
+    objective: list[str] = field(default_factory=lambda: ["auc"])
+    budget_hours: float | None = None
+    connect_timeout: float = 45.0
+    precision: str = "auto"
+    preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
+
+    def __post_init__(self) -> None:
+        from medsweep.trainables.methods import get_method
+        from medsweep.trainables.preload import check_precision
+
+        self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        # Absolute in sweep.json, so `medsweep resume DIR` finds the data and stores from any directory.
+        self.cache_dir = Path(self.cache_dir).resolve()
+        if self.dataset != "synthetic" and Path(self.dataset).exists():
+            self.dataset = str(Path(self.dataset).resolve())
+        if self.trials is not None and self.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+        if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):
+            raise ConfigError(f"--budget-hours must be a number of hours > 0 (e.g. 0.5), got {self.budget_hours}")
+        if self.trials is None and self.budget_hours is None:
+            raise ConfigError("give --trials N or --budget-hours H (or both): an unbounded search needs a time budget")
+        if isinstance(self.objective, str):
+            self.objective = [part.strip() for part in self.objective.split(",") if part.strip()]
+        self.objective = list(self.objective)
+        unknown_objectives = [name for name in self.objective if name not in OBJECTIVES]
+        if unknown_objectives or not self.objective:
+            raise ConfigError(
+                f"--objective takes a comma-separated list of {', '.join(OBJECTIVES)} (e.g. auc,memory), got {','.join(self.objective)!r}"
+            )
+        if len(set(self.objective)) != len(self.objective) or "auc" not in self.objective:
+            raise ConfigError(f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}")
+        if self.max_epochs < 1:
+            raise ConfigError(f"--max-epochs must be at least 1, got {self.max_epochs}")
+        if not self.methods:
+            raise ConfigError("give at least one --method")
+        for method in self.methods:
+            get_method(method)  # unknown name -> ConfigError listing the known ones
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"--method given twice: {self.methods}")
+        if self.gpus_per_trial is not None and self.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        if self.cpus_per_trial <= 0:
+            raise ConfigError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
+        if self.final_seeds < 0:
+            raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
+        if self.fraction is not None and not 0 < self.fraction <= 100:
+            raise ConfigError(f"--fraction is a percentage of the training set in (0, 100], got {self.fraction}")
+        unknown = [key for key in self.fixed if not any(key in _settable_keys(m) for m in self.methods)]
+        if unknown:
+            raise ConfigError(
+                f"--set {unknown[0]}: no selected method ({', '.join(self.methods)}) has this setting; "
+                f"see `medsweep spaces show METHOD` for each method's keys"
+            )
+        if self.grace_period < 1:
+            raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        check_precision(self.precision)
+        if self.preload_batch_size is not None and self.preload_batch_size < 1:
+            raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
+        if not 0 < self.connect_timeout < math.inf:
+            raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    def objective_columns(self) -> list[tuple[str, str]]:
+        """(result / leaderboard column, ``max`` or ``min``) of each objective, in ``--objective`` order."""
+        return [OBJECTIVES[name] for name in self.objective]
+
+
+def setting_default(name: str) -> Any:
+    """The default of the :class:`SweepSettings` field ``name`` (a fresh copy of a list or dict).
+
+    The CLI's options take their defaults from here, so a default is written once."""
+    spec = next(f for f in fields(SweepSettings) if f.name == name)
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def load_settings(out: Path) -> SweepSettings:
+    """The settings a sweep saved in ``sweep.json``, with ``out`` set to where the folder is now.
+
+    A setting this medsweep does not know is refused rather than dropped: the sweep was
+    written by another version, and silently ignoring one of its settings would resume or
+    retrain a different sweep."""
+    path = Path(out) / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{out} has no {SETTINGS_FILE}; pass the --out folder of a sweep started with `medsweep sweep`")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}); repair it, or run the sweep again with `medsweep sweep`") from None
+    unknown = sorted(set(saved) - {f.name for f in fields(SweepSettings)})
+    if unknown:
+        raise ConfigError(f"{path} has settings this medsweep does not know ({', '.join(unknown)}); use the version of medsweep that wrote it")
+    return SweepSettings(**{**saved, "out": Path(out)})
+
+
+def _settable_keys(method: str) -> set[str]:
+    """Keys a ``--set`` may fix for ``method``: its config fields and the training fields."""
+    from medsweep.trainables.methods import get_method
+
+    return get_method(method).config_cls.field_names() | set(TrainConfig.__dataclass_fields__)
+
+
+def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dict[str, Any]:
+    """Values a trial does not search: data shape, backbone, budget, resources, ``--set`` values.
+
+    A side network's input size is derived from the frozen input size (FPT+:
+    a quarter) rather than taken from the published 512 px recipe's 128 px.
+    """
+    from medsweep.trainables.methods import runs_ddp
+
+    keys = _settable_keys(method)
+    derived = {"side_image_size": 0} if "side_image_size" in keys else {}
+    if "stage1_epochs" in keys:  # the published stage lengths (25-100 epochs) exceed a sweep's budget
+        derived["stage1_epochs"] = max(1, settings.max_epochs // 2)
+    demo = DEMO_FIXED if settings.backbone == DEMO_BACKBONE else {}
+    user = {k: v for k, v in {**demo, **settings.fixed}.items() if k in keys}
+    return {
+        **derived,
+        "method": method,
+        "backbone": settings.backbone,
+        "image_size": settings.image_size,
+        "num_classes": spec.num_classes,
+        "task": spec.task,
+        "epochs": settings.max_epochs,
+        "seed": settings.seed,
+        "workers": settings.workers if runs_ddp(method) else 1,
+        "cpus_per_trial": settings.cpus_per_trial,
+        **user,
+    }
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto``: online only with an API key (never hang waiting for a network), else offline files."""
+    if requested != "auto":
+        return requested
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def sweep_dataset(settings: SweepSettings) -> DatasetSpec:
+    """The sweep's dataset with its fixed split (loaded the same way by ``medsweep resume`` and ``medsweep final``)."""
+    from medsweep.datasets import load_dataset
+
+    return load_dataset(
+        settings.dataset,
+        cache_dir=settings.cache_dir,
+        seed=settings.seed,
+        fraction=settings.fraction / 100 if settings.fraction is not None else None,  # percent on the CLI
+        synthetic_size=settings.image_size,
+    )

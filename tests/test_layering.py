@@ -1,0 +1,124 @@
+"""The package's import graph, read statically with ``ast``: every import, module-level or inside a function.
+
+A function-level import is still a dependency (it runs the first time the function does), so a cycle
+hidden behind one is still a cycle: the two modules cannot be understood, tested or moved apart. The
+rules asserted here are the layering the package's docstring promises (search -> trainables ->
+datasets, search -> spaces, everything -> errors), checked on the source rather than on what one
+particular run happened to import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "medsweep"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every name an ``import`` / ``from ... import`` in ``tree`` brings in, relative imports resolved.
+
+    ``from a.b import c`` yields ``a.b`` and ``a.b.c`` (``c`` may be a submodule; the caller keeps
+    only names that are modules)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            names.add(source)
+            names.update(f"{source}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{medsweep module: the medsweep modules it imports} (external imports kept under their top-level name)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = _imported(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py")
+        graph[name] = {
+            target if target in modules else target.split(".")[0]
+            for target in found
+            if target in modules or not target.startswith("medsweep")
+        } - {name}
+    return graph
+
+
+def _internal(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {name: {t for t in targets if t in graph} for name, targets in graph.items()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph's strongly connected components of more than one module: each is a set of modules
+    that all import one another, directly or through the others (sorted, for a stable message)."""
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        return seen
+
+    reach = {name: reachable(name) for name in graph}
+    circles = {frozenset(m for m in reach[name] if name in reach[m]) for name in graph if name in reach[name]}
+    return sorted(sorted(circle) for circle in circles)
+
+
+def test_the_graph_sees_function_level_imports() -> None:
+    """The reader itself: the lazy imports of the CLI are edges (otherwise the other tests prove nothing)."""
+    graph = import_graph()
+    assert "medsweep.search.console" in graph["medsweep.cli"]  # imported inside cmd_sweep
+    assert "ray" in graph["medsweep.search.tuning"]
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    circles = import_circles(_internal(import_graph()))
+    assert not circles, "modules that import one another: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+@pytest.mark.parametrize("package", ["medsweep.datasets", "medsweep.trainables", "medsweep.spaces"])
+def test_lower_packages_never_import_ray(package: str) -> None:
+    graph = import_graph()
+    offenders = sorted(name for name, targets in graph.items() if name.startswith(package) and "ray" in targets)
+    assert not offenders, f"{offenders} import ray; only medsweep.search may"
+
+
+@pytest.mark.parametrize("package", ["medsweep.datasets", "medsweep.spaces"])
+def test_data_packages_import_only_errors_and_themselves(package: str) -> None:
+    graph = _internal(import_graph())
+    allowed = {"medsweep", "medsweep.errors"}
+    wrong = {
+        name: sorted(t for t in targets if t not in allowed and not t.startswith(package))
+        for name, targets in graph.items()
+        if name == package or name.startswith(package + ".")
+    }
+    assert not {name: targets for name, targets in wrong.items() if targets}
+
+
+def test_dependencies_point_one_way() -> None:
+    """search -> trainables -> datasets, search -> spaces: nothing below imports search or the CLI."""
+    graph = _internal(import_graph())
+    for name, targets in graph.items():
+        if name.startswith(("medsweep.trainables", "medsweep.datasets", "medsweep.spaces")):
+            assert not [t for t in targets if t.startswith(("medsweep.search", "medsweep.cli"))], name
+        if name.startswith("medsweep.search"):
+            assert "medsweep.cli" not in targets, name
