@@ -33,6 +33,7 @@ from medsweep.spaces import (
     OPTIMIZERS,
     TRAIN_RULES,
     check_method_config,
+    config_keys,
     problem_of,
     refuse_unknown,
 )
@@ -142,8 +143,12 @@ NOT_HYPERPARAMETERS: tuple[str, ...] = (
 
 
 def trial_keys(method: str | None) -> tuple[str, ...]:
-    """Every key a flat trial config of ``method`` may hold (without a method: all but method fields)."""
-    from medsweep.trainables.methods.base import get_method  # the registry imports torch
+    """Every key a flat trial config of ``method`` may hold (without a method: all but method fields).
 
-    method_fields = sorted(get_method(method).config_cls.field_names()) if method else [f.name for f in fields(MethodConfig)]
-    return ("method", *(f.name for f in fields(TrainConfig)), *method_fields, *PLACEMENT_KEYS)
+    A method's own fields are read off its record in :mod:`medsweep.spaces` (whose rules cover
+    exactly its config's fields, as ``tests/test_method_records.py`` checks), not off the
+    registry: the registry's module imports this one.
+    """
+    method_fields = config_keys(method) if method else ()
+    common = ("method", *(f.name for f in fields(TrainConfig)), *(f.name for f in fields(MethodConfig)))
+    return (*dict.fromkeys((*common, *method_fields)), *PLACEMENT_KEYS)
