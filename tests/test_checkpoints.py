@@ -139,7 +139,7 @@ def test_an_mae_pth_backbone_gives_the_features_of_the_same_weights_loaded_the_o
     pth, folder = _mae_backbone_files(tmp_path)
     backbone = build_backbone(str(pth))
     assert backbone.config.num_attention_heads == 2 and backbone.config.num_hidden_layers == 2 and backbone.image_size == 32
-    config = {"image_size": 32, "num_classes": 3, "side_reduction": 2}
+    config = {"image_size": 32, "num_classes": 3, **({"side_reduction": 2} if method == "fpt_plus" else {})}
     from_pth = build_method(method, {**config, "backbone": str(pth)})
     from_folder = build_method(method, {**config, "backbone": str(folder)})
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
