@@ -32,13 +32,14 @@ import pytest
 import yaml
 
 from medsweep.errors import ConfigError
-from processes import kill_process_group
 from medsweep.search import resume
 from medsweep.search.console import SweepConsole
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.spaces import points_to_evaluate
+
+from processes import kill_process_group
 
 EPOCHS = 3
 MB = 2**20

@@ -25,6 +25,7 @@ from medsweep.search.frozen_pass import preload_on_cluster
 from medsweep.trainables.memory import batch_within, frozen_batch_size
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload, store_columns
+
 from processes import kill_process_group, local_cluster, run_child
 
 CONFIG = {"method": "fpt_plus", "backbone": "vit-tiny", "image_size": 32, "side_reduction": 2}

@@ -26,6 +26,7 @@ from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter
 from medsweep.search.data import StoreData, share_stores, store_data
 from medsweep.search.trial import _RayIO
 from medsweep.trainables.preload import PreloadResult
+
 from processes import local_cluster, run_child
 
 COLUMNS = [ColumnSpec("image", (3, 4, 4), "uint8"), ColumnSpec("feat", (6,), "float16")]

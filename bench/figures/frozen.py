@@ -59,8 +59,8 @@ def _raw_forward(spec, setting: dict[str, Any]) -> dict[str, float]:
     from medsweep.datasets import load_image, resize_square
     from medsweep.trainables.backbones import backbone_normalisation
     from medsweep.trainables.inputs import normalise
-    from medsweep.trainables.methods import build_method
     from medsweep.trainables.memory import frozen_batch_size
+    from medsweep.trainables.methods import build_method
     from medsweep.trainables.preload import PRECISIONS
 
     size, precision = setting["size"], setting["precision"]

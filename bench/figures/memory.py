@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from bench.common import table
-from medsweep.trainables.memory import parameter_bytes
 from medsweep.trainables.backbones import frozen_weights_unused
+from medsweep.trainables.memory import parameter_bytes
 from medsweep.trainables.methods import build_method, get_method
 from medsweep.trainables.probe import probe_memory
+
+from bench.common import table
 
 NAME = "memory"
 TITLE = "4. Memory: FPT+ vs full fine-tuning, one training step"

@@ -59,7 +59,6 @@ from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootst
 from medsweep.trainables.store_io import StoreIO
 
 
-
 @dataclass
 class SeedRun:
     """One retraining: what final.yaml reports, plus the test probabilities the bootstrap needs."""

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.tune
+import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
-import torch
 from torch import nn
 
 from medsweep.datasets.order import epoch_order, ordered_batches

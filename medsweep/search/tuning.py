@@ -36,11 +36,10 @@ from ray.tune.search.optuna import OptunaSearch
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
-from medsweep.search.data import share_stores
-from medsweep.search.space import build_search
+from medsweep.search.data import StoreData, share_stores
 from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset, wandb_mode
+from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
-from medsweep.search.data import StoreData
 from medsweep.search.trial import run_trial
 from medsweep.trainables.preload import PreloadResult
 

@@ -22,7 +22,6 @@ from torch import nn
 from medsweep.trainables.optimizers import OPTIMIZER_KINDS
 
 
-
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
     """Parameters, plus gradient and optimizer state of the learnable ones (a frozen model built without weights holds none)."""
     total = 0

@@ -44,10 +44,10 @@ from medsweep.datasets.store import (
     discard_shard,
     read_json,
     shard_indices,
-    write_atomically,
     shard_name,
     store_key,
     store_lock,
+    write_atomically,
 )
 from medsweep.errors import ConfigError, DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
