@@ -147,7 +147,7 @@ def _resume_args(out: Path) -> argparse.Namespace:
 
 
 def test_resume_names_the_fix_when_the_folder_holds_no_sweep(tmp_path):
-    with pytest.raises(ConfigError, match="has no sweep.json; pass the --out folder") as error:
+    with pytest.raises(ConfigError, match=r"has no sweep\.json; pass the --out folder") as error:
         resume.run(_resume_args(tmp_path))
     assert "\n" not in str(error.value)
 

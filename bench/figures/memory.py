@@ -83,7 +83,7 @@ def _slope(batches: list[int], values: list[float]) -> float:
     if len(batches) == 1:
         return values[0] / batches[0]
     mean_b, mean_v = sum(batches) / len(batches), sum(values) / len(values)
-    return sum((b - mean_b) * (v - mean_v) for b, v in zip(batches, values)) / sum((b - mean_b) ** 2 for b in batches)
+    return sum((b - mean_b) * (v - mean_v) for b, v in zip(batches, values, strict=True)) / sum((b - mean_b) ** 2 for b in batches)
 
 
 def run(ctx) -> dict[str, Any]:

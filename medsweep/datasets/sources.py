@@ -151,7 +151,7 @@ def load_csv(
     class_list, indices = _encode_labels([row[label_col] for row in rows], classes, csv_path, label_col)
     paths = _absolute_paths(image_root, [row[image_col] for row in rows])
     splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
-    for split, path, index in zip(row_splits, paths, indices):
+    for split, path, index in zip(row_splits, paths, indices, strict=True):
         splits[split].append(Sample(path, index))
     _check_files_exist(csv_path, image_root, [s.path for split in SPLITS for s in splits[split]])
     _check_no_shared_images(csv_path, splits)
@@ -247,7 +247,7 @@ def _check_every_class_in_every_split(
 
 def _check_group_leak(source: Path, group_col: str, groups: list[str], row_splits: list[str]) -> None:
     splits_of: dict[str, set[str]] = defaultdict(set)
-    for group, split in zip(groups, row_splits):
+    for group, split in zip(groups, row_splits, strict=True):
         splits_of[group].add(split)
     leaked = sorted(g for g, s in splits_of.items() if len(s) > 1)
     if leaked:
@@ -301,7 +301,7 @@ def load_list_files(
         list_path = root / files[split]
         paths = _absolute_paths(image_root, [entry for entry, _ in parsed[split]])
         _check_files_exist(list_path, image_root, paths)
-        splits[split] = [Sample(path, labels) for path, (_, labels) in zip(paths, parsed[split])]
+        splits[split] = [Sample(path, labels) for path, (_, labels) in zip(paths, parsed[split], strict=True)]
     _check_no_shared_images(root, splits)
     extra: dict[str, Any] = {"label_fraction_file": fraction_file} if fraction_file else {}
     if fraction_file:

@@ -249,7 +249,14 @@ class _FrozenWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if batch["error"][0]:
-            return {"images": np.array([0]), "node": np.array([""]), "device": np.array([""]), "seconds": np.array([0.0]), "batch_size": np.array([0]), "error": batch["error"]}
+            return {
+                "images": np.array([0]),
+                "node": np.array([""]),
+                "device": np.array([""]),
+                "seconds": np.array([0.0]),
+                "batch_size": np.array([0]),
+                "error": batch["error"],
+            }
         started = time.perf_counter()
         unit = self.plan.units[int(batch["unit"][0])]
         kept = np.frombuffer(batch["kept"][0], dtype=np.int64)

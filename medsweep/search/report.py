@@ -234,7 +234,7 @@ def plot_importances(importances: Importances, colours: dict[str, Any], path: Pa
     methods = sorted(importances.values)
     fig = Figure(figsize=(7, 1.2 + 0.45 * sum(len(importances.values[m]) + 1 for m in methods)))
     axes = fig.subplots(len(methods), 1, squeeze=False)[:, 0]
-    for ax, method in zip(axes, methods):
+    for ax, method in zip(axes, methods, strict=True):
         ranked = sorted(importances.values[method].items(), key=lambda kv: kv[1])
         ax.barh([k for k, _ in ranked], [v for _, v in ranked], color=colours.get(method, "grey"))
         ax.set_xlim(0, 1)

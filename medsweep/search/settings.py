@@ -111,7 +111,9 @@ class SweepSettings:
                 f"--objective takes a comma-separated list of {', '.join(OBJECTIVES)} (e.g. auc,memory), got {','.join(self.objective)!r}"
             )
         if len(set(self.objective)) != len(self.objective) or "auc" not in self.objective:
-            raise ConfigError(f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}")
+            raise ConfigError(
+                f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}"
+            )
         if self.max_epochs < 1:
             raise ConfigError(f"--max-epochs must be at least 1, got {self.max_epochs}")
         if not self.methods:

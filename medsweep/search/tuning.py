@@ -14,6 +14,7 @@ so a new searcher could not be passed, and it would be overwritten anyway
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -390,10 +391,8 @@ class SweepSearch(OptunaSearch):
         to the study but before Tune's next snapshot restores that trial as
         unfinished; its rerun's reports would raise ``UpdateFinishedTrialError``
         and end the resumed sweep. The study keeps the value it was told."""
-        try:
+        with contextlib.suppress(UpdateFinishedTrialError):
             super().on_trial_result(trial_id, result)
-        except UpdateFinishedTrialError:
-            pass
 
 
 def _finite(value: Any) -> bool:

@@ -310,7 +310,8 @@ def _load_mae(path: Path) -> Backbone:
         return Backbone(model, "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{path.resolve()} (weights not loaded)")
     converted, report = convert_mae_checkpoint(state, config)
     if report.mismatched or report.missing:
-        raise ConfigError(f"MAE checkpoint {str(path)!r} does not map onto a ViT: {(report.mismatched or report.missing)[0]} (and {len(report.mismatched) + len(report.missing) - 1} more)")
+        first, more = (report.mismatched or report.missing)[0], len(report.mismatched) + len(report.missing) - 1
+        raise ConfigError(f"MAE checkpoint {str(path)!r} does not map onto a ViT: {first} (and {more} more)")
     model = ViTModel(config, add_pooling_layer=False)
     model.load_state_dict(converted, strict=True)
     return Backbone(model.eval(), "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{_file_digest(path)}")

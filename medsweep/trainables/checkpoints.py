@@ -104,7 +104,7 @@ def _rename(key: str, tensor: torch.Tensor, has_norm: bool) -> list[tuple[str, t
     if match := _QKV.fullmatch(key):
         layer, kind = match.groups()
         rows = tensor.chunk(3, dim=0)  # timm stacks the query, key and value rows
-        return [(f"layers.{layer}.attention.{p}_proj.{kind}", part.clone()) for p, part in zip("qkv", rows)]
+        return [(f"layers.{layer}.attention.{p}_proj.{kind}", part.clone()) for p, part in zip("qkv", rows, strict=True)]
     if (match := _FC_NORM.fullmatch(key)) and not has_norm:
         return [(f"layernorm.{match.group(1)}", tensor)]
     for pattern, target in _RENAMES:

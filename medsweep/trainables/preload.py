@@ -201,7 +201,8 @@ def preload(
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
         seconds = time.perf_counter() - started
-        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}}
+        here = {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}
+        nodes = {f"this process ({socket.gethostname()})": here}
         return finish_store(plan, request, method.name, seconds, nodes)
 
 

@@ -63,7 +63,7 @@ class AdapterTuning(Method):
         self.encoder = self.backbone.model
         dim = self.encoder.config.hidden_size
         self.adapters = nn.ModuleList(Bottleneck(dim, config.bottleneck) for _ in self.encoder.layers)
-        for layer, adapter in zip(self.encoder.layers, self.adapters):
+        for layer, adapter in zip(self.encoder.layers, self.adapters, strict=True):
             layer.mlp.register_forward_hook(adapter.after)
         self.head = nn.Linear(dim, config.num_classes)
 

@@ -48,8 +48,13 @@ class TruncatedConfig(MethodConfig):
 
     backbone: str = field(default="resnet-tiny-test", metadata={"help": "a ResNet: registered name (resnet-50), local save_pretrained folder or hub id"})
     truncation: int = field(default=-1, metadata={"help": "k: keep stages 1..k (block) or the first k-1 residual layers (layer); -1 keeps the whole network"})
-    granularity: Literal["block", "layer"] = field(default="block", metadata={"help": "truncate at stage (block-wise TTL) or residual-layer (layer-wise TTL) boundaries"})
-    pool: bool = field(default=True, metadata={"help": "global average pool before the head (as the published block-wise runs); off: flatten the whole map (truncation -1 always pools)"})
+    granularity: Literal["block", "layer"] = field(
+        default="block", metadata={"help": "truncate at stage (block-wise TTL) or residual-layer (layer-wise TTL) boundaries"}
+    )
+    pool: bool = field(
+        default=True,
+        metadata={"help": "global average pool before the head (as the published block-wise runs); off: flatten the whole map (truncation -1 always pools)"},
+    )
 
 
 def _stride2(side: int) -> int:
@@ -105,7 +110,7 @@ class TruncatedTransfer(Method):
         keep = kept_layers(config, resnet, config.backbone)
         self.trunk = nn.Sequential(backbone.model.embedder, *layers[:keep])  # [B, 3, S, S] -> [B, C, h, w]
 
-        widths = [width for width, depth in zip(resnet.hidden_sizes, resnet.depths) for _ in range(depth)]
+        widths = [width for width, depth in zip(resnet.hidden_sizes, resnet.depths, strict=True) for _ in range(depth)]
         channels = widths[keep - 1] if keep else resnet.embedding_size
         pool = config.pool or config.truncation == -1
         side = 1 if pool else resnet_output_size(resnet, config.image_size, keep)
