@@ -32,7 +32,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -89,7 +89,7 @@ def _imagefolder_split(split_dir: Path, classes: list[str]) -> list[Sample]:
         raise DatasetError(
             f"{split_dir} has class folders not in train/: {', '.join(extra)}; add them to train/ or remove them"
         )
-    samples = []
+    samples: list[Sample] = []
     for index, class_name in enumerate(classes):
         images = _images_under(split_dir / class_name)
         if not images:
@@ -548,7 +548,8 @@ def _load_imagefolder_from_yaml(
 def _reorder_classes(spec: DatasetSpec, classes: list[str]) -> DatasetSpec:
     """Re-index labels to the YAML's class order (e.g. grades in clinical order)."""
     new_index = {old: classes.index(c) for old, c in enumerate(spec.classes)}
-    splits = {s: [Sample(x.path, new_index[x.label]) for x in samples] for s, samples in spec.splits.items()}
+    # Class folders: every label is a class index, not a multi-label tuple.
+    splits = {s: [Sample(x.path, new_index[cast(int, x.label)]) for x in samples] for s, samples in spec.splits.items()}
     return dataclasses.replace(spec, classes=list(classes), splits=splits)
 
 

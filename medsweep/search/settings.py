@@ -70,7 +70,8 @@ class SweepSettings:
     workers: int = 1
     wandb: str = "auto"
     seed: int = 0
-    out: Path | None = None
+    # None (the CLI without --out) becomes sweeps/<date-time> in __post_init__: a Path once built.
+    out: Path = None  # type: ignore[assignment]
     cache_dir: Path = Path(".medsweep-cache")
     address: str | None = None
     grace_period: int = 2

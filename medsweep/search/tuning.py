@@ -264,8 +264,9 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
     gpu_total = gpu_total if math.isfinite(gpu_total) else 0  # no GPU size known: whole GPUs, the safe side
     # gpu_fraction's rule for DDP methods does not read the memory: no probe bytes to give it.
     fractions = {method: gpu_fraction(0, int(gpu_total), method, settings.workers) for method in ddp}
-    for method in ddp if console is not None else []:
-        console.console.print(f"[bold]gpu[/] {method}: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
+    if console is not None:
+        for method in ddp:
+            console.console.print(f"[bold]gpu[/] {method}: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
     for method, probe in probes.items():
         fractions[method] = gpu_fraction(probe["peak_bytes"], int(gpu_total), method, settings.workers)
         if console is not None:
@@ -309,7 +310,7 @@ def trial_resources(settings: SweepSettings, gpus: dict[str, float]):
             # unable to place 2 one-CPU workers).
             return PlacementGroupFactory([{"memory": DRIVER_MEMORY_BYTES}])
         bundle = {"CPU": settings.cpus_per_trial}
-        method_gpus = gpus.get(config.get("method"), float(config.get("gpus_per_trial", 0)))
+        method_gpus = gpus.get(config.get("method", ""), float(config.get("gpus_per_trial", 0)))
         if method_gpus:
             bundle["GPU"] = method_gpus
         return PlacementGroupFactory([bundle])
@@ -495,6 +496,8 @@ def build_searcher(
     }
     space, points = build_search(settings.methods, fixed, dataset=spec.name)
     storage = study_storage(settings.out)
+    metric: str | list[str]
+    mode: str | list[str]
     if settings.multi_objective:
         metric, mode = [c for c, _ in settings.objective_columns()], [d for _, d in settings.objective_columns()]
     else:

@@ -60,6 +60,8 @@ class StagedFineTuning(Method):
       parameters with the learning rate x 0.1 and restart the schedule.
     """
 
+    config: StagedConfig
+
     def __init__(self, config: StagedConfig) -> None:
         super().__init__(config)
         self.backbone = strip_unused_pooling(build_backbone(config.backbone, config.image_size)).freeze()
