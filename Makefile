@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo lint test test-fast bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(STAMP)
 demo: install  ## the built-in default sweep (synthetic data, FPT+ and linear probe, 8 trials)
 	$(BIN)/medsweep sweep
 
-test: install  ## the whole suite, slow end-to-end tests included (as CI runs it)
+lint: install  ## ruff and mypy, configured in pyproject.toml
+	$(BIN)/ruff check medsweep tests bench
+	$(BIN)/mypy
+
+test: lint  ## lint, then the whole suite, slow end-to-end tests included (as CI runs it)
 	$(BIN)/python -m pytest
 
 test-fast: install
@@ -32,4 +36,4 @@ bench-quick: install
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) .medsweep-cache sweeps runs
+	rm -rf $(VENV) .medsweep-cache sweeps runs .mypy_cache .ruff_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,8 @@ import torch
 
 from medsweep.datasets import load_dataset, load_imagefolder, make_synthetic
 from medsweep.datasets.spec import DatasetSpec
-from medsweep.search.space import build_search
 from medsweep.search.settings import DEMO_BACKBONE, SweepSettings, fixed_config
+from medsweep.search.space import build_search
 from medsweep.spaces import points_to_evaluate, replay
 from medsweep.trainables.methods import Method, build_method
 
@@ -79,7 +79,7 @@ def classes_only(num_classes: int) -> DatasetSpec:
     return DatasetSpec("classes-only", Path("."), "multiclass", [f"grade{k}" for k in range(num_classes)], {})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _side_flops(backbone: str, size: int, num_classes: int, params: tuple[tuple[str, Any], ...]) -> int:
     return side_forward_flops_per_sample(trial_method(classes_only(num_classes), dict(params), backbone, size))
 

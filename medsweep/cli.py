@@ -106,7 +106,11 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
     """Options of the commands that run on Ray: where, and how the frozen pass runs there."""
     parser.add_argument("--address", default=setting_default("address"), help="Ray cluster address (e.g. auto); default a local Ray")
     parser.add_argument(
-        "--connect-timeout", type=float, default=setting_default("connect_timeout"), metavar="SECONDS", help="how long to wait for the --address cluster to answer"
+        "--connect-timeout",
+        type=float,
+        default=setting_default("connect_timeout"),
+        metavar="SECONDS",
+        help="how long to wait for the --address cluster to answer",
     )
     parser.add_argument(
         "--precision",
@@ -131,8 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dataset", default=setting_default("dataset"), help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
     sweep.add_argument("--method", action="append", dest="methods", help=f"method to sweep (repeatable); default {' and '.join(DEFAULT_METHODS)}")
     # None here, DEFAULT_TRIALS in cmd_sweep: without --trials, --budget-hours alone is an unbounded search.
-    sweep.add_argument("--trials", type=int, default=None, help=f"number of trials (recommended points first, then TPE); default {DEFAULT_TRIALS}, unbounded with --budget-hours")
-    sweep.add_argument("--budget-hours", type=float, default=setting_default("budget_hours"), help="time budget of the search in hours; ends it (with --trials: whichever comes first)")
+    sweep.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help=f"number of trials (recommended points first, then TPE); default {DEFAULT_TRIALS}, unbounded with --budget-hours",
+    )
+    sweep.add_argument(
+        "--budget-hours",
+        type=float,
+        default=setting_default("budget_hours"),
+        help="time budget of the search in hours; ends it (with --trials: whichever comes first)",
+    )
     sweep.add_argument(
         "--objective",
         default=",".join(setting_default("objective")),
@@ -151,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
     sweep.add_argument("--wandb", default=setting_default("wandb"), choices=WANDB_MODES, help="auto: online with WANDB_API_KEY, else offline files")
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
-    sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept")
+    sweep.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept"
+    )
     sweep.add_argument("--search", default=setting_default("search"), choices=SEARCHES, help="Optuna sampler after the recommended points")
     sweep.add_argument("--no-early-stopping", action="store_true", help="run every trial to --max-epochs (no ASHA)")
     sweep.add_argument("--no-preload", action="store_true", help="store images only; every trial runs the frozen backbone itself")
-    sweep.add_argument("--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)")
+    sweep.add_argument(
+        "--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)"
+    )
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
     _add_cluster(sweep)
@@ -375,7 +393,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     method = build_method(args.method, _run_config(args, args.method, num_classes=args.num_classes))
     learnable, total = method.parameter_counts()
-    report = {"method": args.method, "backbone": args.backbone, "image_size": args.image_size, "learnable": learnable, "total": total, "learnable_pct": 100 * learnable / total}
+    report = {
+        "method": args.method,
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "learnable": learnable,
+        "total": total,
+        "learnable_pct": 100 * learnable / total,
+    }
     if args.json:
         print(json.dumps(report))
     else:

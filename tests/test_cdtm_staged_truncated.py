@@ -99,7 +99,7 @@ def test_cluster_attention_matches_official_formulation() -> None:
     torch.manual_seed(0)
     attention = ClusterAttention(dim=8, tokens=5, centers=3)
     x = torch.randn(2, 5, 8)
-    batch, n, _ = x.shape
+    _, n, _ = x.shape
     weights = torch.mm(F.normalize(x.mean(1), dim=-1), F.normalize(attention.centers.T, dim=0)).softmax(dim=-1)
     expanded = weights.unsqueeze(-1).unsqueeze(-1).repeat(1, 1, n, n)
     mixing = (expanded * attention.mixing.unsqueeze(0).expand_as(expanded)).sum(1)

@@ -116,7 +116,7 @@ def test_ddp_workers_take_equal_disjoint_strides_of_the_one_sequence() -> None:
     whole = _indices(ordered_batches((tables[i] for i in order.shards), order, 3))
     parts = [_indices(ordered_batches((tables[i] for i in order.shards), order, 3, rank, 3)) for rank in range(3)]
     assert [len(part) for part in parts] == [19 // 3] * 3
-    assert [row for triple in zip(*parts) for row in triple] == whole[:18]
+    assert [row for triple in zip(*parts, strict=True) for row in triple] == whole[:18]
 
 
 # -- every runner, the same mixed order --------------------------------------------------------------------

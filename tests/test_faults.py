@@ -32,13 +32,14 @@ import pytest
 import yaml
 
 from medsweep.errors import ConfigError
-from processes import kill_process_group
 from medsweep.search import resume
 from medsweep.search.console import SweepConsole
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.spaces import points_to_evaluate
+
+from processes import kill_process_group
 
 EPOCHS = 3
 MB = 2**20
@@ -146,7 +147,7 @@ def _resume_args(out: Path) -> argparse.Namespace:
 
 
 def test_resume_names_the_fix_when_the_folder_holds_no_sweep(tmp_path):
-    with pytest.raises(ConfigError, match="has no sweep.json; pass the --out folder") as error:
+    with pytest.raises(ConfigError, match=r"has no sweep\.json; pass the --out folder") as error:
         resume.run(_resume_args(tmp_path))
     assert "\n" not in str(error.value)
 

@@ -102,7 +102,7 @@ def test_search_data_step_reads_only_the_train_and_val_shards(synthetic_spec, ca
 
 
 def test_missing_best_yaml_is_a_one_line_error(synthetic_spec, tmp_path):
-    with pytest.raises(ConfigError, match="no best.yaml") as error:
+    with pytest.raises(ConfigError, match=r"no best\.yaml") as error:
         retrain_best(tmp_path, synthetic_spec, SweepSettings(methods=["linear"], out=tmp_path))
     assert "\n" not in str(error.value)
 
@@ -113,7 +113,7 @@ def test_zero_seeds_is_refused(synthetic_spec, tmp_path):
 
 
 def test_missing_sweep_json_is_a_one_line_error(tmp_path):
-    with pytest.raises(ConfigError, match="no sweep.json"):
+    with pytest.raises(ConfigError, match=r"no sweep\.json"):
         load_settings(tmp_path)
 
 

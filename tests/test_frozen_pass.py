@@ -25,6 +25,7 @@ from medsweep.search.frozen_pass import preload_on_cluster
 from medsweep.trainables.memory import batch_within, frozen_batch_size
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload, store_columns
+
 from processes import kill_process_group, local_cluster, run_child
 
 CONFIG = {"method": "fpt_plus", "backbone": "vit-tiny", "image_size": 32, "side_reduction": 2}
@@ -193,7 +194,7 @@ def assert_same_tensors(store: PreloadStore, clean: PreloadStore) -> None:
 def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_path) -> None:
     """SIGKILL a ``medsweep preload`` process (and its local Ray) mid-pass; the same command then writes only
     the missing shards and the store equals the clean build."""
-    root, target, clean = many_shards
+    root, _target, clean = many_shards
     rows_cli = ["--method", "fpt_plus", "--backbone", "vit-tiny", "--image-size", "32", "--set", "side_reduction=2"]
     argv = [sys.executable, "-m", "medsweep.cli", "preload", "--dataset", str(root), *rows_cli, "--cache-dir", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -271,7 +272,7 @@ def test_bf16_frozen_features_on_cpu_agree_with_fp32(root, single_process, tmp_p
     assert bf16.key != fp32.key and bf16.meta["key_parts"]["frozen_precision"] == "bf16"
     assert single_process.meta["key_parts"]["frozen_precision"] == "fp32"  # auto on a CPU
     features = [c for c in bf16.columns if c.dtype != "uint8"]
-    for mine, reference in zip(bf16.shard_paths("train"), fp32.shard_paths("train")):
+    for mine, reference in zip(bf16.shard_paths("train"), fp32.shard_paths("train"), strict=True):
         got = decode_columns(table_to_numpy(pq.read_table(mine)), features)
         want = decode_columns(table_to_numpy(pq.read_table(reference)), features)
         for column in features:

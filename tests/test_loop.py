@@ -67,7 +67,7 @@ def test_resumed_run_continues_from_its_checkpoint_and_matches_an_uninterrupted_
     fit(config, resumed, tmp_path / "c")
 
     assert [r["epoch"] for r in resumed.reports] == [3, 4]
-    for mine, reference in zip(resumed.reports, straight.reports[2:]):
+    for mine, reference in zip(resumed.reports, straight.reports[2:], strict=True):
         assert mine["val_auc"] == pytest.approx(reference["val_auc"], abs=1e-6)
         assert mine["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
 

@@ -20,7 +20,7 @@ import pytest
 
 import medsweep
 from medsweep.errors import ConfigError
-from medsweep.spaces import CONTEXT_RULES, METHODS, TRAIN_RULES, allowed_keys, config_keys, record, recommended
+from medsweep.spaces import CONTEXT_RULES, METHODS, TRAIN_RULES, allowed_keys, config_keys, recommended, record
 from medsweep.trainables.config import NOT_HYPERPARAMETERS, PLACEMENT_KEYS, MethodConfig, TrainConfig
 from medsweep.trainables.methods import get_method, list_methods, make_config
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,7 +67,7 @@ class Trained(NamedTuple):
     batch: dict[str, torch.Tensor]
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained(name: str) -> Trained:
     """The tiny method after ``STEPS`` AdamW steps over its own parameter groups (built once per run)."""
     method = build(name)

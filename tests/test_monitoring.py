@@ -112,7 +112,7 @@ def test_sync_that_cannot_reach_the_server_gives_up_at_its_timeout(offline_run_f
 def test_sync_and_dashboard_refuse_a_folder_that_holds_no_sweep(tmp_path):
     with pytest.raises(ConfigError, match="has no offline W&B runs"):
         sync.run(_parse(["sync", str(tmp_path)], sync))
-    with pytest.raises(ConfigError, match="has no optuna-study.log; pass the --out folder"):
+    with pytest.raises(ConfigError, match=r"has no optuna-study\.log; pass the --out folder"):
         dashboard.run(_parse(["dashboard", str(tmp_path)], dashboard))
 
 

@@ -26,6 +26,7 @@ from medsweep.datasets.store import ColumnSpec, PreloadStore, StoreWriter
 from medsweep.search.data import StoreData, share_stores, store_data
 from medsweep.search.trial import _RayIO
 from medsweep.trainables.preload import PreloadResult
+
 from processes import local_cluster, run_child
 
 COLUMNS = [ColumnSpec("image", (3, 4, 4), "uint8"), ColumnSpec("feat", (6,), "float16")]
@@ -182,10 +183,10 @@ def test_shards_across_nodes(tmp_path: Path) -> None:
     for name in ("train", "stream"):
         for epoch in range(EPOCHS):
             parts = [set(rank[name][epoch]) for rank in ranks]
-            assert all(len(part) == len(rank[name][epoch]) == 60 for part, rank in zip(parts, ranks))  # no row twice
+            assert all(len(part) == len(rank[name][epoch]) == 60 for part, rank in zip(parts, ranks, strict=True))  # no row twice
             assert not parts[0] & parts[1], f"{name} epoch {epoch}: workers share rows"
             assert parts[0] | parts[1] == set(range(120)), f"{name} epoch {epoch}: rows missing"
-            interleaved = [row for pair in zip(ranks[0][name][epoch], ranks[1][name][epoch]) for row in pair]
+            interleaved = [row for pair in zip(ranks[0][name][epoch], ranks[1][name][epoch], strict=True) for row in pair]
             assert interleaved == single[epoch], f"{name} epoch {epoch}: not the single-worker order"
         assert ranks[0][name][0] != ranks[0][name][1]  # a fresh order each epoch
     assert all(rank["val"][epoch] == list(range(30)) for rank in ranks for epoch in range(EPOCHS))

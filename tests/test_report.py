@@ -35,7 +35,7 @@ def test_pareto_front_keeps_non_dominated_points_and_ties():
         (0.95, 20.0),  # on: the best AUC
         (0.85, 12.0),  # dominated by (0.90, 10.0)
     ]
-    auc, cost = zip(*points)
+    auc, cost = zip(*points, strict=True)
     assert pareto_front(auc, cost).tolist() == [True, True, False, True, False, False, True, False]
 
 
@@ -163,7 +163,7 @@ def test_importance_of_trials_that_all_scored_the_same_is_a_note(tmp_path):
 
 
 def test_report_errors_name_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="no leaderboard.csv"):
+    with pytest.raises(ConfigError, match=r"no leaderboard\.csv"):
         write_report(tmp_path)
     with pytest.raises(ConfigError, match="--format must be md or html"):
         write_report(tmp_path, "pdf")

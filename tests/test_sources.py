@@ -93,7 +93,7 @@ def test_imagefolder_reads_classes_labels_and_absolute_paths(tmp_path: Path) -> 
 
 
 def test_imagefolder_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="nowhere.*not found"):
+    with pytest.raises(DatasetError, match=r"nowhere.*not found"):
         load_imagefolder(tmp_path / "nowhere")
 
 

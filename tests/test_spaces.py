@@ -260,7 +260,7 @@ def test_replay_refuses_params_that_miss_a_searched_key() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_lr_range_is_a_decade_each_side_of_recommended(method: str) -> None:
     rows = {row["name"]: row for row in describe(method)["searched"]}
-    for name, row in rows.items():
+    for row in rows.values():
         if row["key"] == "lr":
             assert row["distribution"]["log"]
             assert row["distribution"]["low"] == pytest.approx(row["recommended"] / 10)
@@ -339,7 +339,7 @@ def test_enqueued_points_are_asked_first_with_recommended_values(methods: list[s
     study = optuna.create_study(sampler=TPESampler(seed=0))
     for point in points:
         study.enqueue_trial(point)
-    for point, method in zip(points, methods):
+    for point, method in zip(points, methods, strict=True):
         trial = study.ask()
         constants = space(trial)  # suggests first: trial.params is empty before
         config = to_trial_config({**trial.params, **constants})

@@ -199,7 +199,10 @@ def test_an_output_folder_on_a_read_only_disk_is_one_line(root, tmpfs) -> None:
     """``medsweep train --out`` on a read-only mount: the command's own files, not the store, fail to write."""
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "medsweep.cli", "train", "--dataset", str(root), *CLI_TINY, "--epochs", "1", "--out", str(tmpfs / "run"), "--cache-dir", str(tmpfs.parent / "cache")],
+        [
+            sys.executable, "-m", "medsweep.cli", "train", "--dataset", str(root), *CLI_TINY,
+            "--epochs", "1", "--out", str(tmpfs / "run"), "--cache-dir", str(tmpfs.parent / "cache"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

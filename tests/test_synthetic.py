@@ -137,7 +137,7 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path: Path, monkeypatc
 def test_foreign_folder_is_never_deleted(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(DatasetError, match="mine.*not a medsweep synthetic set"):
+    with pytest.raises(DatasetError, match=r"mine.*not a medsweep synthetic set"):
         make_synthetic(tmp_path / "mine", **SMALL)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

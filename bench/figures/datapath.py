@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from bench.common import demo_spec, median, table, trial_method
 from medsweep.datasets.store import ColumnSpec, decode_columns, iter_parquet_batches
-from medsweep.trainables.preload import preload
-
 from medsweep.search.data import store_data
 from medsweep.search.trial import _RayIO
-from medsweep.trainables.preload import PreloadResult
+from medsweep.trainables.preload import PreloadResult, preload
 from medsweep.trainables.store_io import StoreIO
+
+from bench.common import demo_spec, median, table, trial_method
 
 NAME = "datapath"
 TITLE = "6. Data path: Ray Data vs pyarrow over the preload store"

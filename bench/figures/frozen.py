@@ -59,8 +59,8 @@ def _raw_forward(spec, setting: dict[str, Any]) -> dict[str, float]:
     from medsweep.datasets import load_image, resize_square
     from medsweep.trainables.backbones import backbone_normalisation
     from medsweep.trainables.inputs import normalise
-    from medsweep.trainables.methods import build_method
     from medsweep.trainables.memory import frozen_batch_size
+    from medsweep.trainables.methods import build_method
     from medsweep.trainables.preload import PRECISIONS
 
     size, precision = setting["size"], setting["precision"]
@@ -158,7 +158,12 @@ def render(result: dict[str, Any]) -> str:
     s = d["setting"]
     rows = [
         ("raw forward, images decoded in memory (one process)", d["raw"]["images"], f"{d['raw']['images_per_s']:.3f}", "100%"),
-        ("pipeline: decode tasks + frozen actors + shard writes (1 node)", d["pipeline"]["images"], f"{d['pipeline']['images_per_s']:.3f}", f"{100 * d['ratio']:.0f}%"),
+        (
+            "pipeline: decode tasks + frozen actors + shard writes (1 node)",
+            d["pipeline"]["images"],
+            f"{d['pipeline']['images_per_s']:.3f}",
+            f"{100 * d['ratio']:.0f}%",
+        ),
     ]
     for layout, label in (("1x2", "local cluster: head without CPUs + 1 worker of 2 CPUs"), ("2x1", "local cluster: head without CPUs + 2 workers of 1 CPU")):
         if layout in d["clusters"]:
@@ -187,7 +192,8 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
     d = result["data"]
     return (
         f"pipeline >= {100 * TARGET:.0f}% of the raw forward",
-        f"{100 * d['ratio']:.0f}% ({d['pipeline']['images_per_s']:.3f} vs {d['raw']['images_per_s']:.3f} images/s, {d['setting']['size']} px, {d['setting']['device']})",
+        f"{100 * d['ratio']:.0f}% ({d['pipeline']['images_per_s']:.3f} vs {d['raw']['images_per_s']:.3f} images/s,"
+        f" {d['setting']['size']} px, {d['setting']['device']})",
     )
 
 

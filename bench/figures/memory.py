@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from bench.common import table
-from medsweep.trainables.memory import parameter_bytes
 from medsweep.trainables.backbones import frozen_weights_unused
+from medsweep.trainables.memory import parameter_bytes
 from medsweep.trainables.methods import build_method, get_method
 from medsweep.trainables.probe import probe_memory
+
+from bench.common import table
 
 NAME = "memory"
 TITLE = "4. Memory: FPT+ vs full fine-tuning, one training step"
@@ -82,7 +83,7 @@ def _slope(batches: list[int], values: list[float]) -> float:
     if len(batches) == 1:
         return values[0] / batches[0]
     mean_b, mean_v = sum(batches) / len(batches), sum(values) / len(values)
-    return sum((b - mean_b) * (v - mean_v) for b, v in zip(batches, values)) / sum((b - mean_b) ** 2 for b in batches)
+    return sum((b - mean_b) * (v - mean_v) for b, v in zip(batches, values, strict=True)) / sum((b - mean_b) ** 2 for b in batches)
 
 
 def run(ctx) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
 def render(result: dict[str, Any]) -> str:
     d = result["data"]
     trials = d["trials"]
-    per_epoch = [o / t["epochs_run"] for o, t in zip(d["overheads"], trials) if t["epochs_run"]]
+    per_epoch = [o / t["epochs_run"] for o, t in zip(d["overheads"], trials, strict=True) if t["epochs_run"]]
     rows = [
         ("per trial, s", *_spread(d["overheads"])),
         ("  of which inside epochs (validation, batch waits), s", *_spread(d["split"]["inside_epochs"])),

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from bench.figures.memory import BACKBONE, BATCH, IMAGE_SIZE, config
 from medsweep.trainables.probe import probe_memory
+
+from bench.figures.memory import BACKBONE, BATCH, IMAGE_SIZE, config
 
 NAME = "packing"
 TITLE = "4b. GPU packing: concurrent FPT+ trials per GPU"

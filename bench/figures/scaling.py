@@ -17,6 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medsweep.trainables.preload import preload
+from medsweep.trainables.runner import train_once
+
 from bench.common import (
     DEMO_SIZE,
     median,
@@ -32,8 +35,6 @@ from bench.common import (
 from bench.context import RAY_CPUS
 from bench.figures.floor import floor_of
 from bench.flops import frozen_flops_per_image, matmul_rate, side_forward_flops_per_sample
-from medsweep.trainables.preload import preload
-from medsweep.trainables.runner import train_once
 
 NAME = "scaling"
 TITLE = "7. Scaling with trials and image size"

@@ -313,7 +313,7 @@ def determinism_text(d: dict[str, Any]) -> str:
 def render(result: dict[str, Any]) -> str:
     d = result["data"]
     plot(d, PLOT)
-    grid, rerun = d["grid"], d["rerun"]
+    grid = d["grid"]
     rows = [
         (
             name,

@@ -32,7 +32,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -89,7 +89,7 @@ def _imagefolder_split(split_dir: Path, classes: list[str]) -> list[Sample]:
         raise DatasetError(
             f"{split_dir} has class folders not in train/: {', '.join(extra)}; add them to train/ or remove them"
         )
-    samples = []
+    samples: list[Sample] = []
     for index, class_name in enumerate(classes):
         images = _images_under(split_dir / class_name)
         if not images:
@@ -151,7 +151,7 @@ def load_csv(
     class_list, indices = _encode_labels([row[label_col] for row in rows], classes, csv_path, label_col)
     paths = _absolute_paths(image_root, [row[image_col] for row in rows])
     splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
-    for split, path, index in zip(row_splits, paths, indices):
+    for split, path, index in zip(row_splits, paths, indices, strict=True):
         splits[split].append(Sample(path, index))
     _check_files_exist(csv_path, image_root, [s.path for split in SPLITS for s in splits[split]])
     _check_no_shared_images(csv_path, splits)
@@ -247,7 +247,7 @@ def _check_every_class_in_every_split(
 
 def _check_group_leak(source: Path, group_col: str, groups: list[str], row_splits: list[str]) -> None:
     splits_of: dict[str, set[str]] = defaultdict(set)
-    for group, split in zip(groups, row_splits):
+    for group, split in zip(groups, row_splits, strict=True):
         splits_of[group].add(split)
     leaked = sorted(g for g, s in splits_of.items() if len(s) > 1)
     if leaked:
@@ -301,7 +301,7 @@ def load_list_files(
         list_path = root / files[split]
         paths = _absolute_paths(image_root, [entry for entry, _ in parsed[split]])
         _check_files_exist(list_path, image_root, paths)
-        splits[split] = [Sample(path, labels) for path, (_, labels) in zip(paths, parsed[split])]
+        splits[split] = [Sample(path, labels) for path, (_, labels) in zip(paths, parsed[split], strict=True)]
     _check_no_shared_images(root, splits)
     extra: dict[str, Any] = {"label_fraction_file": fraction_file} if fraction_file else {}
     if fraction_file:
@@ -548,7 +548,8 @@ def _load_imagefolder_from_yaml(
 def _reorder_classes(spec: DatasetSpec, classes: list[str]) -> DatasetSpec:
     """Re-index labels to the YAML's class order (e.g. grades in clinical order)."""
     new_index = {old: classes.index(c) for old, c in enumerate(spec.classes)}
-    splits = {s: [Sample(x.path, new_index[x.label]) for x in samples] for s, samples in spec.splits.items()}
+    # Class folders: every label is a class index, not a multi-label tuple.
+    splits = {s: [Sample(x.path, new_index[cast(int, x.label)]) for x in samples] for s, samples in spec.splits.items()}
     return dataclasses.replace(spec, classes=list(classes), splits=splits)
 
 

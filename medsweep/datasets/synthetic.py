@@ -212,7 +212,7 @@ def _draw_vessels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, disc: _Di
         angles = start + bend * steps
         xs = disc.optic_x + steps * length * np.cos(angles)
         ys = disc.optic_y + steps * length * np.sin(angles)
-        points = [(float(x) * scale, float(y) * scale) for x, y in zip(xs, ys)]
+        points = [(float(x) * scale, float(y) * scale) for x, y in zip(xs, ys, strict=True)]
         draw.line(points, fill=255, width=width, joint="curve")
 
 

@@ -27,8 +27,8 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
-from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV
+from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.trainables.metrics import pme, ppe
 
 # Config keys that are plumbing, not hyperparameters (see medsweep.trainables.config.Placement).

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,6 @@ from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
 from medsweep.trainables.store_io import StoreIO
-
 
 
 @dataclass
@@ -261,7 +260,8 @@ def _summarise(out: Path, item: dict[str, Any], config: dict[str, Any], runs: li
     keys = list(flat[0]) if flat else []
     last = runs[-1].last_report
     ci = (
-        bootstrap_auc_ci([r.probabilities for r in usable], usable[0].labels, config["task"], seed=base_seed)
+        # A run with probabilities has its labels too (both None only for a run that could not be tested).
+        bootstrap_auc_ci([cast(np.ndarray, r.probabilities) for r in usable], cast(np.ndarray, usable[0].labels), config["task"], seed=base_seed)
         if usable
         else None
     )

@@ -161,7 +161,7 @@ def _run_pipeline(
         raise ConfigError("the frozen pass needs 2 CPUs or a GPU in the Ray cluster (one decodes while the other runs the backbone); `ray status` lists them")
     items = ray.data.from_items([{"unit": i} for i in range(len(plan.units))], override_num_blocks=max(1, len(plan.units)))
     decoded = items.map_batches(
-        _decode,
+        _decode,  # type: ignore[arg-type]  # Ray types fn as one-argument; fn_kwargs gives _decode the rest
         batch_size=1,
         num_cpus=1,
         # What one decode task holds at its peak (the pictures and their resized arrays). Being a
@@ -204,6 +204,7 @@ class _Shards:
         self.sizes = plan.decode_sizes
         self.root = plan.root
         self.columns = plan.columns
+        assert plan.writer is not None  # the pipeline runs only for a store being written
         self.key_parts = plan.writer.key_parts
         self.rows_per_shard = plan.rows_per_shard
 
@@ -249,7 +250,14 @@ class _FrozenWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if batch["error"][0]:
-            return {"images": np.array([0]), "node": np.array([""]), "device": np.array([""]), "seconds": np.array([0.0]), "batch_size": np.array([0]), "error": batch["error"]}
+            return {
+                "images": np.array([0]),
+                "node": np.array([""]),
+                "device": np.array([""]),
+                "seconds": np.array([0.0]),
+                "batch_size": np.array([0]),
+                "error": batch["error"],
+            }
         started = time.perf_counter()
         unit = self.plan.units[int(batch["unit"][0])]
         kept = np.frombuffer(batch["kept"][0], dtype=np.int64)

@@ -140,4 +140,5 @@ class InterruptGuard:
             logging.getLogger(_TUNE_LOGGER).setLevel(logging.ERROR)
             stop(signum, frame)
             return
+        assert self.signum is not None  # set above by the first signal
         raise SweepInterrupted(self.signum, self.out)

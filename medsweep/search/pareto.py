@@ -26,7 +26,7 @@ def pareto_front(maximise: Sequence[float], minimise: Sequence[float], *more_min
     # [i, j]: does j dominate i?
     at_least_as_good = (c[None, :, :] <= c[:, None, :]).all(axis=2)
     strictly_better = (c[None, :, :] < c[:, None, :]).any(axis=2)
-    dominated = (at_least_as_good & strictly_better).any(axis=1)
+    dominated = np.any(at_least_as_good & strictly_better, axis=1)
     mask = np.zeros(len(costs), dtype=bool)
     mask[np.flatnonzero(valid)] = ~dominated
     return mask

@@ -115,8 +115,10 @@ def param_importances(out: Path, only_method: str | None = None) -> Importances:
     # A multi-objective study (--objective auc,memory): importance for validation AUC, its maximised value.
     auc = source.directions.index(optuna.study.StudyDirection.MAXIMIZE) if len(source.directions) > 1 else None
     method_of = {t.number: t.params.get("method", only_method) for t in complete}
-    values, counts, notes = {}, {}, []
-    for method in sorted(set(method_of.values()) - {None}):
+    values: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    notes: list[str] = []
+    for method in sorted({m for m in method_of.values() if m is not None}):
         trials = [t for t in complete if method_of[t.number] == method]
         varying = _varying_params(trials)
         if len(trials) < 2 or not varying:
@@ -222,7 +224,7 @@ def plot_curves(curves: pd.DataFrame, board: pd.DataFrame, colours: dict[str, An
             zorder=3 if is_best else 2,
         )
     ax.set(title="Validation AUC by epoch (short lines: stopped early by ASHA)", xlabel="epoch", ylabel="validation AUC")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]  # the default AutoLocator is a MaxNLocator
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
@@ -234,7 +236,7 @@ def plot_importances(importances: Importances, colours: dict[str, Any], path: Pa
     methods = sorted(importances.values)
     fig = Figure(figsize=(7, 1.2 + 0.45 * sum(len(importances.values[m]) + 1 for m in methods)))
     axes = fig.subplots(len(methods), 1, squeeze=False)[:, 0]
-    for ax, method in zip(axes, methods):
+    for ax, method in zip(axes, methods, strict=True):
         ranked = sorted(importances.values[method].items(), key=lambda kv: kv[1])
         ax.barh([k for k, _ in ranked], [v for _, v in ranked], color=colours.get(method, "grey"))
         ax.set_xlim(0, 1)
@@ -302,6 +304,7 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
             lines += [f"![{block.caption}]({block.text})", ""]
         elif block.kind == "table":
             table = block.table
+            assert table is not None
             cells = [[_fmt(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
             lines += ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
             lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -319,6 +322,7 @@ def render_html(title: str, blocks: list[Block]) -> str:
         elif block.kind == "image":
             body.append(f'<img src="{html.escape(block.text)}" alt="{html.escape(block.caption)}">')
         elif block.kind == "table":
+            assert block.table is not None
             body.append(block.table.map(_fmt).to_html(index=False, border=0))
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"

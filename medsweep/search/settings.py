@@ -70,7 +70,8 @@ class SweepSettings:
     workers: int = 1
     wandb: str = "auto"
     seed: int = 0
-    out: Path | None = None
+    # None (the CLI without --out) becomes sweeps/<date-time> in __post_init__: a Path once built.
+    out: Path = None  # type: ignore[assignment]
     cache_dir: Path = Path(".medsweep-cache")
     address: str | None = None
     grace_period: int = 2
@@ -111,7 +112,9 @@ class SweepSettings:
                 f"--objective takes a comma-separated list of {', '.join(OBJECTIVES)} (e.g. auc,memory), got {','.join(self.objective)!r}"
             )
         if len(set(self.objective)) != len(self.objective) or "auc" not in self.objective:
-            raise ConfigError(f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}")
+            raise ConfigError(
+                f"--objective must name auc once, with memory and/or params at most once each (e.g. auc,memory), got {','.join(self.objective)!r}"
+            )
         if self.max_epochs < 1:
             raise ConfigError(f"--max-epochs must be at least 1, got {self.max_epochs}")
         if not self.methods:

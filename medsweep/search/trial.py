@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import ray.train
 import ray.tune
+import torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
-import torch
 from torch import nn
 
 from medsweep.datasets.order import epoch_order, ordered_batches
@@ -109,8 +109,9 @@ def run_trial(config: dict[str, Any], *, stores: dict[str, StoreData], storage_p
         run_config=RunConfig(
             name=f"train-{trial_id}",  # deterministic: a restarted trial resumes its own Train run
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=2) if workers > 1 else None,
-            callbacks=[TuneReportCallback()] if workers > 1 else None,
+            # ray.train exports Train v2's FailureConfig and callbacks at runtime (RAY_TRAIN_V2_ENABLED); mypy reads v1's.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=2) if workers > 1 else None,  # type: ignore[call-arg]
+            callbacks=[TuneReportCallback()] if workers > 1 else None,  # type: ignore[list-item]
         ),
     )
     trainer.fit()

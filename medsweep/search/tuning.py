@@ -14,6 +14,7 @@ so a new searcher could not be passed, and it would be overwritten anyway
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -36,11 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
-from medsweep.search.data import share_stores
-from medsweep.search.space import build_search
+from medsweep.search.data import StoreData, share_stores
 from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset, wandb_mode
+from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
-from medsweep.search.data import StoreData
 from medsweep.search.trial import run_trial
 from medsweep.trainables.preload import PreloadResult
 
@@ -264,8 +264,9 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
     gpu_total = gpu_total if math.isfinite(gpu_total) else 0  # no GPU size known: whole GPUs, the safe side
     # gpu_fraction's rule for DDP methods does not read the memory: no probe bytes to give it.
     fractions = {method: gpu_fraction(0, int(gpu_total), method, settings.workers) for method in ddp}
-    for method in ddp if console is not None else []:
-        console.console.print(f"[bold]gpu[/] {method}: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
+    if console is not None:
+        for method in ddp:
+            console.console.print(f"[bold]gpu[/] {method}: {settings.workers} whole GPU(s) per trial (one per --workers), not probed")
     for method, probe in probes.items():
         fractions[method] = gpu_fraction(probe["peak_bytes"], int(gpu_total), method, settings.workers)
         if console is not None:
@@ -309,7 +310,7 @@ def trial_resources(settings: SweepSettings, gpus: dict[str, float]):
             # unable to place 2 one-CPU workers).
             return PlacementGroupFactory([{"memory": DRIVER_MEMORY_BYTES}])
         bundle = {"CPU": settings.cpus_per_trial}
-        method_gpus = gpus.get(config.get("method"), float(config.get("gpus_per_trial", 0)))
+        method_gpus = gpus.get(config.get("method", ""), float(config.get("gpus_per_trial", 0)))
         if method_gpus:
             bundle["GPU"] = method_gpus
         return PlacementGroupFactory([bundle])
@@ -391,10 +392,8 @@ class SweepSearch(OptunaSearch):
         to the study but before Tune's next snapshot restores that trial as
         unfinished; its rerun's reports would raise ``UpdateFinishedTrialError``
         and end the resumed sweep. The study keeps the value it was told."""
-        try:
+        with contextlib.suppress(UpdateFinishedTrialError):
             super().on_trial_result(trial_id, result)
-        except UpdateFinishedTrialError:
-            pass
 
 
 def _finite(value: Any) -> bool:
@@ -497,6 +496,8 @@ def build_searcher(
     }
     space, points = build_search(settings.methods, fixed, dataset=spec.name)
     storage = study_storage(settings.out)
+    metric: str | list[str]
+    mode: str | list[str]
     if settings.multi_objective:
         metric, mode = [c for c, _ in settings.objective_columns()], [d for _, d in settings.objective_columns()]
     else:

@@ -26,7 +26,6 @@ from medsweep.spaces._recommend import recommendation, recommended
 from medsweep.spaces._record import MethodSpace, Recommendation
 from medsweep.spaces._rules import CONTEXT_CHECKS, CONTEXT_RULES, OPTIMIZERS, TRAIN_RULES, Rule, problem_of, refuse_unknown
 from medsweep.spaces._schema import allowed_keys, check_method_config, config_keys, validate
-from medsweep.spaces.methods import METHODS, RECORDS, record
 from medsweep.spaces._space import (
     SEARCHED,
     Space,
@@ -37,6 +36,7 @@ from medsweep.spaces._space import (
     space_for,
     to_trial_config,
 )
+from medsweep.spaces.methods import METHODS, RECORDS, record
 from medsweep.spaces.tables import LoraRow, lora_recommended
 
 __all__ = [

@@ -111,5 +111,5 @@ def _show(value: Any) -> str:
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns, two spaces apart, indented by two."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    return ["  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (headers, *rows)]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return ["  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (headers, *rows)]

@@ -178,8 +178,8 @@ class Backbone:
 
     model: PreTrainedModel
     family: Family
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # per channel; a checkpoint's preprocessor_config.json may give any
+    std: tuple[float, ...]
     image_size: int
     identity: str
 
@@ -298,6 +298,12 @@ def build_backbone(name_or_path: str, image_size: int | None = None, seed: int =
     return _load_pretrained(name_or_path, identity=f"hub-{name_or_path}")
 
 
+def square_size(value: int | list[int] | tuple[int, ...]) -> int:
+    """A config's image or patch size as one side: transformers types it int or (height, width), medsweep's are ints."""
+    assert isinstance(value, int), f"expected a square size (one int), got {value!r}"
+    return value
+
+
 def _load_mae(path: Path) -> Backbone:
     """An MAE ``.pth`` as a ViT backbone: shape read off the tensors, weights converted (not read when weightless)."""
     from medsweep.trainables.checkpoints import convert_mae_checkpoint, mae_vit_config, read_mae_checkpoint
@@ -307,13 +313,14 @@ def _load_mae(path: Path) -> Backbone:
     if _WITHOUT_WEIGHTS.get():
         with torch.device("meta"):
             model = ViTModel(config, add_pooling_layer=False)
-        return Backbone(model, "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{path.resolve()} (weights not loaded)")
+        return Backbone(model, "vit", IMAGENET_MEAN, IMAGENET_STD, square_size(config.image_size), f"mae-{path.resolve()} (weights not loaded)")
     converted, report = convert_mae_checkpoint(state, config)
     if report.mismatched or report.missing:
-        raise ConfigError(f"MAE checkpoint {str(path)!r} does not map onto a ViT: {(report.mismatched or report.missing)[0]} (and {len(report.mismatched) + len(report.missing) - 1} more)")
+        first, more = (report.mismatched or report.missing)[0], len(report.mismatched) + len(report.missing) - 1
+        raise ConfigError(f"MAE checkpoint {str(path)!r} does not map onto a ViT: {first} (and {more} more)")
     model = ViTModel(config, add_pooling_layer=False)
     model.load_state_dict(converted, strict=True)
-    return Backbone(model.eval(), "vit", IMAGENET_MEAN, IMAGENET_STD, config.image_size, f"mae-{_file_digest(path)}")
+    return Backbone(model.eval(), "vit", IMAGENET_MEAN, IMAGENET_STD, square_size(config.image_size), f"mae-{_file_digest(path)}")
 
 
 def _load_pretrained(source: str, identity: str) -> Backbone:
@@ -327,12 +334,13 @@ def _load_pretrained(source: str, identity: str) -> Backbone:
     family = _FAMILY_BY_MODEL_TYPE.get(config.model_type)
     if family is None:
         raise ConfigError(f"backbone {source!r} has model type {config.model_type!r}; supported: ViT, CLIP, ConvNeXt, ResNet")
+    model: PreTrainedModel
     if _WITHOUT_WEIGHTS.get():  # the architecture from config.json, as from_pretrained builds it; no weight read
         with torch.device("meta"):
             if config.model_type == "clip":
-                model = CLIPVisionModel(CLIPVisionModel.config_class.from_pretrained(source))
+                model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(source))
             elif family == "vit":
-                model = ViTModel(ViTModel.config_class.from_pretrained(source), add_pooling_layer=False)
+                model = ViTModel(ViTConfig.from_pretrained(source), add_pooling_layer=False)
             else:
                 model = AutoModel.from_config(config)
     elif config.model_type == "clip":

@@ -32,6 +32,7 @@ import argparse
 import math
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +82,12 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _unwrap(checkpoint: dict[str, object]) -> dict[str, torch.Tensor]:
+def _unwrap(checkpoint: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """The state dict inside a training checkpoint, without DDP's ``module.`` prefix."""
     for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
+        inner = checkpoint.get(key)
+        if isinstance(inner, dict):
+            checkpoint = inner
             break
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
@@ -104,7 +106,7 @@ def _rename(key: str, tensor: torch.Tensor, has_norm: bool) -> list[tuple[str, t
     if match := _QKV.fullmatch(key):
         layer, kind = match.groups()
         rows = tensor.chunk(3, dim=0)  # timm stacks the query, key and value rows
-        return [(f"layers.{layer}.attention.{p}_proj.{kind}", part.clone()) for p, part in zip("qkv", rows)]
+        return [(f"layers.{layer}.attention.{p}_proj.{kind}", part.clone()) for p, part in zip("qkv", rows, strict=True)]
     if (match := _FC_NORM.fullmatch(key)) and not has_norm:
         return [(f"layernorm.{match.group(1)}", tensor)]
     for pattern, target in _RENAMES:
@@ -113,7 +115,7 @@ def _rename(key: str, tensor: torch.Tensor, has_norm: bool) -> list[tuple[str, t
     return []
 
 
-def convert_mae_checkpoint(state_dict: dict[str, object], config: ViTConfig) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+def convert_mae_checkpoint(state_dict: Mapping[str, object], config: ViTConfig) -> tuple[dict[str, torch.Tensor], ConversionReport]:
     """Rename a timm/MAE ViT state dict (optionally wrapped in ``{"model": ...}``) to ``ViTModel`` names.
 
     Returns the tensors that fit ``ViTModel(config, add_pooling_layer=False)`` and a

@@ -52,7 +52,9 @@ class TrainConfig:
 
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (absolute, after any batch scaling)"})
     weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on >=2-D weights"})
-    optimizer: str = field(default="adamw", metadata={"help": f"one of {', '.join(OPTIMIZERS)}: AdamW (FPT), SGD with momentum 0.9 (LoRA-medical MRM), Adam (TTL)"})
+    optimizer: str = field(
+        default="adamw", metadata={"help": f"one of {', '.join(OPTIMIZERS)}: AdamW (FPT), SGD with momentum 0.9 (LoRA-medical MRM), Adam (TTL)"}
+    )
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up before the per-iteration cosine decay"})
     epochs: int = field(default=20, metadata=not_searched("maximum epochs (early stopping may end sooner)"))
     batch_size: int = field(default=16, metadata={"help": "global batch size (split across DDP workers)"})

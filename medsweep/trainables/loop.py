@@ -158,7 +158,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         for arrays in io.batches("train", per_worker_batch, epoch, shuffle=True):
             inputs, labels = batch_of(arrays, train=True)
             if memory_bytes is None:  # measured once, outside the timed training steps
-                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task), cfg.optimizer, device)
+                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task), cfg.optimizer, device)  # noqa: B023 - called at once
                 optimizer.zero_grad(set_to_none=True)
             step_start = time.perf_counter()
             loss = loss_fn(model(inputs), labels, task)

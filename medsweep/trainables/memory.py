@@ -15,12 +15,15 @@ reading, but it ranks methods the same way and is identical run to run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from medsweep.trainables.optimizers import OPTIMIZER_KINDS
 
+if TYPE_CHECKING:
+    from medsweep.trainables.methods.base import Method
 
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
@@ -95,7 +98,7 @@ FROZEN_BATCH_CAP = 256  # beyond this a GPU is saturated and a shard rarely hold
 FROZEN_MEMORY_SHARE = 0.8  # of the memory free on the device: room for the allocator's slack and the outputs
 
 
-def frozen_batch_size(method: nn.Module, image_size: int, precision: torch.dtype | None, cap: int = FROZEN_BATCH_CAP) -> int:
+def frozen_batch_size(method: Method, image_size: int, precision: torch.dtype | None, cap: int = FROZEN_BATCH_CAP) -> int:
     """The frozen forward's batch size on the device ``method`` is on, from a probe of its memory.
 
     On CUDA: the peak memory of ``method.frozen_features`` on batches of 1 and 4
@@ -123,7 +126,7 @@ def batch_within(budget_bytes: float, per_image_bytes: float, cap: int) -> int:
 
 
 @torch.no_grad()
-def _frozen_peak(method: nn.Module, images: int, image_size: int, precision: torch.dtype | None, device: torch.device) -> int:
+def _frozen_peak(method: Method, images: int, image_size: int, precision: torch.dtype | None, device: torch.device) -> int:
     """Bytes the frozen forward of ``images`` images allocates at its peak, above what was allocated before."""
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)

@@ -44,10 +44,10 @@ from medsweep.datasets.store import (
     discard_shard,
     read_json,
     shard_indices,
-    write_atomically,
     shard_name,
     store_key,
     store_lock,
+    write_atomically,
 )
 from medsweep.errors import ConfigError, DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
@@ -190,6 +190,7 @@ def preload(
         plan = plan_store(request, method, parts, root)
         if plan.reused is not None:
             return plan.reused
+        assert plan.writer is not None  # a store not reused is written
         advance = progress(f"preload {method.name} -> {plan.root.name}", plan.images) if progress else (lambda n: None)
         method.eval()
         mean, std = backbone_normalisation(method.config.backbone)
@@ -201,7 +202,8 @@ def preload(
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
         seconds = time.perf_counter() - started
-        nodes = {f"this process ({socket.gethostname()})": {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}}
+        here = {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}
+        nodes = {f"this process ({socket.gethostname()})": here}
         return finish_store(plan, request, method.name, seconds, nodes)
 
 
@@ -275,8 +277,8 @@ def plan_store(request: PreloadRequest, method: Method, parts: dict, root: Path)
         bad = store.verify()
         if not bad:
             return StorePlan(root, reused=PreloadResult(store, True, time.perf_counter() - started, 0, 0, _skipped_count(store)))
-        for shard in bad:
-            discard_shard(shard)
+        for bad_shard in bad:
+            discard_shard(bad_shard)
         repairs.append(f"repaired {len(bad)} corrupt shard{'s' if len(bad) > 1 else ''}")
     columns = store_columns(method, request.feature_dtype, request.with_features)
     decode_sizes = _decode_sizes(method, columns)
@@ -296,6 +298,7 @@ def plan_store(request: PreloadRequest, method: Method, parts: dict, root: Path)
 def finish_store(plan: StorePlan, request: PreloadRequest, method_name: str, seconds: float, nodes: dict) -> PreloadResult:
     """Write ``store.json`` once every shard is there; ``nodes`` records where the frozen pass ran and how long."""
     spec = request.spec
+    assert plan.writer is not None  # a store not reused is written
     skipped = {split: _skipped_paths(plan.writer.store, spec, split, plan.counts[split]) for split in request.splits}
     store = plan.writer.finish(
         {s: len(spec.splits[s]) - len(skipped[s]) for s in request.splits},
@@ -335,7 +338,7 @@ def shard_features(
     columns: list[ColumnSpec],
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    batch_size: int,
+    batch_size: int | None,
     precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Every column of one decoded shard: stored images as they are, frozen features in mini-batches of ``batch_size``.
@@ -347,6 +350,7 @@ def shard_features(
     feature_cols = [c for c in columns if c.name not in out]
     if not feature_cols:
         return out
+    assert batch_size, "frozen features need a batch size"
     frozen = images[method.frozen_input]
     device = _device_of(method)
     parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}

@@ -8,6 +8,7 @@ optimizer between the two.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from optuna.distributions import CategoricalDistribution
@@ -37,7 +38,7 @@ from medsweep.spaces.tables import (
 PROJECTIONS: tuple[str, ...] = ("query", "key", "value", "output")
 
 
-def _known_projections(values: dict[str, Any]) -> str | None:
+def _known_projections(values: Mapping[str, Any]) -> str | None:
     if "target_modules" not in values:
         return None
     names = [name.strip() for name in values["target_modules"].split(",") if name.strip()]

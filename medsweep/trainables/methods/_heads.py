@@ -53,7 +53,7 @@ def vit_tokens(model: ViTModel, pixel_values: Tensor) -> Tensor:
     return hidden
 
 
-def frozen_subtrees(module: nn.Module, added: tuple[type[nn.Module], ...] = ()) -> list[nn.Module]:
+def frozen_subtrees(module: nn.Module, added: tuple[type, ...] = ()) -> list[nn.Module]:
     """The largest submodules that hold no learnable parameter and none of the method's ``added`` modules.
 
     What :meth:`Method.frozen_modules` returns for methods that live inside the

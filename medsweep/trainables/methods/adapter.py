@@ -14,9 +14,12 @@ keys stay those of the checkpoint, and the whole backbone is a frozen module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import ViTModel
+from transformers.models.vit.modeling_vit import ViTLayer
 
 from medsweep.trainables.backbones import pooled_features
 from medsweep.trainables.methods._heads import build_frozen_vit
@@ -60,10 +63,10 @@ class AdapterTuning(Method):
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__(config)
         self.backbone = build_frozen_vit(config, "adapter")
-        self.encoder = self.backbone.model
+        self.encoder = cast(ViTModel, self.backbone.model)  # build_frozen_vit refuses other models
         dim = self.encoder.config.hidden_size
         self.adapters = nn.ModuleList(Bottleneck(dim, config.bottleneck) for _ in self.encoder.layers)
-        for layer, adapter in zip(self.encoder.layers, self.adapters):
+        for layer, adapter in zip(cast("list[ViTLayer]", self.encoder.layers), cast("list[Bottleneck]", self.adapters), strict=True):
             layer.mlp.register_forward_hook(adapter.after)
         self.head = nn.Linear(dim, config.num_classes)
 

@@ -121,7 +121,8 @@ class Method(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer groups over trainable parameters: no decay on biases, norms, tokens."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for pname, param in self.named_parameters():
             if not param.requires_grad:
                 continue

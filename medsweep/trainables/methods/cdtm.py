@@ -40,10 +40,12 @@ with ``stage1="cdtm"`` trains the same module with augmentation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import CLIPVisionModel, ResNetConfig
 
 from medsweep.errors import ConfigError
 from medsweep.trainables.backbones import Backbone, build_backbone, feature_dim
@@ -71,7 +73,7 @@ def strip_unused_pooling(backbone: Backbone) -> Backbone:
     backbone trains (``staged``), keeps DDP from waiting on unused parameters.
     """
     if backbone.family == "vit":
-        backbone.model.pooler = None  # what ViTModel(add_pooling_layer=False) holds
+        backbone.model.pooler = None  # type: ignore[assignment]  # what ViTModel(add_pooling_layer=False) holds; torch types module attributes Tensor | Module
     elif backbone.family == "convnext":
         backbone.model.layernorm = nn.Identity()
     return backbone
@@ -84,7 +86,7 @@ def backbone_tokens(backbone: Backbone, pixel_values: torch.Tensor) -> tuple[tor
         hidden = model(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state
     elif backbone.family == "clip":
         hidden = model(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state
-        hidden = model.post_layernorm(hidden)  # timm's CLIP ViT normalises every token, HF only CLS
+        hidden = cast(CLIPVisionModel, model).post_layernorm(hidden)  # timm's CLIP ViT normalises every token, HF only CLS
     else:
         feature_map = model(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
         return None, feature_map.flatten(2).transpose(1, 2)  # [B, h*w, C]
@@ -101,7 +103,7 @@ def num_tokens(backbone: Backbone, image_size: int) -> int:
         for _ in range(len(config.hidden_sizes) - 1):
             side //= 2  # each later stage opens with Conv2d(kernel = stride = 2)
     else:
-        side = resnet_output_size(config, image_size)
+        side = resnet_output_size(cast(ResNetConfig, config), image_size)
     if side < 1:
         raise ConfigError(f"image_size {image_size} is too small for backbone {backbone.identity}: no tokens left")
     return side * side

@@ -37,15 +37,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import ViTConfig, ViTModel
+from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 
 from medsweep.errors import ConfigError, StoreError
-from medsweep.trainables.backbones import build_backbone
+from medsweep.trainables.backbones import build_backbone, square_size
 from medsweep.trainables.methods.base import ImageInput, Method, MethodConfig, register_method
 
 # The official LPM is an ImageNet-1k ViTForImageClassification whose classifier
@@ -165,6 +166,7 @@ class _FineGrainedPromptTuning(Method):
     # Derived side input size as a fraction of image_size (FPT+ 128 / 512, FPT 224 / 512).
     side_size_fraction: ClassVar[float]
     prompts_in_lpm_width: ClassVar[bool]
+    config: _FineGrainedPromptConfig
 
     def __init__(self, config: _FineGrainedPromptConfig) -> None:
         super().__init__(config)
@@ -190,7 +192,7 @@ class _FineGrainedPromptTuning(Method):
         self.extracted_layers = list(range(depth // 2, depth)) if self.lpm_layers == "last_half" else list(range(depth))
         self.head_dim = hidden // heads
 
-        patch = lpm_config.patch_size
+        patch = square_size(lpm_config.patch_size)
         self.num_tokens = (config.image_size // patch) ** 2 + 1  # LPM tokens incl. CLS
         self.keep_tokens = int(self.num_tokens * config.keep_ratio)
         self.preload_tokens = int(self.num_tokens * config.preload_keep_ratio)
@@ -251,7 +253,7 @@ class _FineGrainedPromptTuning(Method):
         hidden = self.lpm.embeddings(pixel_values, interpolate_pos_encoding=True)  # [B, N, D]
         last = self.extracted_layers[-1]
         keys, values = [], []
-        for i, layer in enumerate(self.lpm.layers[: last + 1]):
+        for i, layer in enumerate(cast("list[ViTLayer]", self.lpm.layers[: last + 1])):
             if i in self.extracted_layers:
                 key, value = self._important_tokens(layer.attention, layer.layernorm_before(hidden))
                 keys.append(key)
@@ -260,7 +262,7 @@ class _FineGrainedPromptTuning(Method):
                 hidden = layer(hidden)
         return {"key_states": torch.stack(keys, dim=1).float(), "value_states": torch.stack(values, dim=1).float()}
 
-    def _important_tokens(self, attention: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _important_tokens(self, attention: ViTAttention, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute one frozen attention layer's K/V and probabilities; keep each head's top tokens.
 
         ``normed`` is the layer's attention input ``[B, N, D]``; returns keys and

@@ -17,13 +17,14 @@ following ``train()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers import ViTModel
 
 from medsweep.spaces.methods.lora import PROJECTIONS as PROJECTION_NAMES
 from medsweep.trainables.methods._heads import build_frozen_vit, frozen_subtrees, vit_tokens
@@ -60,16 +61,18 @@ class LoRAConfig(MethodConfig):
 
 
 class LoRATuning(Method):
+    config: LoRAConfig
+
     def __init__(self, config: LoRAConfig) -> None:
         super().__init__(config)
         self.backbone = build_frozen_vit(config, "lora")
         peft_config = PeftLoraConfig(
             r=config.rank,
-            lora_alpha=config.alpha,
+            lora_alpha=config.alpha,  # type: ignore[arg-type]  # typed int in peft, used as a float scale (alpha / r)
             lora_dropout=config.lora_dropout,
             target_modules=[PROJECTIONS[name] for name in config.projections()],
         )
-        self.encoder = inject_adapter_in_model(peft_config, self.backbone.model)
+        self.encoder = cast(ViTModel, inject_adapter_in_model(peft_config, self.backbone.model))  # the same ViT, adapted in place
         self.encoder.layernorm.requires_grad_(True)  # LoRA-medical's trainable fc_norm
         self.head = nn.Linear(self.encoder.config.hidden_size, config.num_classes)
 

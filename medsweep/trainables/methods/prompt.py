@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import ViTModel
 
+from medsweep.trainables.backbones import square_size
 from medsweep.trainables.methods._heads import build_frozen_vit
 from medsweep.trainables.methods.base import Method, MethodConfig, register_method
 
@@ -42,15 +45,17 @@ class PromptConfig(MethodConfig):
 
 
 class PromptTuning(Method):
+    config: PromptConfig
+
     def __init__(self, config: PromptConfig) -> None:
         super().__init__(config)
         self.backbone = build_frozen_vit(config, "prompt")
-        self.encoder = self.backbone.model
+        self.encoder = cast(ViTModel, self.backbone.model)  # build_frozen_vit refuses other models
         vit = self.encoder.config
         sets = vit.num_hidden_layers if config.deep else 1
         self.prompts = nn.Parameter(torch.empty(sets, config.num_prompts, vit.hidden_size))  # [L or 1, P, D]
         # VPT's init: Xavier-uniform as if each prompt were a patch embedding's output.
-        bound = math.sqrt(6.0 / (3 * vit.patch_size**2 + vit.hidden_size))
+        bound = math.sqrt(6.0 / (3 * square_size(vit.patch_size) ** 2 + vit.hidden_size))
         nn.init.uniform_(self.prompts, -bound, bound)
         self.prompt_dropout = nn.Dropout(config.prompt_dropout)
         self.head = nn.Linear(vit.hidden_size, config.num_classes)

@@ -38,7 +38,9 @@ STAGE2_LR_SCALE = 0.1  # the official stage 2 divides the learning rate by 10
 class StagedConfig(CdtmConfig):
     """Staged fine-tuning (JBHI 2023); ``num_centers`` and ``mlp_ratio`` apply when ``stage1`` is ``cdtm``."""
 
-    stage1: Literal["linear", "cdtm"] = field(default="cdtm", metadata={"help": "what trains on the frozen backbone in stage 1: a linear head, or the CDTM and head"})
+    stage1: Literal["linear", "cdtm"] = field(
+        default="cdtm", metadata={"help": "what trains on the frozen backbone in stage 1: a linear head, or the CDTM and head"}
+    )
     stage1_epochs: int = field(default=10, metadata={"help": "epochs of stage 1; stage 2 (everything trains, lr x 0.1) runs the remaining epochs"})
 
 
@@ -57,6 +59,8 @@ class StagedFineTuning(Method):
       with ``strict=False``), rebuild the optimizer over the now-trainable
       parameters with the learning rate x 0.1 and restart the schedule.
     """
+
+    config: StagedConfig
 
     def __init__(self, config: StagedConfig) -> None:
         super().__init__(config)

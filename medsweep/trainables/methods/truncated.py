@@ -31,11 +31,12 @@ what trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
-from transformers import ResNetConfig
+from transformers import ResNetConfig, ResNetModel
+from transformers.models.resnet.modeling_resnet import ResNetStage
 
 from medsweep.errors import ConfigError
 from medsweep.trainables.backbones import build_backbone
@@ -48,8 +49,13 @@ class TruncatedConfig(MethodConfig):
 
     backbone: str = field(default="resnet-tiny-test", metadata={"help": "a ResNet: registered name (resnet-50), local save_pretrained folder or hub id"})
     truncation: int = field(default=-1, metadata={"help": "k: keep stages 1..k (block) or the first k-1 residual layers (layer); -1 keeps the whole network"})
-    granularity: Literal["block", "layer"] = field(default="block", metadata={"help": "truncate at stage (block-wise TTL) or residual-layer (layer-wise TTL) boundaries"})
-    pool: bool = field(default=True, metadata={"help": "global average pool before the head (as the published block-wise runs); off: flatten the whole map (truncation -1 always pools)"})
+    granularity: Literal["block", "layer"] = field(
+        default="block", metadata={"help": "truncate at stage (block-wise TTL) or residual-layer (layer-wise TTL) boundaries"}
+    )
+    pool: bool = field(
+        default=True,
+        metadata={"help": "global average pool before the head (as the published block-wise runs); off: flatten the whole map (truncation -1 always pools)"},
+    )
 
 
 def _stride2(side: int) -> int:
@@ -57,12 +63,18 @@ def _stride2(side: int) -> int:
     return (side + 1) // 2
 
 
+def _per_stage(values: list[int] | tuple[int, ...] | None) -> list[int]:
+    """A ResNetConfig's ``depths`` or ``hidden_sizes``: typed optional in transformers, always set by ResNetConfig."""
+    assert values is not None
+    return list(values)
+
+
 def resnet_output_size(config: ResNetConfig, image_size: int, layers: int | None = None) -> int:
     """Side of the feature map after the stem and the first ``layers`` residual layers (all when None)."""
     side = _stride2(_stride2(image_size))  # stem: 7x7/2 convolution, 3x3/2 max pool
     strides = [
         2 if j == 0 and (i > 0 or config.downsample_in_first_stage) else 1
-        for i, depth in enumerate(config.depths)
+        for i, depth in enumerate(_per_stage(config.depths))
         for j in range(depth)
     ]
     for stride in strides[:layers]:
@@ -73,17 +85,18 @@ def resnet_output_size(config: ResNetConfig, image_size: int, layers: int | None
 
 def kept_layers(config: TruncatedConfig, resnet: ResNetConfig, name: str) -> int:
     """How many residual layers (across all stages) the truncation keeps; ConfigError when out of range."""
-    total = sum(resnet.depths)
+    depths = _per_stage(resnet.depths)
+    total = sum(depths)
     if config.truncation == -1:
         return total
-    stages = len(resnet.depths)
+    stages = len(depths)
     if config.granularity == "block":
         if config.truncation > stages - 1:
             raise ConfigError(
                 f"truncation {config.truncation} is out of range for {name} at block granularity: it has {stages} stages, "
                 f"use 1..{stages - 1} (stem + stages 1..k) or -1 (whole network)"
             )
-        return sum(resnet.depths[: config.truncation])
+        return sum(depths[: config.truncation])
     if config.truncation > total:
         raise ConfigError(
             f"truncation {config.truncation} is out of range for {name} at layer granularity: it has {total} residual layers, "
@@ -100,12 +113,12 @@ class TruncatedTransfer(Method):
         backbone = build_backbone(config.backbone, config.image_size)
         if backbone.family != "resnet":
             raise ConfigError(f"method 'truncated' needs a ResNet backbone; {config.backbone!r} is a {backbone.family} model")
-        resnet: ResNetConfig = backbone.config
-        layers = [layer for stage in backbone.model.encoder.stages for layer in stage.layers]
+        model, resnet = cast(ResNetModel, backbone.model), cast(ResNetConfig, backbone.config)
+        layers = [layer for stage in cast("list[ResNetStage]", model.encoder.stages) for layer in stage.layers]
         keep = kept_layers(config, resnet, config.backbone)
-        self.trunk = nn.Sequential(backbone.model.embedder, *layers[:keep])  # [B, 3, S, S] -> [B, C, h, w]
+        self.trunk = nn.Sequential(model.embedder, *layers[:keep])  # [B, 3, S, S] -> [B, C, h, w]
 
-        widths = [width for width, depth in zip(resnet.hidden_sizes, resnet.depths) for _ in range(depth)]
+        widths = [width for width, depth in zip(_per_stage(resnet.hidden_sizes), _per_stage(resnet.depths), strict=True) for _ in range(depth)]
         channels = widths[keep - 1] if keep else resnet.embedding_size
         pool = config.pool or config.truncation == -1
         side = 1 if pool else resnet_output_size(resnet, config.image_size, keep)
