@@ -266,7 +266,8 @@ def test_bf16_frozen_features_on_cpu_agree_with_fp32(root, single_process, tmp_p
     from medsweep.datasets.store import decode_columns, table_to_numpy
 
     spec = load_imagefolder(root, name="syn")
-    method = build_method("linear", {**config_for(spec), "method": "linear"})
+    linear = {key: value for key, value in config_for(spec).items() if key != "side_reduction"}
+    method = build_method("linear", {**linear, "method": "linear"})
     fp32 = preload(spec, method, tmp_path / "fp32").store
     bf16 = preload(spec, method, tmp_path / "bf16", precision="bf16").store
     assert bf16.key != fp32.key and bf16.meta["key_parts"]["frozen_precision"] == "bf16"

@@ -222,7 +222,7 @@ def test_store_key_changes_with_every_part_and_nothing_else(tmp_path: Path) -> N
         "dataset read again": key(tiny_method(spec, "fpt_plus", **fpt), data=load_spec(root)),
         "trial keep_ratio": key(tiny_method(spec, "fpt_plus", **{**fpt, "keep_ratio": 0.4})),
         "side network width": key(tiny_method(spec, "fpt_plus", **fpt, side_reduction=2)),
-        "learning rate": key(tiny_method(spec, "fpt_plus", **fpt, learning_rate=0.5)),
+        "learning rate": key(tiny_method(spec, "fpt_plus", **fpt, lr=0.5)),
     }
     assert all(value == base for value in same.values()), same
 
@@ -256,7 +256,6 @@ def test_float16_store_trains_like_float32(tmp_path: Path, name: str, values: di
         "task": spec.task,
         "epochs": 3,
         "batch_size": 16,
-        "learning_rate": 1e-2,
         "seed": 0,
     }
     runs = {}
