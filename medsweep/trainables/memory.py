@@ -107,13 +107,18 @@ def frozen_batch_size(method: Method, image_size: int, precision: torch.dtype | 
     predicted peak fits :data:`FROZEN_MEMORY_SHARE` of the memory free now,
     at most ``cap``. On CPU: :data:`CPU_FROZEN_BATCH`, at most ``cap``.
     """
-    device = next((p.device for p in method.parameters() if not p.is_meta), torch.device("cpu"))
+    device = device_of(method)
     if device.type != "cuda":
         return max(1, min(CPU_FROZEN_BATCH, cap))
     one, four = (_frozen_peak(method, images, image_size, precision, device) for images in (1, 4))
     per_image = max((four - one) / 3, 1.0)
     free, _ = torch.cuda.mem_get_info(device)
     return batch_within(FROZEN_MEMORY_SHARE * free - (one - per_image), per_image, cap)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device a model's real (not meta) parameters are on; CPU for a model built without weights."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def batch_within(budget_bytes: float, per_image_bytes: float, cap: int) -> int:

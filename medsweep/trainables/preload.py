@@ -52,7 +52,7 @@ from medsweep.datasets.store import (
 from medsweep.errors import ConfigError, DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
-from medsweep.trainables.memory import FROZEN_BATCH_CAP, frozen_batch_size
+from medsweep.trainables.memory import FROZEN_BATCH_CAP, device_of, frozen_batch_size
 from medsweep.trainables.methods.base import Method
 
 SHARD_TARGET_BYTES = 64 << 20
@@ -183,7 +183,7 @@ def preload(
             and the next run resumes it.
     """
     started = time.perf_counter()
-    precision = resolve_precision(precision, _device_of(method))
+    precision = resolve_precision(precision, device_of(method))
     request = PreloadRequest(spec, feature_dtype, splits, with_features, shard_target_bytes, skip_bad_images, order_seed, precision)
     parts, root = request.locate(method, cache_dir)
     with building(root, cache_dir, on_wait):
@@ -202,7 +202,7 @@ def preload(
             plan.writer.write_shard(unit.split, unit.shard, unit.positions[kept], shard_labels(unit, kept, spec.task, spec.num_classes), tensors)
             advance(len(unit.samples))
         seconds = time.perf_counter() - started
-        here = {"images": plan.images, "seconds": seconds, "device": str(_device_of(method)), "batch_size": batch_size}
+        here = {"images": plan.images, "seconds": seconds, "device": str(device_of(method)), "batch_size": batch_size}
         nodes = {f"this process ({socket.gethostname()})": here}
         return finish_store(plan, request, method.name, seconds, nodes)
 
@@ -352,7 +352,7 @@ def shard_features(
         return out
     assert batch_size, "frozen features need a batch size"
     frozen = images[method.frozen_input]
-    device = _device_of(method)
+    device = device_of(method)
     parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else nullcontext()
     for start in range(0, len(frozen), batch_size):
@@ -389,10 +389,6 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
     if torch.device(device).type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def _device_of(method: Method) -> torch.device:
-    return next((p.device for p in method.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _decode_sizes(method: Method, columns: list[ColumnSpec]) -> dict[str, int]:
