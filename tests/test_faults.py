@@ -58,10 +58,10 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults-cache")
 
 
-def _sweep_argv(root: Path, out: Path, cache: Path, trials: int, *extra: str) -> list[str]:
+def _sweep_argv(root: Path, out: Path, cache: Path, trials: int, *extra: str, epochs: int = EPOCHS) -> list[str]:
     return [
         sys.executable, "-m", "medsweep.cli", "sweep",
-        "--dataset", str(root), "--method", "linear", "--trials", str(trials), "--max-epochs", str(EPOCHS),
+        "--dataset", str(root), "--method", "linear", "--trials", str(trials), "--max-epochs", str(epochs),
         "--backbone", "vit-tiny", "--image-size", "32", "--wandb", "disabled", "--no-early-stopping",
         "--out", str(out), "--cache-dir", str(cache), "--quiet", *extra,
     ]  # fmt: skip
@@ -97,14 +97,19 @@ def _snapshot_knows_checkpoint(out: Path, trial_dir: Path) -> bool:
     return False
 
 
-def _finished(out: Path) -> list[Path]:
-    return [t for t in _trial_dirs(out) if any(r["epoch"] == EPOCHS for r in _results(t))]
+def _finished(out: Path, epochs: int = EPOCHS) -> list[Path]:
+    return [t for t in _trial_dirs(out) if any(r["epoch"] == epochs for r in _results(t))]
 
 
-def _start_driver(argv: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    """A ``medsweep`` process in its own process group (so it can be killed whole), logging to a file."""
+def _start_driver(
+    argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """A ``medsweep`` process in its own process group (so it can be killed whole), logging to a file;
+    ``env``: variables set for it beside this process's own."""
     with log.open("w") as sink:
-        return subprocess.Popen(argv, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
+        return subprocess.Popen(
+            argv, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
+        )
 
 
 def _wait_for(inject: Callable[[], bool], timeout: float, driver: subprocess.Popen, log: Path) -> None:
@@ -159,19 +164,25 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     checkpoint; ``medsweep resume`` must end with exactly the planned trials, none run twice.
 
     The sweep is started with paths relative to its own working directory and resumed from
-    another one: ``sweep.json`` must lead the resume to the same data and preload stores."""
-    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    another one: ``sweep.json`` must lead the resume to the same data and preload stores.
+
+    The fault moment needs a checkpointed trial that Tune's experiment snapshot already records while
+    it has epochs left. Tune snapshots at most every 10 s by default, longer than a tiny trial's three
+    epochs: CI once saw all three trials finish without such a moment. So this driver snapshots at
+    every step (``TUNE_GLOBAL_CHECKPOINT_S=0``) and trains six epochs, a window of four."""
+    out, trials, log, epochs = tmp_path / "sweep", 3, tmp_path / "driver.log", 6
     started_in, resumed_in = tmp_path / "started-here", tmp_path / "resumed" / "from" / "elsewhere"
     started_in.mkdir()
     resumed_in.mkdir(parents=True)
     relative = [Path(os.path.relpath(p, started_in)) for p in (tiny_root, out, cache_dir)]
-    driver = _start_driver(_sweep_argv(*relative, trials), log, cwd=started_in)
+    argv = _sweep_argv(*relative, trials, epochs=epochs)
+    driver = _start_driver(argv, log, cwd=started_in, env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     before: dict[str, str] = {}  # finished trial folder -> its result.json at the kill
     interrupted: list[str] = []
 
     def kill_driver_after_a_finished_and_a_checkpointed_trial() -> bool:
-        finished = _finished(out)
-        early = [t for t in _checkpointed_early(out) if _snapshot_knows_checkpoint(out, t)]
+        finished = _finished(out, epochs)
+        early = [t for t in _checkpointed_early(out, epochs) if _snapshot_knows_checkpoint(out, t)]
         if not (finished and early):
             return False
         kill_process_group(driver)
@@ -193,7 +204,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) == {"completed"}
-    assert (board["epochs_run"] == EPOCHS).all()
+    assert (board["epochs_run"] == epochs).all()
     ids = {f"trial-{i}" for i in board["trial_id"]}
     assert interrupted and set(before) | set(interrupted) <= ids
     for name, text in before.items():  # a finished trial is read back, never run again
@@ -326,7 +337,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
         # Six epochs: the node must go between a trial's first checkpoint and its last two epochs, a
         # window of four tiny linear-probe epochs (with three epochs the one-epoch window was missed at times).
         epochs = 6
-        argv = _sweep_argv(tiny_root, out, cache_dir, trials, "--address", address, "--max-epochs", str(epochs))
+        argv = _sweep_argv(tiny_root, out, cache_dir, trials, "--address", address, epochs=epochs)
         driver = _start_driver(argv, log)
 
         def remove_node_of_checkpointed_trial() -> bool:
