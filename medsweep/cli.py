@@ -42,6 +42,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+FINAL_TOP_HELP = (
+    "retrain the N best trials with the final seeds and answer with the best mean validation AUC "
+    "(guards against one lucky seed; 1: only the search's best)"
+)
+
+
 def _batch_or_auto(text: str) -> int | None:
     """``--preload-batch-size``: ``auto`` (None: probed from the frozen pass's device memory) or a positive count."""
     if text.strip().lower() == "auto":
@@ -174,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)"
     )
+    sweep.add_argument("--final-top", type=int, default=setting_default("final_top"), help=FINAL_TOP_HELP)
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
     _add_cluster(sweep)
@@ -224,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     final = sub.add_parser("final", help="retrain a finished sweep's best configuration with several seeds and test it once")
     final.add_argument("dir", type=Path, help="output folder of a finished sweep")
     final.add_argument("--seeds", type=int, default=setting_default("final_seeds"), help="number of seeds (seed, seed+1, ...)")
+    final.add_argument("--top", type=int, default=None, help=FINAL_TOP_HELP + " (default: the sweep's --final-top)")
     final.add_argument("--per-method", action="store_true", help="also retrain each other method's best configuration")
     final.add_argument("--cache-dir", type=Path, default=None, help="preload cache (default: the sweep's)")
 
@@ -284,6 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         fraction=args.fraction,
         preload_features=not args.no_preload,
         final_seeds=args.final_seeds,
+        final_top=args.final_top,
         skip_bad_images=args.skip_bad_images,
         search=args.search,
         early_stopping=not args.no_early_stopping,

@@ -65,6 +65,31 @@ def test_retrain_best_reports_each_seed_the_mean_and_a_ci(synthetic_spec, cache,
     assert method["test_auc_ci"]["low"] <= method["mean"]["test_auc"] <= method["test_auc_ci"]["high"]
 
 
+def test_the_top_candidates_are_retrained_and_only_the_best_mean_on_validation_is_tested(synthetic_spec, cache, tmp_path):
+    """Two trials on the board: both retrained with two seeds, chosen by mean validation AUC, the other untested."""
+    settings = _hand_made_sweep(tmp_path, synthetic_spec, cache)
+    configs = {"trial-a": {**LINEAR, "epochs": 2, "lr": 1e-2, "batch_size": 16}, "trial-b": {**LINEAR, "epochs": 2, "lr": 1e-4, "batch_size": 16}}
+    rows = [
+        {"trial_id": t, "method": "linear", "best_val_auc": auc, "status": "completed", "config_json": json.dumps(c)}
+        for (t, c), auc in zip(configs.items(), (0.9, 0.8), strict=True)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "leaderboard.parquet")
+    document = retrain_best(tmp_path, synthetic_spec, settings, seeds=2, top=2)[synthetic_spec.name]
+    selection = document["selection"]
+    candidates = {c["trial_id"]: c for c in selection["candidates"]}
+    assert list(candidates) == ["trial-a", "trial-b"]  # the board's order
+    for trial_id, candidate in candidates.items():
+        runs = [tmp_path / "final" / "linear" / trial_id / f"seed-{seed}" for seed in (0, 1)]
+        logged = [[json.loads(line)["val_auc"] for line in (run / "metrics.jsonl").open()] for run in runs]
+        assert candidate["val_auc_seeds"] == [max(aucs) for aucs in logged]
+        assert candidate["val_auc_mean"] == pytest.approx(np.mean(candidate["val_auc_seeds"]))
+        assert all((run / "checkpoint").exists() == (trial_id == selection["chosen"]) for run in runs)  # the others untested
+    chosen = max(candidates.values(), key=lambda c: c["val_auc_mean"])
+    assert selection["chosen"] == chosen["trial_id"] and chosen["trial_id"] in selection["why"]
+    assert document["methods"]["linear"]["config"] == configs[chosen["trial_id"]]
+    assert [s["seed"] for s in document["methods"]["linear"]["seeds"]] == [0, 1]
+
+
 def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache, tmp_path):
     settings = _hand_made_sweep(tmp_path, synthetic_spec, cache, lr=1e12, optimizer="sgd", grad_clip=0.0)
     method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1)[synthetic_spec.name]["methods"]["linear"]
@@ -126,7 +151,7 @@ def finished(tiny_sweep, tmp_path_factory):
     source, _, _ = tiny_sweep
     out = tmp_path_factory.mktemp("final") / "sweep"
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("wandb"))
-    run(argparse.Namespace(dir=out, seeds=3, per_method=True, cache_dir=None))
+    run(argparse.Namespace(dir=out, seeds=3, per_method=True, cache_dir=None, top=None))
     return out
 
 
@@ -143,10 +168,18 @@ def test_final_yaml_has_three_seeds_with_test_metrics_and_a_ci(finished):
     assert _strict_json((finished / FINAL_JSON).read_text()) == json.loads(json.dumps(document))  # same content
     (dataset, entry), = document.items()
     best = yaml.safe_load((finished / "best.yaml").read_text())[dataset]
-    assert entry["best_method"] == best["best_method"]
+    selection = entry["selection"]
+    board = pd.read_csv(finished / "leaderboard.csv", dtype={"trial_id": str})
+    usable = board[~board["status"].isin(["error", "diverged", "collapsed"])]
+    assert [c["trial_id"] for c in selection["candidates"]] == list(usable["trial_id"][:3])  # --final-top 3
+    assert selection["candidates"][0]["trial_id"] == best["best"]["trial_id"]
+    chosen = next(c for c in selection["candidates"] if c["trial_id"] == selection["chosen"])
+    assert chosen["val_auc_mean"] == max(c["val_auc_mean"] for c in selection["candidates"])
+    assert entry["best_method"] == chosen["method"]
     assert set(entry["methods"]) == set(best["per_method"]) == {"fpt_plus", "linear"}
+    chosen_config = json.loads(board.set_index("trial_id").loc[chosen["trial_id"], "config_json"])
     for name, method in entry["methods"].items():
-        assert method["config"] == best["per_method"][name]["config"]
+        assert method["config"] == (chosen_config if name == chosen["method"] else best["per_method"][name]["config"])
         assert [s["seed"] for s in method["seeds"]] == [0, 1, 2]
         for seed in method["seeds"]:
             assert seed["status"] == "ok"

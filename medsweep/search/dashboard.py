@@ -1,6 +1,6 @@
 """``medsweep dashboard DIR``: browse a sweep's Optuna study in optuna-dashboard, during or after the sweep.
 
-The searcher writes every trial (its parameters, each epoch's ``val_auc`` as
+The searcher writes every trial (its parameters, each epoch's ``best_val_auc`` as
 an intermediate value, the final value or FAIL) to the journal file
 ``<out>/optuna-study.log``; optuna-dashboard reads the same file, so the
 dashboard needs no database, and it follows a running sweep as trials come

@@ -8,8 +8,13 @@ A multi-objective sweep (``--objective auc,memory``...) also exports its
 Pareto front over the chosen objectives: an ``on_pareto_front`` column in the
 leaderboard, ``pareto.csv`` (those rows) and a ``pareto_front`` list in
 ``best.yaml``, whose ``best`` stays the best-AUC trial. The front is taken
-over the trials that ended usable (not ``error`` / ``diverged``), the trials
-the Optuna study holds as COMPLETE, so it is the study's ``best_trials``.
+over the trials that ended usable (not ``error`` / ``diverged`` / ``collapsed``).
+
+A ``collapsed`` trial (its best epoch predicted one class for every validation
+image) keeps its row and its ranking value, but is never selected: not a
+method's best, not the sweep's, not retrained by ``final``. The searcher was
+told its value like any other's: a region of the space that collapses is
+worth knowing, and the study and the board agree on every trial's number.
 """
 
 from __future__ import annotations
@@ -35,14 +40,19 @@ from medsweep.trainables.metrics import pme, ppe
 INTERNAL_KEYS = PLUMBING_KEYS
 VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
 PARETO_COLUMN = "on_pareto_front"
-UNUSABLE = ("error", "diverged")
+# Statuses never selected: no best of a method or of the sweep, not retrained by ``final``, off the Pareto front.
+UNUSABLE = ("error", "diverged", "collapsed")
 
 
 def trial_status(error: Any, last: dict[str, Any], max_epochs: int) -> str:
+    """How a trial ended, from its last result: ``error``, ``diverged``, ``collapsed`` (its best epoch's
+    validation predictions fell in one class), ``stopped early`` (ASHA or the budget) or ``completed``."""
     if error is not None:
         return "error"
     if last.get("status") == "diverged":
         return "diverged"
+    if last.get("best_collapsed") == 1.0:
+        return "collapsed"
     if int(last.get("epoch", 0)) < max_epochs:
         return "stopped early"
     return "completed"
@@ -62,9 +72,7 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
         config = {k: v for k, v in trial_config(result.config or {}).items() if k not in INTERNAL_KEYS}
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         last = dict(result.metrics or {})
-        best: dict[str, Any] = {}
-        if not history.empty and "val_auc" in history:
-            best = history.loc[history["val_auc"].fillna(-1).idxmax()].to_dict()
+        best = best_epoch_row(history, last)
         best_auc = float(best.get("val_auc", float("nan")))
         pct = float(last.get("learnable_pct", float("nan")))
         mem = float(last.get("peak_mem_mb", float("nan")))
@@ -93,6 +101,15 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
     if settings.multi_objective:
         board[PARETO_COLUMN] = objective_front(board, settings.objective_columns())
     return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def best_epoch_row(history: pd.DataFrame, last: dict[str, Any]) -> dict[str, Any]:
+    """The result of the trial's best epoch, as the loop chose it (its last result's ``best_epoch``:
+    the best validation AUC among the epochs that did not collapse, see ``loop.is_better_epoch``)."""
+    if history.empty or "epoch" not in history or not last.get("best_epoch"):
+        return {}
+    rows = history[history["epoch"] == last["best_epoch"]]
+    return rows.iloc[-1].to_dict() if not rows.empty else {}
 
 
 def objective_front(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> np.ndarray:
@@ -125,7 +142,7 @@ RESULT_COLUMNS = (
 )
 
 
-def _entry(row: pd.Series) -> dict[str, Any]:
+def board_entry(row: pd.Series) -> dict[str, Any]:
     """One best.yaml entry: the exact config the trial ran with, then its validation metrics and cost."""
     metrics = {c: _plain(row[c]) for c in RESULT_COLUMNS if c in row and row[c] == row[c]}
     return {"trial_id": row["trial_id"], "config": json.loads(row["config_json"]), "validation": metrics}
@@ -135,7 +152,7 @@ def best_configs(board: pd.DataFrame, spec: DatasetSpec, objectives: list[str] |
     """Best trial per method and overall, with validation metrics and cost; with several
     ``objectives``, also the trials on their Pareto front (best AUC first)."""
     usable = board[~board["status"].isin(UNUSABLE)].dropna(subset=["best_val_auc"]) if not board.empty else board
-    per_method = {method: _entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
+    per_method = {method: board_entry(group.iloc[0]) for method, group in usable.groupby("method")} if not usable.empty else {}
     overall = usable.iloc[0]["method"] if not usable.empty else None
     entry = {
         "task": spec.task,
@@ -146,7 +163,7 @@ def best_configs(board: pd.DataFrame, spec: DatasetSpec, objectives: list[str] |
     }
     if objectives and len(objectives) > 1 and PARETO_COLUMN in board:
         entry["objectives"] = list(objectives)
-        entry["pareto_front"] = [_entry(row) for _, row in board[board[PARETO_COLUMN].astype(bool)].iterrows()]
+        entry["pareto_front"] = [board_entry(row) for _, row in board[board[PARETO_COLUMN].astype(bool)].iterrows()]
     return {spec.name: entry}
 
 

@@ -37,11 +37,12 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
@@ -49,9 +50,9 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.datasets.store import PreloadStore
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
-from medsweep.search.export import read_best
+from medsweep.search.export import UNUSABLE, board_entry, read_best
 from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
-from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML
+from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML, LEADERBOARD_PARQUET
 from medsweep.trainables.loop import fit, load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
@@ -103,6 +104,30 @@ class _BestCheckpointIO(StoreIO):
 # ------------------------------------------------------------------ retraining
 
 
+@dataclass
+class Candidate:
+    """One configuration retrained with every final seed (not yet tested) and the store it reads."""
+
+    item: dict[str, Any]  # its best.yaml-style entry: trial_id, config, validation
+    config: dict[str, Any]
+    store: PreloadStore
+    runs: list[SeedRun]
+    base_seed: int
+
+    @property
+    def method(self) -> str:
+        return str(self.config["method"])
+
+    @property
+    def val_aucs(self) -> list[float]:
+        """Each seed's best validation AUC (seeds that produced a checkpoint)."""
+        return [r.val["auc"] for r in self.runs if r.checkpoint is not None and math.isfinite(r.val.get("auc", math.nan))]
+
+    @property
+    def val_auc_mean(self) -> float:
+        return float(np.mean(self.val_aucs)) if self.val_aucs else math.nan
+
+
 def retrain_best(
     out: Path,
     spec: DatasetSpec,
@@ -110,26 +135,48 @@ def retrain_best(
     seeds: int = 3,
     console: SweepConsole | None = None,
     per_method: bool = False,
+    top: int | None = None,
 ) -> dict[str, Any]:
-    """Retrain the sweep's best configuration with ``seeds`` seeds, test each once; write final.yaml/json.
+    """Retrain the sweep's ``top`` best trials with ``seeds`` seeds, test the one with the best mean
+    validation AUC once per seed; write final.yaml/json.
 
-    ``per_method=True`` also retrains each other method's best configuration,
-    so methods can be compared on the test split too. Returns what final.yaml holds.
+    ``top`` (default ``settings.final_top``): candidates are the leaderboard's best usable trials
+    (never a collapsed, diverged or failed one). The winner of a noisy search is biased upward
+    (its one seed may have been lucky), so the candidates are compared on the mean of fresh
+    seeds, still on validation; only the chosen one sees the test split. ``per_method=True``
+    also retrains and tests each other method's best configuration, so methods can be compared
+    on the test split too. Returns what final.yaml holds.
     """
     if seeds < 1:
         raise ConfigError(f"the final retrain needs at least 1 seed, got {seeds} (0 means: skip the final step)")
+    top = settings.final_top if top is None else top
+    if top < 1:
+        raise ConfigError(f"--top must be at least 1 (1: retrain only the search's best trial), got {top}")
     out = Path(out)
     console = console or SweepConsole()
     entry = _dataset_entry(read_best(out), spec, out)
-    chosen = entry["per_method"] if per_method else {entry["best_method"]: entry["best"]}
     with _torch_threads(max(1, int(settings.cpus_per_trial))):
-        methods = {name: _retrain_method(out, spec, settings, name, item, seeds, console) for name, item in chosen.items()}
+        candidates = [_retrain(out, spec, settings, item, seeds, console) for item in _candidates(out, entry, top)]
+        chosen = max(candidates, key=lambda c: c.val_auc_mean if math.isfinite(c.val_auc_mean) else -math.inf)
+        if len(candidates) > 1:
+            console.console.print(f"[bold]final[/] chosen: {_why(candidates, chosen)}")
+        methods = {chosen.method: _test_and_summarise(out, chosen, console)}
+        if per_method:
+            for name, item in entry["per_method"].items():
+                if name not in methods:
+                    methods[name] = _test_and_summarise(out, _retrain(out, spec, settings, item, seeds, console), console)
+    for candidate in candidates:
+        if candidate is not chosen:  # untested: only its metrics stay (a full fine-tuning checkpoint is ~1 GB)
+            for run in candidate.runs:
+                if run.checkpoint is not None:
+                    shutil.rmtree(run.checkpoint, ignore_errors=True)
     document = {
         spec.name: {
             "task": spec.task,
             "classes": list(spec.classes),
-            "best_method": entry["best_method"],
+            "best_method": chosen.method,
             "protocol": _protocol(spec, seeds),
+            "selection": _selection(candidates, chosen, seeds),
             "methods": methods,
         }
     }
@@ -137,6 +184,19 @@ def retrain_best(
     (out / FINAL_JSON).write_text(json.dumps(_json_safe(document), indent=2, allow_nan=False))
     console.console.print(f"final results in {out / FINAL_YAML} and {out / FINAL_JSON}")
     return document
+
+
+def _candidates(out: Path, entry: dict[str, Any], top: int) -> list[dict[str, Any]]:
+    """The ``top`` best usable trials of the leaderboard, best first, as best.yaml entries.
+
+    A folder holding only ``best.yaml`` (no leaderboard, e.g. written by hand) has one candidate, its best."""
+    path = out / LEADERBOARD_PARQUET
+    if not path.is_file():
+        return [entry["best"]]
+    board = pd.read_parquet(path)
+    usable = board[~board["status"].isin(UNUSABLE)].dropna(subset=["best_val_auc"])
+    usable = usable.sort_values("best_val_auc", ascending=False, kind="stable")
+    return [board_entry(row) for _, row in usable.head(top).iterrows()] or [entry["best"]]
 
 
 @contextmanager
@@ -163,7 +223,8 @@ def _dataset_entry(best: dict[str, Any], spec: DatasetSpec, out: Path) -> dict[s
     entry = best[spec.name]
     if not entry.get("best"):
         raise ConfigError(
-            f"no trial of the sweep in {out} finished with a validation AUC; fix the failing trials and sweep again"
+            f"no trial of the sweep in {out} finished usable (every one failed, diverged or collapsed); "
+            "fix the failing trials and sweep again"
         )
     return entry
 
@@ -182,17 +243,58 @@ def _protocol(spec: DatasetSpec, seeds: int) -> dict[str, Any]:
     }
 
 
-def _retrain_method(
+def _selection(candidates: list[Candidate], chosen: Candidate, seeds: int) -> dict[str, Any]:
+    """final.yaml's account of the choice: every candidate's validation AUC over the seeds, the winner, why."""
+    return {
+        "rule": (
+            f"the {len(candidates)} best usable trials of the search by best validation AUC, each retrained with "
+            f"{seeds} seeds; the highest mean validation AUC is tested (ties: the search's order)"
+        ),
+        "candidates": [
+            {
+                "trial_id": c.item.get("trial_id"),
+                "method": c.method,
+                "search_val_auc": _plain_float(c.item.get("validation", {}).get("best_val_auc")),
+                "val_auc_mean": c.val_auc_mean,
+                "val_auc_std": float(np.std(c.val_aucs, ddof=1)) if len(c.val_aucs) > 1 else math.nan,
+                "val_auc_seeds": c.val_aucs,
+            }
+            for c in candidates
+        ],
+        "chosen": chosen.item.get("trial_id"),
+        "why": _why(candidates, chosen),
+    }
+
+
+def _why(candidates: list[Candidate], chosen: Candidate) -> str:
+    seeds = len(chosen.runs)
+    mean = f"{chosen.val_auc_mean:.4f} over {seeds} seed(s)"
+    if len(candidates) == 1:
+        return f"trial {chosen.item.get('trial_id')} ({chosen.method}) was the only candidate: mean validation AUC {mean}"
+    first = candidates[0]
+    if chosen is first:
+        return f"the search's best trial {first.item.get('trial_id')} ({first.method}) also has the best mean validation AUC, {mean}"
+    return (
+        f"trial {chosen.item.get('trial_id')} ({chosen.method}, mean validation AUC {mean}) beat the search's best trial "
+        f"{first.item.get('trial_id')} ({first.method}, {first.val_auc_mean:.4f}), whose search AUC came from one seed"
+    )
+
+
+def _plain_float(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def _retrain(
     out: Path,
     spec: DatasetSpec,
     settings: SweepSettings,
-    name: str,
     item: dict[str, Any],
     seeds: int,
     console: SweepConsole,
-) -> dict[str, Any]:
-    """All seeds of one method's best configuration, then its summary."""
+) -> Candidate:
+    """Every seed of one configuration, trained and kept at its best validation epoch (not tested)."""
     config = {**item["config"], "num_classes": spec.num_classes, "task": spec.task}
+    name = config["method"]
     result = preload(
         spec,
         build_method(name, config),
@@ -203,20 +305,32 @@ def _retrain_method(
     )
     console.store_ready(name, result)
     base_seed = int(config.get("seed", settings.seed))
+    trial = str(item.get("trial_id") or "config")
     runs = []
     for i in range(seeds):
-        seed_run = _train_seed(result.store, config, base_seed + i, out / FINAL_DIR / name / f"seed-{base_seed + i}")
+        seed_run = _train_seed(result.store, config, base_seed + i, out / FINAL_DIR / name / trial / f"seed-{base_seed + i}")
         console.console.print(
-            f"[bold]final[/] {name} seed {seed_run.seed} ({i + 1}/{seeds}): best epoch {seed_run.best_epoch}  "
-            f"val AUC {seed_run.val.get('auc', math.nan):.4f} -> test AUC {seed_run.test.get('auc', math.nan):.4f}  "
-            f"({seed_run.train_seconds:.1f} s)"
+            f"[bold]final[/] {name} {trial} seed {seed_run.seed} ({i + 1}/{seeds}): best epoch {seed_run.best_epoch}  "
+            f"val AUC {seed_run.val.get('auc', math.nan):.4f}  ({seed_run.train_seconds:.1f} s)"
         )
         runs.append(seed_run)
-    summary = _summarise(out, item, config, runs, base_seed)
+    return Candidate(item, config, result.store, runs, base_seed)
+
+
+def _test_and_summarise(out: Path, candidate: Candidate, console: SweepConsole) -> dict[str, Any]:
+    """Test each seed's kept checkpoint once, then the candidate's final.yaml entry."""
+    name, config = candidate.method, candidate.config
+    runs = [_test_seed(candidate.store, config, run) for run in candidate.runs]
+    for run in runs:
+        if run.checkpoint is not None:
+            console.console.print(
+                f"[bold]final[/] {name} seed {run.seed}: val AUC {run.val.get('auc', math.nan):.4f} -> test AUC {run.test.get('auc', math.nan):.4f}"
+            )
+    summary = _summarise(out, candidate.item, config, runs, candidate.base_seed)
     ci = summary["test_auc_ci"]
     console.console.print(
         f"[bold]final[/] {name}: test AUC {summary['mean'].get('test_auc', math.nan):.4f} "
-        f"({CI_LEVEL:.0%} CI {ci['low']:.4f}-{ci['high']:.4f}) over {seeds} seeds"
+        f"({CI_LEVEL:.0%} CI {ci['low']:.4f}-{ci['high']:.4f}) over {len(runs)} seeds"
         if ci
         else f"[bold]final[/] {name}: no seed produced a usable checkpoint (every run diverged)"
     )
@@ -224,7 +338,7 @@ def _retrain_method(
 
 
 def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: Path) -> SeedRun:
-    """Train one seed from scratch, reload its best-validation checkpoint, test it once."""
+    """Train one seed from scratch and keep its best-validation checkpoint (tested later, if chosen)."""
     shutil.rmtree(folder, ignore_errors=True)  # a rerun starts from scratch, never resumes a stale run
     folder.mkdir(parents=True)
     config = {**config, "seed": seed}
@@ -238,19 +352,28 @@ def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: 
     checkpoint = io.best.rename(folder / "checkpoint")
     shutil.rmtree(folder / "epochs", ignore_errors=True)
     best = io.best_report
-    method = load_trained(config["method"], config, checkpoint)
-    metrics, logits, labels = predict(method, StoreIO(store), "test")
     return SeedRun(
         seed=seed,
         best_epoch=int(best["epoch"]),
         val={k.removeprefix("val_"): float(v) for k, v in best.items() if k.startswith("val_")},
-        test={k: v for k, v in metrics.items() if k != "loss"},  # final.yaml reports the classification metrics
+        test={},
         train_seconds=seconds,
         checkpoint=checkpoint,
         last_report=io.reports[-1],
-        probabilities=probabilities(logits, config["task"]),
-        labels=labels,
+        probabilities=None,
+        labels=None,
     )
+
+
+def _test_seed(store: PreloadStore, config: dict[str, Any], run: SeedRun) -> SeedRun:
+    """``run`` with its kept checkpoint evaluated once on the test split (a run without one as it is)."""
+    if run.checkpoint is None:
+        return run
+    seeded = {**config, "seed": run.seed}
+    method = load_trained(seeded["method"], seeded, run.checkpoint)
+    metrics, logits, labels = predict(method, StoreIO(store), "test")
+    test = {k: v for k, v in metrics.items() if k != "loss"}  # final.yaml reports the classification metrics
+    return replace(run, test=test, probabilities=probabilities(logits, config["task"]), labels=labels)
 
 
 def _summarise(out: Path, item: dict[str, Any], config: dict[str, Any], runs: list[SeedRun], base_seed: int) -> dict[str, Any]:
@@ -319,5 +442,5 @@ def run(args: argparse.Namespace) -> int:
     if args.cache_dir is not None:
         settings.cache_dir = args.cache_dir
     spec = sweep_dataset(settings)
-    retrain_best(args.dir, spec, settings, seeds=args.seeds, console=SweepConsole(), per_method=args.per_method)
+    retrain_best(args.dir, spec, settings, seeds=args.seeds, console=SweepConsole(), per_method=args.per_method, top=args.top)
     return 0

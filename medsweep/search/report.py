@@ -341,9 +341,33 @@ def _hyperparameters(config_json: str) -> str:
 
 
 def leaderboard_blocks(board: pd.DataFrame) -> list[Block]:
+    """The top trials by best validation AUC, then the collapsed ones apart (never selected, see export)."""
     counts = ", ".join(f"{n} {status}" for status, n in board["status"].value_counts().items())
-    top = board.head(TOP_ROWS)
-    table = pd.DataFrame(
+    collapsed = board[board["status"] == "collapsed"]
+    ranked = board[board["status"] != "collapsed"]
+    top = ranked.head(TOP_ROWS)
+    shown = f"top {len(top)} of {len(ranked)}" if len(ranked) > len(top) else f"all {len(ranked)}"
+    blocks = [
+        Block("heading", "Leaderboard"),
+        Block("text", f"{shown} trials by best validation AUC ({counts}); every column is in leaderboard.csv."),
+        Block("table", table=_board_table(top)),
+    ]
+    if not collapsed.empty:
+        blocks += [
+            Block("heading", "Collapsed trials"),
+            Block(
+                "text",
+                f"{len(collapsed)} trial(s) predicted one class for every validation image at their best epoch. "
+                "They are never a method's or the sweep's best and are not retrained; their configurations "
+                "(often a learning rate too high or too low for the method) are worth avoiding.",
+            ),
+            Block("table", table=_board_table(collapsed)),
+        ]
+    return blocks
+
+
+def _board_table(top: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "rank": range(1, len(top) + 1),
             "trial": top["trial_id"],
@@ -358,12 +382,6 @@ def leaderboard_blocks(board: pd.DataFrame) -> list[Block]:
             "hyperparameters": top["config_json"].map(_hyperparameters),
         }
     )
-    shown = f"top {len(top)} of {len(board)}" if len(board) > len(top) else f"all {len(board)}"
-    return [
-        Block("heading", "Leaderboard"),
-        Block("text", f"{shown} trials by best validation AUC ({counts}); every column is in leaderboard.csv."),
-        Block("table", table=table),
-    ]
 
 
 def cost_blocks(board: pd.DataFrame, folder: Path, colours: dict[str, Any]) -> list[Block]:
@@ -436,10 +454,26 @@ def final_blocks(out: Path, folder: Path, colours: dict[str, Any]) -> list[Block
     plot_final(methods, colours, folder / "final_test.png")
     return [
         *blocks,
+        *selection_blocks(document.get("selection")),
         Block("text", _protocol_text(document["protocol"])),
         Block("table", table=pd.DataFrame(rows)),
         Block("image", "final_test.png", caption="test AUC per method and seed"),
     ]
+
+
+def selection_blocks(selection: dict[str, Any] | None) -> list[Block]:
+    """Which of the retrained candidates was tested, each one's validation AUC over the seeds, and why."""
+    if not selection:
+        return []
+    table = pd.DataFrame(
+        {
+            "trial": [c["trial_id"] + (" (chosen)" if c["trial_id"] == selection["chosen"] else "") for c in selection["candidates"]],
+            "method": [c["method"] for c in selection["candidates"]],
+            "search val AUC (1 seed)": [c["search_val_auc"] for c in selection["candidates"]],
+            "retrained val AUC": [_mean_std(c["val_auc_mean"], c["val_auc_std"]) for c in selection["candidates"]],
+        }
+    )
+    return [Block("text", f"Candidates: {selection['rule']}. Chosen: {selection['why']}."), Block("table", table=table)]
 
 
 def _mean_std(mean: float, std: float) -> str:

@@ -56,7 +56,9 @@ class SweepSettings:
     :func:`medsweep.search.tuning.gpu_fraction`). ``objective`` lists the
     ``OBJECTIVES`` the study optimises; more than one makes it multi-objective.
     ``final_seeds``: the best configuration is retrained with this many seeds and
-    tested once when the search ends (0 skips it).
+    tested once when the search ends (0 skips it); ``final_top``: the best
+    trials (by best validation AUC) retrained as candidates, the one with the
+    best mean validation AUC over the seeds is the answer (see :mod:`medsweep.search.final`).
     """
 
     dataset: str = "synthetic"
@@ -78,6 +80,7 @@ class SweepSettings:
     fraction: float | None = None
     preload_features: bool = True
     final_seeds: int = 3
+    final_top: int = 3
     skip_bad_images: bool = False
     search: str = "tpe"
     early_stopping: bool = True
@@ -133,6 +136,8 @@ class SweepSettings:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
         if self.final_seeds < 0:
             raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
+        if self.final_top < 1:
+            raise ConfigError(f"--final-top must be at least 1 (1: retrain only the search's best trial), got {self.final_top}")
         if self.search not in SEARCHES:
             raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
         if self.fraction is not None and not 0 < self.fraction <= 100:

@@ -177,7 +177,12 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
     board = export.leaderboard(grid, settings)
     export.write_outputs(board, settings, spec, settings.out)
     console.leaderboard(board, settings.out)
-    if settings.final_seeds:
+    if settings.final_seeds and not board.empty and board["status"].isin(export.UNUSABLE).all():
+        console.console.print(
+            "[bold]final[/] skipped: no trial ended usable (each failed, diverged or predicted one class for every "
+            "validation image); see the report, then sweep again with more epochs or other learning rates"
+        )
+    elif settings.final_seeds:
         final.retrain_best(settings.out, spec, settings, seeds=settings.final_seeds, console=console)
     page = report.write_report(settings.out)
     console.console.print(f"report: {page}")

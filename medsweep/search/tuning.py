@@ -38,13 +38,16 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
-from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset, wandb_mode
+from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
 from medsweep.search.trial import run_trial
 from medsweep.trainables.preload import PreloadResult
 
-METRIC = "val_auc"
+# The one objective: the validation AUC of the trial's best epoch so far (``loop.is_better_epoch``). The
+# searcher is told it, ASHA compares it at each rung (a trial is judged by the best it reached, as it will
+# be ranked), and the leaderboard, best.yaml and `final` select on it (the leaderboard's ``best_val_auc``).
+METRIC = OBJECTIVES["auc"][0]
 DRIVER_MEMORY_BYTES = 256 * 2**20
 WANDB_PROJECT = "medsweep"
 
@@ -473,8 +476,9 @@ def build_searcher(
 ) -> SweepSearch:
     """Seeded TPE (or random) over the methods' spaces, on the sweep's study file.
 
-    One objective (``--objective auc``): the last reported ``val_auc``,
-    maximised. Several: a multi-objective study over the ``OBJECTIVES``
+    One objective (``--objective auc``): :data:`METRIC`, the best-epoch
+    validation AUC of the trial's last result, maximised (the leaderboard's
+    ranking column, so the study and the board hold the same number). Several: a multi-objective study over the ``OBJECTIVES``
     columns (``best_val_auc`` maximised, ``peak_mem_mb`` / ``learnable_params``
     minimised; Optuna's TPESampler and RandomSampler both handle several
     directions), told the values of each trial's last result, which are the
@@ -520,7 +524,7 @@ def build_searcher(
 def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
     """ASHA on the loop's own ``epoch`` (Tune's iteration counter restarts when a trial is restored).
 
-    Always on validation AUC, with its own ``metric``/``mode``, also in a
+    Always on :data:`METRIC` (best validation AUC so far), with its own ``metric``/``mode``, also in a
     multi-objective sweep (ASHA ranks trials on one metric): ``TuneConfig``
     is given neither, so Tune leaves the searcher's list and the scheduler's
     metric as they are (it refuses only a ``TuneConfig`` metric that conflicts).

@@ -71,6 +71,7 @@ class LoopState:
     epoch: int = 0
     best_auc: float = -math.inf
     best_epoch: int = -1
+    best_collapsed: bool = False  # the best epoch's validation predictions fell in one class
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     lr_factor: float = 1.0
     stage_start: int = 0
@@ -108,6 +109,10 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
 
     Returns the last reported metrics. A loss that turns non-finite (or
     explodes past ``DIVERGENCE_LOSS``) ends the trial with ``status: diverged``.
+    ``best_val_auc`` is the objective (what the searcher is told and the
+    leaderboard ranks by), the AUC of the best epoch (:func:`is_better_epoch`);
+    ``best_collapsed`` says whether that epoch's validation predictions
+    collapsed to one class (see :func:`~medsweep.trainables.metrics.prediction_collapsed`).
     """
     cfg = TrainConfig.from_dict(config)
     torch.manual_seed(cfg.seed)
@@ -173,9 +178,9 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         train_loss = float(np.mean(losses)) if losses else float("nan")
         diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
         val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task)
-        improved = not diverged and math.isfinite(val["auc"]) and val["auc"] > state.best_auc
+        improved = not diverged and is_better_epoch(val, state)
         if improved:
-            state.best_auc, state.best_epoch = val["auc"], epoch
+            state.best_auc, state.best_epoch, state.best_collapsed = val["auc"], epoch, val["collapsed"] == 1.0
             state.best_state = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
         state.epoch = epoch + 1
         learnable, total = method.parameter_counts()  # a staged method changes them between stages
@@ -185,6 +190,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
             **{f"val_{k}": v for k, v in val.items()},
             "best_val_auc": state.best_auc if math.isfinite(state.best_auc) else float("nan"),
             "best_epoch": state.best_epoch + 1,
+            "best_collapsed": float(state.best_collapsed),
             "learnable_params": learnable,
             "total_params": total,
             "learnable_pct": 100.0 * learnable / total,
@@ -200,6 +206,23 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         if diverged:
             break
     return metrics
+
+
+def is_better_epoch(val: dict[str, float], state: LoopState) -> bool:
+    """Whether this epoch's validation metrics ``val`` make it the trial's best epoch.
+
+    The best epoch has the highest validation AUC among the epochs whose predictions did not
+    collapse to one class; only while every epoch so far collapsed is it the highest AUC of
+    those. Short runs often rank well before they classify (an early epoch with the best AUC
+    predicting one class for every image): keeping that checkpoint would hand the user a model
+    that says one thing to everyone, so a later epoch that separates the classes replaces it.
+    """
+    if not math.isfinite(val["auc"]):
+        return False
+    collapsed = val["collapsed"] == 1.0
+    if state.best_epoch < 0 or state.best_collapsed:
+        return not collapsed or val["auc"] > state.best_auc
+    return not collapsed and val["auc"] > state.best_auc
 
 
 def batch_maker(method: Method, columns: list[ColumnSpec], device: torch.device, generator: torch.Generator | None) -> BatchOf:

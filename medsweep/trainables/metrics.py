@@ -7,6 +7,12 @@ Multi-label: mean AUC over the labels that have both outcomes in the split
 :func:`~medsweep.trainables.statistics.probabilities`, as do the scores the
 final answer's bootstrap resamples. The FPT paper's efficiency scores PPE and PME are
 here too because the leaderboard ranks by them.
+
+``collapsed`` (1.0 or 0.0) flags a model that tells no image from another: a
+multi-class model whose predictions all fall in one class, or a multi-label
+model whose score of every label is the same for every image. Its AUC may
+still look fine (a ranking learnt in the last logit digits), so the sweep
+never selects such a trial (see :mod:`medsweep.search.export`).
 """
 
 from __future__ import annotations
@@ -27,10 +33,29 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) ->
     """
     if not np.isfinite(logits).all():
         names = ("auc", "accuracy", "f1") if task == "multilabel" else ("auc", "accuracy", "f1", "precision", "recall", "kappa")
-        return {name: float("nan") for name in names}
+        return {**{name: float("nan") for name in names}, "collapsed": float("nan")}
+    metrics = _multilabel(logits, labels) if task == "multilabel" else _multiclass(logits, labels.astype(np.int64))
+    return {**metrics, "collapsed": float(prediction_collapsed(logits, task))}
+
+
+# Multi-label scores closer than this across every image count as one constant prediction.
+CONSTANT_SCORE_SPREAD = 1e-6
+
+
+def prediction_collapsed(logits: np.ndarray, task: str) -> bool:
+    """Whether ``logits`` [N, C] of N > 1 images predict the same for every image.
+
+    Multi-class: every argmax is one class. Multi-label: every label's
+    probability spans less than ``CONSTANT_SCORE_SPREAD`` over the images (a
+    rare label predicted absent everywhere is fine as long as its scores still
+    rank the images, so the thresholded predictions are not the test).
+    """
+    if len(logits) < 2:
+        return False
     if task == "multilabel":
-        return _multilabel(logits, labels)
-    return _multiclass(logits, labels.astype(np.int64))
+        probs = probabilities(logits, "multilabel")
+        return bool((np.ptp(probs, axis=0) < CONSTANT_SCORE_SPREAD).all())
+    return len(np.unique(logits.argmax(axis=1))) == 1
 
 
 def _multiclass(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
