@@ -102,7 +102,9 @@ def loss_weights(cfg: TrainConfig, io: TrialIO, method: Method, device: torch.de
 
 
 def make_optimizer(method: Method, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZER_KINDS[cfg.optimizer].build(method.param_groups(cfg.weight_decay), lr)
+    """The optimizer over ``method``'s groups, each at ``lr`` x its ``lr_scale`` (the schedule scales each group's own lr)."""
+    groups = method.param_groups(cfg.weight_decay, decay=cfg.decay, layer_decay=cfg.layer_decay)
+    return OPTIMIZER_KINDS[cfg.optimizer].build([{**group, "lr": lr * group["lr_scale"]} for group in groups], lr)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
