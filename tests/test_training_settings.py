@@ -183,3 +183,13 @@ def test_balanced_weights_raise_minority_recall_at_equal_epochs(imbalanced_store
     assert balanced > plain + 0.2, (plain, balanced)
     # Only the training loss is weighted: the reported val loss is the plain cross-entropy.
     assert val_loss == pytest.approx(plain_loss, rel=1e-4)
+
+
+def test_sweep_refuses_a_set_layer_decay_on_a_resnet_before_ray_starts(synthetic_spec, tmp_path: Path) -> None:
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.sweep import check_methods
+
+    settings = SweepSettings(methods=["truncated"], backbone="resnet-tiny-test", image_size=64, out=tmp_path, fixed={"layer_decay": 0.5})
+    with pytest.raises(ConfigError, match="set layer_decay 1"):
+        check_methods(settings, synthetic_spec)
+    check_methods(SweepSettings(methods=["truncated"], backbone="resnet-tiny-test", image_size=64, out=tmp_path), synthetic_spec)
