@@ -71,6 +71,8 @@ def test_small_store_is_materialized_once_and_later_stores_count_what_is_pinned(
     assert data.materialized and {split: len(blocks) for split, blocks in data.blocks.items()} == {"train": 3, "val": 2}
     assert sorted(iter_indices(_RayIO(data, distributed=False, seed=0), "train", 0)) == list(range(40))
     assert data.shard_rows == {"train": [16, 16, 8], "val": [16, 4]} and data.columns == COLUMNS
+    # Label counts, counted once by the driver, reach the trial without a pass over the data (labels: index % 3).
+    assert _RayIO(data, distributed=False, seed=0).label_counts("train") == [14, 13, 13] == first.store.label_counts("train")
 
     # Room for one store but not two: the second streams, the duplicate is shared, not read again.
     size = first.store.size_bytes(("train", "val"))

@@ -120,6 +120,9 @@ def test_lora_recommended_point_uses_absolute_lr(
         "method": "lora",
         "lr": pytest.approx(absolute, rel=1e-12),
         "weight_decay": 0.05 if optimizer == "adamw" else 0.0,
+        "layer_decay": 0.65 if optimizer == "adamw" else 1.0,
+        "class_weights": "none",
+        "decay": "matrices",
         "optimizer": optimizer,
         "warmup_epochs": 5,
         "epochs": epochs,
@@ -226,6 +229,9 @@ def test_fixed_trial_gives_expected_flat_config_lora() -> None:
         "optimizer": "adamw",
         "warmup_epochs": 5,
         "epochs": 400,  # CXR_MAE's NIH 1% row: the published AdamW recipe for this task
+        "layer_decay": 0.65,  # the AdamW recipe's layer-wise lr decay
+        "class_weights": "none",
+        "decay": "matrices",
         "batch_size": 64,
         "grad_clip": 0.0,
         "seed": 0,
@@ -234,7 +240,7 @@ def test_fixed_trial_gives_expected_flat_config_lora() -> None:
         "lora_dropout": 0.1,
     }
     sgd = _strict_replay(space, {"rank": 4, "optimizer": "sgd", "sgd.lr": 0.1})
-    assert (sgd["lr"], sgd["weight_decay"], sgd["epochs"], sgd["optimizer"]) == (0.1, 0.0, 100, "sgd")
+    assert (sgd["lr"], sgd["weight_decay"], sgd["epochs"], sgd["optimizer"], sgd["layer_decay"]) == (0.1, 0.0, 100, "sgd", 1.0)
 
 
 def test_fixed_trial_gives_expected_flat_config_fpt_plus() -> None:
@@ -249,6 +255,9 @@ def test_fixed_trial_gives_expected_flat_config_fpt_plus() -> None:
         "seed": 0,
         "side_image_size": 128,
         "side_reduction": 8,
+        "class_weights": "none",
+        "layer_decay": 1.0,
+        "decay": "all",  # the official code decays every trainable parameter
     }
 
 

@@ -139,6 +139,21 @@ class PreloadStore:
         """Rows of each shard of ``split``, in shard order (what an epoch order is planned from)."""
         return [int(n) for n in self.meta["splits"][split]["shard_rows"]]
 
+    def label_counts(self, split: str) -> list[int]:
+        """Per-class counts of ``split`` (multi-class), or per-label positive counts (multi-label).
+
+        What class-balanced losses are weighted from. Only the label column is
+        read, so this costs one small column read per shard. A multi-class list
+        ends at the largest label present: classes above it have count 0.
+        """
+        labels = [pq.read_table(path, columns=[LABEL]).column(LABEL) for path in self.shard_paths(split)]
+        if self.multilabel:
+            width = labels[0].type.list_size if labels else 0
+            positives = sum((_label_matrix(column) > 0.5).sum(axis=0) for column in labels)
+            return [int(n) for n in np.broadcast_to(positives, (width,))]
+        values = np.concatenate([column.to_numpy() for column in labels]) if labels else np.zeros(0, np.int64)
+        return [int(n) for n in np.bincount(values)]
+
     def size_bytes(self, splits: Iterable[str] | None = None) -> int:
         """Bytes of Parquet on disk (``splits`` only, if given): uncompressed shards, so about their Arrow size."""
         if splits is None:
@@ -351,6 +366,13 @@ def iter_parquet_batches(paths: list[Path], batch_size: int) -> Iterator[dict[st
     for path in paths:
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
             yield {name: column_to_numpy(record_batch.column(name)) for name in record_batch.schema.names}
+
+
+def _label_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A stored multi-label column (fixed-size lists) as a ``[n, C]`` float array."""
+    width = column.type.list_size
+    flat = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]) if column.num_chunks else np.zeros(0)
+    return flat.reshape(-1, width)
 
 
 def read_shard_batch(batch: pa.Table) -> pa.Table:

@@ -65,6 +65,8 @@ class StoreData:
     key: str
     columns: list[ColumnSpec]
     shard_rows: dict[str, list[int]]
+    # Label counts of each trial split, counted once by the driver (class-balanced losses read them).
+    class_counts: dict[str, list[int]] = field(default_factory=dict)
     blocks: dict[str, list[ray.ObjectRef]] = field(default_factory=dict)  # materialized: one per shard
     paths: dict[str, list[str]] = field(default_factory=dict)  # streamed: shard files
 
@@ -78,6 +80,9 @@ class StoreData:
 
     def num_rows(self, split: str) -> int:
         return sum(self.shard_rows[split])
+
+    def label_counts(self, split: str) -> list[int]:
+        return self.class_counts[split]
 
     def tables(self, split: str, shards: Sequence[int]) -> Iterator[pa.Table]:
         """The shards of ``split`` numbered ``shards``, in that order (one table per shard)."""
@@ -107,15 +112,16 @@ def store_data(
     capacity = object_store_bytes()
     name = f"store {store.key} (train+val {_size(size)})"
     shard_rows = {split: store.shard_rows(split) for split in TRIAL_SPLITS}
+    counts = {split: store.label_counts(split) for split in TRIAL_SPLITS}
     if fits_object_store(store, fraction, pinned_bytes):
-        data = StoreData(store.key, store.columns, shard_rows, blocks={s: materialize_split(store, s) for s in TRIAL_SPLITS})
+        data = StoreData(store.key, store.columns, shard_rows, counts, blocks={s: materialize_split(store, s) for s in TRIAL_SPLITS})
         why = (
             f"{name} materialized once, shared by every trial: it fits in {fraction:.0%} of the "
             f"{_size(capacity)} object store{_pinned(pinned_bytes)}"
         )
     else:
         paths = {split: [str(path) for path in store.shard_paths(split)] for split in TRIAL_SPLITS}
-        data = StoreData(store.key, store.columns, shard_rows, paths=paths)
+        data = StoreData(store.key, store.columns, shard_rows, counts, paths=paths)
         why = (
             f"{name} streams from Parquet every epoch, at most {STREAM_READS} shards in flight per reader: "
             f"it does not fit in {fraction:.0%} of the {_size(capacity)} object store{_pinned(pinned_bytes)}"

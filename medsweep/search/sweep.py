@@ -76,7 +76,8 @@ def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
 
     An unknown backbone, a method that does not fit the backbone, an image size
     below the backbone's patch size, or a ``--set`` value out of the method's or
-    the training config's bounds would otherwise surface only during the
+    the training config's bounds (or a ``layer_decay`` on a backbone without ViT
+    blocks) would otherwise surface only during the
     preload, after Ray's 20-50 s start. Everything is built on the meta device:
     shapes and checks, no weights (CDTM's token-mixing matrices at 512 px would
     be gigabytes).
@@ -91,8 +92,9 @@ def check_methods(settings: SweepSettings, spec: DatasetSpec) -> None:
             )
         for method in settings.methods:
             config = fixed_config(settings, spec, method)
-            TrainConfig.from_dict(config)
-            build_method(method, config)
+            train = TrainConfig.from_dict(config)
+            # The optimizer's groups: a --set layer_decay on a backbone without ViT blocks is refused here.
+            build_method(method, config).param_groups(train.weight_decay, train.decay, train.layer_decay)
 
 
 def check_out(out: Path, overwrite: bool = False) -> None:

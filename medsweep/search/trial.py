@@ -56,6 +56,9 @@ class _RayIO:
     def num_rows(self, split: str) -> int:
         return self.data.num_rows(split)
 
+    def label_counts(self, split: str) -> list[int]:
+        return self.data.label_counts(split)
+
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
         """Training: this worker's stride of the epoch's order; validation: every row, in store order, on every worker."""
         order = epoch_order(self.data.shard_rows[split], self.data.row_bytes, self.seed, epoch, shuffle)

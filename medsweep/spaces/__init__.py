@@ -24,7 +24,17 @@ check their fields with (:func:`check_method_config`, :data:`TRAIN_RULES`,
 from medsweep.spaces._describe import describe, format_describe
 from medsweep.spaces._recommend import recommendation, recommended
 from medsweep.spaces._record import MethodSpace, Recommendation
-from medsweep.spaces._rules import CONTEXT_CHECKS, CONTEXT_RULES, OPTIMIZERS, TRAIN_RULES, Rule, problem_of, refuse_unknown
+from medsweep.spaces._rules import (
+    CLASS_WEIGHTS,
+    CONTEXT_CHECKS,
+    CONTEXT_RULES,
+    DECAY_RULES,
+    OPTIMIZERS,
+    TRAIN_RULES,
+    Rule,
+    problem_of,
+    refuse_unknown,
+)
 from medsweep.spaces._schema import allowed_keys, check_method_config, config_keys, validate
 from medsweep.spaces._space import (
     SEARCHED,
@@ -40,8 +50,10 @@ from medsweep.spaces.methods import METHODS, RECORDS, record
 from medsweep.spaces.tables import LoraRow, lora_recommended
 
 __all__ = [
+    "CLASS_WEIGHTS",
     "CONTEXT_CHECKS",
     "CONTEXT_RULES",
+    "DECAY_RULES",
     "METHODS",
     "OPTIMIZERS",
     "RECORDS",

@@ -19,6 +19,10 @@ from medsweep.errors import ConfigError
 
 # The optimizers a trial can use (``trainables.optimizers`` builds each one).
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
+# How the training loss weighs classes: not at all, or by inverse frequency in the training split.
+CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
+# Which trainable parameters weight decay applies to: >=2-D weights only, or every one.
+DECAY_RULES: tuple[str, ...] = ("matrices", "all")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "batch_size": Rule(int, low=1),
     "grad_clip": Rule(float, low=0),
     "seed": Rule(int),
+    "class_weights": Rule(str, choices=CLASS_WEIGHTS),
+    "layer_decay": Rule(float, low=0, high=1, low_open=True),
+    "decay": Rule(str, choices=DECAY_RULES),
 }
 
 # The fields every method config has. They describe the data and the backbone, not a choice a

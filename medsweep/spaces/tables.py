@@ -24,6 +24,13 @@ from typing import Any
 
 from medsweep.errors import ConfigError
 
+# -- Loss weighting, layer-wise lr decay, which parameters decay ----------------------
+
+# The three settings at what the works below do unless they say otherwise: an unweighted loss
+# (none of LoRA-medical, FPT, cross-domain weighs classes), no layer-wise lr decay, and weight
+# decay on >=2-D weights only (LoRA-medical's and the timm/MAE rule: no decay on biases, norms, tokens).
+PLAIN_TRAINING: dict[str, Any] = {"class_weights": "none", "layer_decay": 1.0, "decay": "matrices"}
+
 # -- LoRA-medical -------------------------------------------------------------------
 
 LORA_WEIGHTS: tuple[str, ...] = ("mrm", "cxr_mae")
@@ -39,6 +46,7 @@ LORA_LR_BASE_BATCH = 256  # AdamW rows publish a base lr: lr = base x batch / 25
 LORA_WEIGHT_DECAY = {"sgd": 0.0, "adamw": 0.05}  # AdamW: on >=2-D params only
 LORA_SGD_MOMENTUM = 0.9
 LORA_ADAMW_LAYER_DECAY = 0.65  # AdamW rows only; SGD rows use none
+LORA_LAYER_DECAY = {"sgd": 1.0, "adamw": LORA_ADAMW_LAYER_DECAY}  # per optimizer, as above
 LORA_GRAD_CLIP = 0.0  # the MAE fine-tuning code clips nothing by default
 
 
@@ -156,6 +164,8 @@ FPT_SIDE_REDUCTION = 8  # side hidden = frozen hidden / 8 (768 -> 96)
 FPT_FROZEN_IMAGE_SIZE = 512
 
 FPT_TRAINING: dict[str, Any] = {
+    **PLAIN_TRAINING,
+    "decay": "all",  # the official code hands every trainable parameter to AdamW with weight decay 0.1
     "weight_decay": FPT_WEIGHT_DECAY,
     "optimizer": "adamw",
     "warmup_epochs": FPT_WARMUP_EPOCHS,
@@ -171,6 +181,7 @@ FPT_TRAINING: dict[str, Any] = {
 # --warmup_epochs 2) and config_clip_vit.py (Adam, L2 weight decay 1e-3); the
 # code uses AMP and no gradient clipping.
 CROSS_DOMAIN_TRAINING: dict[str, Any] = {
+    **PLAIN_TRAINING,
     "lr": 1e-4,
     "weight_decay": 1e-3,
     "optimizer": "adam",
@@ -187,7 +198,11 @@ STAGED_STAGE1_EPOCHS = 100
 
 # TTL main.py: Adam lr 1e-4, no weight decay, no clipping; README: batch 64,
 # --max_epoch 200 (ReduceLROnPlateau there, stopping at lr < 1e-6).
+# utils/settings.py weighs every dataset's loss by inverse class frequency (HAM10000 and
+# BIMCV: CrossEntropyLoss(weight=...); CheXpert multi-label: BCEWithLogitsLoss(pos_weight=...)).
 TTL_TRAINING: dict[str, Any] = {
+    **PLAIN_TRAINING,
+    "class_weights": "balanced",
     "lr": 1e-4,
     "weight_decay": 0.0,
     "optimizer": "adam",

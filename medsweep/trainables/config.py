@@ -28,8 +28,10 @@ from typing import Any, ClassVar
 
 from medsweep.errors import ConfigError
 from medsweep.spaces import (
+    CLASS_WEIGHTS,
     CONTEXT_CHECKS,
     CONTEXT_RULES,
+    DECAY_RULES,
     OPTIMIZERS,
     TRAIN_RULES,
     check_method_config,
@@ -51,7 +53,7 @@ class TrainConfig:
     """How one trial trains. Defaults follow the official FPT training setup."""
 
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (absolute, after any batch scaling)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "decoupled weight decay on >=2-D weights"})
+    weight_decay: float = field(default=0.1, metadata={"help": "weight decay (on the parameters `decay` names)"})
     optimizer: str = field(
         default="adamw", metadata={"help": f"one of {', '.join(OPTIMIZERS)}: AdamW (FPT), SGD with momentum 0.9 (LoRA-medical MRM), Adam (TTL)"}
     )
@@ -60,6 +62,17 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata={"help": "global batch size (split across DDP workers)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables clipping"})
     seed: int = field(default=0, metadata=not_searched("seed for weights init, shuffling and augmentation"))
+    class_weights: str = field(
+        default="none",
+        metadata={"help": f"one of {', '.join(CLASS_WEIGHTS)}: balanced weighs the training loss by inverse class frequency (TTL)"},
+    )
+    layer_decay: float = field(
+        default=1.0, metadata={"help": "ViT layer-wise lr decay: block i of L trains at lr x decay^(L-i); 1 = off (LoRA-medical AdamW: 0.65)"}
+    )
+    decay: str = field(
+        default="matrices",
+        metadata={"help": f"one of {', '.join(DECAY_RULES)}: which trainable parameters weight decay applies to (FPT: all)"},
+    )
 
     def __post_init__(self) -> None:
         problem = problem_of(TRAIN_RULES, (), dataclasses.asdict(self))

@@ -25,6 +25,7 @@ from torch import nn
 
 from medsweep.datasets.store import LABEL, ColumnSpec, decode_columns
 from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
+from medsweep.trainables.class_weights import balanced_weights
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.inputs import model_inputs, steps_per_epoch
 from medsweep.trainables.memory import step_memory_bytes
@@ -52,6 +53,9 @@ class TrialIO(Protocol):
 
     def num_rows(self, split: str) -> int: ...
 
+    def label_counts(self, split: str) -> list[int]:
+        """Per-class (multi-class) or per-label positive (multi-label) counts of the whole ``split``."""
+
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterable[dict[str, np.ndarray]]:
         """Numpy batches of this worker's rows of ``split`` (train: a disjoint shard per worker)."""
 
@@ -78,14 +82,30 @@ class LoopState:
     train_step_seconds: float = 0.0
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy (multi-class) or BCE with logits (multi-label); ``weight``: per-class weights
+    (multi-class) or ``pos_weight`` (multi-label), from :func:`balanced_weights`."""
     if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.cross_entropy(logits, labels.long())
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
+    return F.cross_entropy(logits, labels.long(), weight=weight)
+
+
+def loss_weights(cfg: TrainConfig, io: TrialIO, method: Method, device: torch.device) -> torch.Tensor | None:
+    """The training loss's class weights under ``cfg.class_weights`` (None: unweighted).
+
+    Only the training loss is weighted: the reported validation loss stays the
+    plain one, comparable between trials that weigh classes and trials that do not.
+    """
+    if cfg.class_weights == "none":
+        return None
+    counts = io.label_counts("train")
+    return balanced_weights(counts, io.num_rows("train"), method.config.num_classes, method.config.task).to(device)
 
 
 def make_optimizer(method: Method, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZER_KINDS[cfg.optimizer].build(method.param_groups(cfg.weight_decay), lr)
+    """The optimizer over ``method``'s groups, each at ``lr`` x its ``lr_scale`` (the schedule scales each group's own lr)."""
+    groups = method.param_groups(cfg.weight_decay, decay=cfg.decay, layer_decay=cfg.layer_decay)
+    return OPTIMIZER_KINDS[cfg.optimizer].build([{**group, "lr": lr * group["lr_scale"]} for group in groups], lr)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -129,6 +149,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     model = io.prepare_model(method)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
+    weight = loss_weights(cfg, io, method, device)
 
     state = LoopState()
     restored = io.latest_checkpoint()
@@ -163,10 +184,10 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         for arrays in io.batches("train", per_worker_batch, epoch, shuffle=True):
             inputs, labels = batch_of(arrays, train=True)
             if memory_bytes is None:  # measured once, outside the timed training steps
-                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task), cfg.optimizer, device)  # noqa: B023 - called at once
+                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task, weight), cfg.optimizer, device)  # noqa: B023 - called at once
                 optimizer.zero_grad(set_to_none=True)
             step_start = time.perf_counter()
-            loss = loss_fn(model(inputs), labels, task)
+            loss = loss_fn(model(inputs), labels, task, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

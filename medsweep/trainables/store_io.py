@@ -38,6 +38,9 @@ class StoreIO:
     def num_rows(self, split: str) -> int:
         return self.store.num_rows(split)
 
+    def label_counts(self, split: str) -> list[int]:
+        return self.store.label_counts(split)
+
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
         paths = self.store.shard_paths(split)
         order = epoch_order(self.store.shard_rows(split), self.store.bytes_per_image(), self.seed, epoch, shuffle)

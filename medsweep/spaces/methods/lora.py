@@ -24,12 +24,14 @@ from medsweep.spaces.tables import (
     LORA_DEFAULT_ROWS,
     LORA_DROPOUT,
     LORA_GRAD_CLIP,
+    LORA_LAYER_DECAY,
     LORA_TABLE_SECTION,
     LORA_WARMUP_EPOCHS,
     LORA_WEIGHT_DECAY,
     LORA_WEIGHTS,
     LORA_WEIGHTS_FOR_OPTIMIZER,
     LORA_WEIGHTS_LABEL,
+    PLAIN_TRAINING,
     LoraRow,
     lora_recommended,
 )
@@ -48,8 +50,13 @@ def _known_projections(values: Mapping[str, Any]) -> str | None:
 
 
 def _recipe(row: LoraRow) -> dict[str, Any]:
-    """The keys that change with the optimizer: absolute lr, weight decay, epochs."""
-    return {"lr": row.absolute_lr, "weight_decay": LORA_WEIGHT_DECAY[row.optimizer], "epochs": row.epochs}
+    """The keys that change with the optimizer: absolute lr, weight decay, layer-wise lr decay, epochs."""
+    return {
+        "lr": row.absolute_lr,
+        "weight_decay": LORA_WEIGHT_DECAY[row.optimizer],
+        "layer_decay": LORA_LAYER_DECAY[row.optimizer],
+        "epochs": row.epochs,
+    }
 
 
 def _source(weights: str, dataset: str, fraction: float, row: LoraRow) -> str:
@@ -95,8 +102,10 @@ SPACE = MethodSpace(
         "pool": Rule(str, choices=("cls", "mean")),
     },
     recommended={
+        **PLAIN_TRAINING,  # no class weights, no decay on biases, norms, tokens (MAE's param_groups_lrd)
         "lr": _DEFAULT_ROW.absolute_lr,
         "weight_decay": LORA_WEIGHT_DECAY[LORA_DEFAULT_OPTIMIZER],
+        "layer_decay": LORA_LAYER_DECAY[LORA_DEFAULT_OPTIMIZER],
         "optimizer": LORA_DEFAULT_OPTIMIZER,
         "warmup_epochs": LORA_WARMUP_EPOCHS,
         "epochs": _DEFAULT_ROW.epochs,

@@ -34,6 +34,7 @@ from torch import nn
 
 from medsweep.errors import ConfigError
 from medsweep.trainables.config import MethodConfig
+from medsweep.trainables.layer_decay import layer_scales
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,27 @@ class Method(nn.Module):
             module.eval()
         return self
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer groups over trainable parameters: no decay on biases, norms, tokens."""
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for pname, param in self.named_parameters():
+    def param_groups(self, weight_decay: float, decay: str = "matrices", layer_decay: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups over trainable parameters, each with the ``lr_scale`` its lr is multiplied by.
+
+        ``decay="matrices"``: no weight decay on biases, norms, tokens, prompts
+        (the timm / MAE rule); ``"all"``: every trainable parameter decays (FPT's
+        official code). ``layer_decay`` < 1 scales a ViT's lr by depth
+        (:mod:`medsweep.trainables.layer_decay`). Without layer decay there are
+        always two groups, decayed then not, at scale 1.
+        """
+        named = list(self.named_parameters())
+        scales = layer_scales((n for n, _ in named), layer_decay, f"method {self.name!r} on backbone {self.config.backbone!r}")
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+        for pname, param in named:
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or pname.endswith(("bias", "token", "prompts")) else decay).append(param)
+            decayed = decay == "all" or not (param.ndim < 2 or pname.endswith(("bias", "token", "prompts")))
+            groups.setdefault((decayed, scales[pname]), []).append(param)
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (decayed, scale), params in groups.items()
+            if params or scale == 1.0
         ]
 
     def parameter_counts(self) -> tuple[int, int]:
