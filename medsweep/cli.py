@@ -323,6 +323,8 @@ def cmd_best(args: argparse.Namespace) -> int:
                 f"  {method:<10} val AUC {val['best_val_auc']:.4f}  learnable {val.get('learnable_pct', float('nan')):.3g}%  "
                 f"trial {item['trial_id']}  {searched}"
             )
+        for method, statuses in entry.get("no_usable_trial", {}).items():
+            print(f"  {method:<10} no usable trial ({statuses})")
     return 0
 
 

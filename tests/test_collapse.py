@@ -84,6 +84,8 @@ def test_a_collapsed_trial_is_never_a_best_or_a_final_candidate(synthetic_spec, 
     entry = best_configs(board, synthetic_spec)[synthetic_spec.name]
     assert entry["best"]["trial_id"] == "good00001"
     assert {m: e["trial_id"] for m, e in entry["per_method"].items()} == {"linear": "good00001", "fpt_plus": "fpt000001"}
+    only_collapsed = best_configs(board.iloc[[0, 2]], synthetic_spec)[synthetic_spec.name]
+    assert only_collapsed["no_usable_trial"] == {"linear": "1 collapsed"} and list(only_collapsed["per_method"]) == ["fpt_plus"]
     board.to_parquet(tmp_path / LEADERBOARD_PARQUET)
     assert [c["trial_id"] for c in _candidates(tmp_path, entry, top=3)] == ["good00001", "fpt000001"]
     assert [c["trial_id"] for c in _candidates(tmp_path, entry, top=1)] == ["good00001"]

@@ -161,6 +161,13 @@ def best_configs(board: pd.DataFrame, spec: DatasetSpec, objectives: list[str] |
         "best": dict(per_method[overall]) if overall else None,
         "per_method": per_method,
     }
+    unselected = {
+        method: ", ".join(f"{n} {status}" for status, n in group["status"].value_counts().items())
+        for method, group in (board.groupby("method") if not board.empty else ())
+        if method not in per_method
+    }
+    if unselected:  # said, not left out silently: e.g. {"fpt_plus": "2 collapsed"}
+        entry["no_usable_trial"] = unselected
     if objectives and len(objectives) > 1 and PARETO_COLUMN in board:
         entry["objectives"] = list(objectives)
         entry["pareto_front"] = [board_entry(row) for _, row in board[board[PARETO_COLUMN].astype(bool)].iterrows()]
