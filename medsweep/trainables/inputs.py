@@ -60,7 +60,9 @@ def augment(images: torch.Tensor, size: int, generator: torch.Generator) -> torc
     images = torch.where(flip, images.flip(-1), images)
     images = jitter(images, draws[:, 1:4].to(images.device))
     boxes = crop_boxes(height, width, draws[:, 4:].view(batch, CROP_ATTEMPTS, 4))
-    return torch.cat([resize(images[i : i + 1, :, top : top + h, left : left + w], size) for i, (top, left, h, w) in enumerate(boxes)])
+    # One resize per image: the crops differ in shape; integer boxes crop exactly as torchvision does.
+    crops = [resize(images[i : i + 1, :, top : top + h, left : left + w], size) for i, (top, left, h, w) in enumerate(boxes)]
+    return torch.cat(crops) if crops else images.new_empty(0, 3, size, size)
 
 
 def jitter(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
