@@ -213,6 +213,7 @@ def test_inputs_and_preload_key() -> None:
         "layers": [1],
         "preload_keep_ratio": 0.5,
         "token_importance": "global",
+        "legacy_vit_embeddings": True,
     }
     assert tiny("fpt_plus", keep_ratio=0.3).preload_key() == key  # trials of one store share it
     assert tiny("fpt", side_image_size=32).image_inputs()["side_pixel_values"] == ImageInput(32, augment=True)
@@ -231,6 +232,7 @@ def test_inputs_and_preload_key() -> None:
         ({"fusion_dropout": 1.0}, "fusion_dropout"),
         ({"side_image_size": -1}, "side_image_size"),
         ({"token_importance": "random"}, "token_importance"),
+        ({"legacy_vit_embeddings": 1}, "legacy_vit_embeddings"),
     ],
 )
 def test_config_validation(config_cls: type, values: dict[str, object], message: str) -> None:

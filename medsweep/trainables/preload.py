@@ -94,7 +94,7 @@ def store_columns(method: Method, feature_dtype: str, with_features: bool = True
     """
     with_features = with_features and method.preloadable
     columns = [
-        ColumnSpec(name, (3, spec.size, spec.size), "uint8")
+        ColumnSpec(name, (3, spec.stored_size, spec.stored_size), "uint8")
         for name, spec in sorted(method.stored_inputs(preloaded=with_features).items())
     ]
     if with_features:
@@ -123,7 +123,7 @@ def store_key_parts(
         "task": spec.task,
         "backbone": backbone_identity(config.backbone, config.image_size) if with_features else None,
         "method_frozen_path": method.preload_key() if with_features else {},
-        "images": {k: v.size for k, v in method.stored_inputs(preloaded=with_features).items()},
+        "images": {k: v.stored_size for k, v in method.stored_inputs(preloaded=with_features).items()},
         "normalisation": [list(mean), list(std)],
         "feature_dtype": feature_dtype if with_features else None,
         "frozen_precision": precision if with_features else None,
@@ -393,7 +393,7 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
 
 def _decode_sizes(method: Method, columns: list[ColumnSpec]) -> dict[str, int]:
     """The sizes each image is decoded to: every stored image input, and the frozen input if features are stored."""
-    sizes = {name: spec.size for name, spec in method.image_inputs().items()}
+    sizes = {name: spec.stored_size for name, spec in method.image_inputs().items()}
     stored = {c.name for c in columns if c.dtype == "uint8" and c.name in sizes}
     features = any(c.name not in stored for c in columns)
     return {name: size for name, size in sizes.items() if name in stored or (features and name == method.frozen_input)}

@@ -27,6 +27,8 @@ RULES: dict[str, Rule] = {
     "side_reduction": Rule(int, low=1),
     "fusion_dropout": Rule(float, low=0, high=1, high_open=True),
     "token_importance": Rule(str, choices=("global", "class_token")),
+    # The official frozen ViT's position-embedding interpolation (not searched; see methods/fpt.py).
+    "legacy_vit_embeddings": Rule(bool),
 }
 # Before a sweep launches: at least 8 px, the smallest image any method input accepts (a built
 # method checks the side input against its backbone's patch).

@@ -7,7 +7,8 @@ A method is one module file holding a config dataclass (subclass of
 Inputs. A method names the images it consumes in :meth:`Method.image_inputs`
 (e.g. FPT+: the 512 px ``pixel_values`` for the frozen model and the 128 px
 ``side_pixel_values`` for the side network). The preload step stores each as
-uint8 at that size, so a trial never decodes an image file.
+uint8 at its ``stored_size`` (larger than the size for an augmented input, to
+crop from), so a trial never decodes an image file.
 
 Preloading. A method whose frozen path needs no augmentation sets
 ``preloadable = True`` and implements :meth:`Method.frozen_features`: a
@@ -25,6 +26,7 @@ logits ``[B, num_classes]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +38,9 @@ from medsweep.errors import ConfigError
 from medsweep.trainables.config import MethodConfig
 from medsweep.trainables.layer_decay import layer_scales
 
+# The smallest area fraction of the random resized crop (official FPT: scale 0.8-1.0).
+CROP_MIN_SCALE = 0.8
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -43,6 +48,13 @@ class ImageInput:
 
     size: int
     augment: bool
+
+    @property
+    def stored_size(self) -> int:
+        """The size the store keeps: an augmented input at ``size / CROP_MIN_SCALE``, so the random
+        resized crop is taken from a picture larger than the training size, as the official code
+        crops from the source image; evaluation resizes it to ``size``."""
+        return math.ceil(self.size / CROP_MIN_SCALE) if self.augment else self.size
 
 
 class Method(nn.Module):

@@ -36,6 +36,7 @@ learnable = 1.027 % and FPT 1,602,341 = 1.811 %, the published 1.03 and 1.81.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
 
@@ -47,6 +48,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 
 from medsweep.errors import ConfigError, StoreError
 from medsweep.trainables.backbones import build_backbone, square_size
+from medsweep.trainables.config import not_searched
 from medsweep.trainables.methods.base import ImageInput, Method, MethodConfig, register_method
 
 # The official LPM is an ImageNet-1k ViTForImageClassification whose classifier
@@ -78,6 +80,13 @@ class _FineGrainedPromptConfig(MethodConfig):
         default="global",
         metadata={"help": "token score: attention received averaged over all queries (global) or from the CLS query"},
     )
+    legacy_vit_embeddings: bool = field(
+        default=True,
+        metadata=not_searched(
+            "frozen ViT position embeddings interpolated as the official code does (transformers < 4.42: "
+            "bicubic by scale_factor (grid + 0.1) / pretrained grid); false: transformers 5's size=grid"
+        ),
+    )
 
 
 @dataclass
@@ -88,6 +97,30 @@ class FPTPlusConfig(_FineGrainedPromptConfig):
 @dataclass
 class FPTConfig(_FineGrainedPromptConfig):
     """FPT: all LPM layers, prompts in the side width, side input 7/16 of image_size."""
+
+
+def legacy_position_embeddings(table: torch.Tensor, height: int, width: int, patch_size: int | list[int] | tuple[int, ...]) -> torch.Tensor:
+    """A ViT's position table ``[1, 1 + n, D]`` resized for an ``height x width`` input the way
+    transformers did before 4.42 and the official FPT frozen ViT (``modules/frozen_vit.py``) still does.
+
+    That older code (from DINO) resizes the square grid of the table bicubically by a
+    ``scale_factor`` of ``(grid + 0.1) / pretrained grid`` rather than to ``size=grid`` as
+    transformers 5 does. Both give the same shape, but the sampling positions differ whenever the
+    grid changes (e.g. a 384 px checkpoint run at 512 px), which changes the logits and the tokens
+    each head selects; at the pretrained grid the table is returned unchanged by both.
+    """
+    patch = square_size(patch_size)
+    positions = table.shape[1] - 1
+    rows, cols = height // patch, width // patch
+    if rows * cols == positions and height == width:
+        return table
+    side = math.isqrt(positions)
+    dim = table.shape[-1]
+    grid = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, side, side]
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic", align_corners=False)
+    if grid.shape[-2:] != (rows, cols):  # the + 0.1 is there so the floor lands on the grid
+        raise ConfigError(f"legacy position interpolation gave a {tuple(grid.shape[-2:])} grid for {rows}x{cols} patches")
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)], dim=1)
 
 
 class PromptFusion(nn.Module):
@@ -170,8 +203,9 @@ class _FineGrainedPromptTuning(Method):
 
     def __init__(self, config: _FineGrainedPromptConfig) -> None:
         super().__init__(config)
-        # Built at the backbone's own resolution and run with interpolated position
-        # embeddings, as the official code runs a 384 px checkpoint at 512 px.
+        # Built at the backbone's own resolution and run with interpolated position embeddings, as the
+        # official code runs a 384 px checkpoint at 512 px; ``legacy_vit_embeddings`` picks the
+        # official interpolation (see legacy_position_embeddings), else transformers' current one.
         self.backbone = build_backbone(config.backbone).freeze()
         if not isinstance(self.backbone.model, ViTModel):
             raise ConfigError(
@@ -236,6 +270,7 @@ class _FineGrainedPromptTuning(Method):
             "layers": self.extracted_layers,
             "preload_keep_ratio": self.config.preload_keep_ratio,
             "token_importance": self.config.token_importance,
+            "legacy_vit_embeddings": self.config.legacy_vit_embeddings,
         }
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -250,7 +285,7 @@ class _FineGrainedPromptTuning(Method):
         ``[B, L, heads, preload_tokens, head_dim]``, tokens in descending importance.
         """
         pixel_values = pixel_values.to(self.lpm.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = self.lpm.embeddings(pixel_values, interpolate_pos_encoding=True)  # [B, N, D]
+        hidden = self._embeddings(pixel_values)  # [B, N, D]
         last = self.extracted_layers[-1]
         keys, values = [], []
         for i, layer in enumerate(cast("list[ViTLayer]", self.lpm.layers[: last + 1])):
@@ -261,6 +296,17 @@ class _FineGrainedPromptTuning(Method):
             if i < last:  # nothing after the last extracted layer's attention input is used
                 hidden = layer(hidden)
         return {"key_states": torch.stack(keys, dim=1).float(), "value_states": torch.stack(values, dim=1).float()}
+
+    def _embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The LPM's input tokens ``[B, N, D]``, position embeddings interpolated as configured."""
+        embeddings = self.lpm.embeddings
+        if not self.config.legacy_vit_embeddings:
+            return embeddings(pixel_values, interpolate_pos_encoding=True)
+        height, width = pixel_values.shape[-2:]
+        patches = embeddings.patch_embeddings(pixel_values)  # [B, n, D]
+        cls = embeddings.cls_token.expand(patches.shape[0], -1, -1)
+        positions = legacy_position_embeddings(embeddings.position_embeddings, height, width, embeddings.patch_size)
+        return torch.cat([cls, patches], dim=1) + positions  # dropout: the frozen LPM is in eval mode
 
     def _important_tokens(self, attention: ViTAttention, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute one frozen attention layer's K/V and probabilities; keep each head's top tokens.
