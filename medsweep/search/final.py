@@ -239,7 +239,7 @@ def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: 
     shutil.rmtree(folder / "epochs", ignore_errors=True)
     best = io.best_report
     method = load_trained(config["method"], config, checkpoint)
-    metrics, logits, labels = predict(method, StoreIO(store), "test")
+    metrics, logits, labels = predict(method, StoreIO(store), "test", precision=config.get("precision", "fp32"))
     return SeedRun(
         seed=seed,
         best_epoch=int(best["epoch"]),

@@ -90,7 +90,7 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         from medsweep.trainables.methods import get_method
-        from medsweep.trainables.preload import check_precision
+        from medsweep.trainables.precision import check_precision
 
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         # Absolute in sweep.json, so `medsweep resume DIR` finds the data and stores from any directory.

@@ -24,7 +24,7 @@ check their fields with (:func:`check_method_config`, :data:`TRAIN_RULES`,
 from medsweep.spaces._describe import describe, format_describe
 from medsweep.spaces._recommend import recommendation, recommended
 from medsweep.spaces._record import MethodSpace, Recommendation
-from medsweep.spaces._rules import CONTEXT_CHECKS, CONTEXT_RULES, OPTIMIZERS, TRAIN_RULES, Rule, problem_of, refuse_unknown
+from medsweep.spaces._rules import CONTEXT_CHECKS, CONTEXT_RULES, OPTIMIZERS, PRECISION_NAMES, TRAIN_RULES, Rule, problem_of, refuse_unknown
 from medsweep.spaces._schema import allowed_keys, check_method_config, config_keys, validate
 from medsweep.spaces._space import (
     SEARCHED,
@@ -44,6 +44,7 @@ __all__ = [
     "CONTEXT_RULES",
     "METHODS",
     "OPTIMIZERS",
+    "PRECISION_NAMES",
     "RECORDS",
     "SEARCHED",
     "TRAIN_RULES",

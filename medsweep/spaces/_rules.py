@@ -19,6 +19,8 @@ from medsweep.errors import ConfigError
 
 # The optimizers a trial can use (``trainables.optimizers`` builds each one).
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
+# ``--precision`` of the frozen pass and of trials (``trainables.precision`` maps each to its dtype; auto resolves per device).
+PRECISION_NAMES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "batch_size": Rule(int, low=1),
     "grad_clip": Rule(float, low=0),
     "seed": Rule(int),
+    "precision": Rule(str, choices=PRECISION_NAMES),
+    "accumulate_steps": Rule(int, low=1),
 }
 
 # The fields every method config has. They describe the data and the backbone, not a choice a
