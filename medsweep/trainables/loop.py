@@ -174,7 +174,12 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         model.train()
         losses: list[float] = []
         optimizer.zero_grad(set_to_none=True)
-        pending = 0  # micro-batches whose gradients wait for the optimizer step
+        # Micro-batches (and their rows) whose gradients wait for the optimizer step. Each micro-batch's mean loss
+        # counts by its rows, so a group's gradient is the mean over the group's rows even where the epoch's
+        # last micro-batch is short or the last group partial: the update of one batch of batch_size.
+        # Without accumulation a batch is its own group: its mean loss as it is.
+        pending = pending_rows = 0
+        group_rows = micro_batch * accumulate
         for arrays in io.batches("train", micro_batch, epoch, shuffle=True):
             inputs, labels = batch_of(arrays, train=True)
             if memory_bytes is None:  # measured once, outside the timed training steps
@@ -182,16 +187,16 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
                 optimizer.zero_grad(set_to_none=True)
             step_start = time.perf_counter()
             loss = precise_loss(model, inputs, labels, task, precision)
-            scaler.scale(loss / accumulate).backward()
-            pending += 1
+            scaler.scale(loss * (len(labels) / group_rows) if accumulate > 1 else loss).backward()
+            pending, pending_rows = pending + 1, pending_rows + len(labels)
             if pending == accumulate:
-                _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, 1.0)
-                pending = 0
+                _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows if accumulate > 1 else 1.0)
+                pending = pending_rows = 0
             losses.append(loss.item())
             state.train_step_seconds += time.perf_counter() - step_start
-        if pending:  # a trailing partial group: its mean gradient, as a full group's
+        if pending:  # a trailing partial group steps too
             step_start = time.perf_counter()
-            _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, accumulate / pending)
+            _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows)
             state.train_step_seconds += time.perf_counter() - step_start
         train_loss = float(np.mean(losses)) if losses else float("nan")
         diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
