@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medsweep.errors import MedsweepError
+from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, WANDB_MODES, SweepSettings, setting_default
+from medsweep.spaces import PRECISION_NAMES
 from medsweep.trainables.config import TrainConfig
 
 
@@ -121,8 +122,9 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default=setting_default("precision"),
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="the frozen pass's compute precision (part of the store's key); auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
+        choices=PRECISION_NAMES,
+        help="compute precision of the frozen pass (part of the store's key) and of every trial's training step; "
+        "auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
     )
     parser.add_argument(
         "--preload-batch-size",
@@ -196,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="default: the method's recommended learning rate")
     train.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"))
     train.add_argument("--out", type=Path, default=None, help="where to write metrics.jsonl, config.json, checkpoints")
+    train.add_argument(
+        "--precision",
+        default=setting_default("precision"),
+        choices=PRECISION_NAMES,
+        help="compute precision of the frozen pass and the training step; auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs",
+    )
     _add_common(train)
 
     pre = sub.add_parser("preload", help="build the preload store of a method over a dataset, or list stores")
@@ -333,13 +341,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole
+    from medsweep.trainables.loop import device_for_trial
+    from medsweep.trainables.precision import resolve_precision
     from medsweep.trainables.runner import train_once
 
+    if "precision" in _set_pairs(args.set):
+        raise ConfigError("--set precision: the precision is a run setting; use --precision auto|fp32|bf16|fp16")
     console = SweepConsole()
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)
     config = _run_config(args, args.method, dataset=spec.name)
-    config.update(epochs=args.epochs, batch_size=args.batch_size, **({"lr": args.lr} if args.lr else {}))
+    # Resolved here, on the device the loop trains on, so config.json records the precision that ran.
+    precision = resolve_precision(args.precision, device_for_trial())
+    config.update(epochs=args.epochs, batch_size=args.batch_size, precision=precision, **({"lr": args.lr} if args.lr else {}))
     out = args.out or Path("runs") / f"{args.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def on_epoch(m: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ def test_common_and_training_rules_are_exactly_their_dataclass_fields() -> None:
 
 
 def test_non_hyperparameters_are_the_marked_fields_and_placement() -> None:
-    assert set(NOT_HYPERPARAMETERS) == {"method", *CONTEXT_RULES, "epochs", "seed", *PLACEMENT_KEYS}
+    assert set(NOT_HYPERPARAMETERS) == {"method", *CONTEXT_RULES, "epochs", "seed", "precision", *PLACEMENT_KEYS}
     assert not set(NOT_HYPERPARAMETERS) & {k for name in METHODS for k in record(name).searched}
 
 

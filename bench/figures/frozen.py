@@ -61,7 +61,7 @@ def _raw_forward(spec, setting: dict[str, Any]) -> dict[str, float]:
     from medsweep.trainables.inputs import normalise
     from medsweep.trainables.memory import frozen_batch_size
     from medsweep.trainables.methods import build_method
-    from medsweep.trainables.preload import PRECISIONS
+    from medsweep.trainables.precision import PRECISIONS
 
     size, precision = setting["size"], setting["precision"]
     samples = [s for split in spec.splits.values() for s in split]

@@ -371,7 +371,7 @@ def _test_seed(store: PreloadStore, config: dict[str, Any], run: SeedRun) -> See
         return run
     seeded = {**config, "seed": run.seed}
     method = load_trained(seeded["method"], seeded, run.checkpoint)
-    metrics, logits, labels = predict(method, StoreIO(store), "test")
+    metrics, logits, labels = predict(method, StoreIO(store), "test", precision=config.get("precision", "fp32"))
     test = {k: v for k, v in metrics.items() if k != "loss"}  # final.yaml reports the classification metrics
     return replace(run, test=test, probabilities=probabilities(logits, config["task"]), labels=labels)
 

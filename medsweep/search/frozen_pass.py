@@ -45,6 +45,7 @@ from medsweep.datasets.store import StoreWriter
 from medsweep.errors import ConfigError, DatasetError
 from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
 from medsweep.trainables.methods import build_method
+from medsweep.trainables.precision import resolve_precision
 from medsweep.trainables.preload import (
     DECODED_SHARD_BYTES,
     SHARD_TARGET_BYTES,
@@ -56,7 +57,6 @@ from medsweep.trainables.preload import (
     finish_store,
     frozen_batch_size_for,
     plan_store,
-    resolve_precision,
     shard_features,
     shard_labels,
 )

@@ -89,11 +89,13 @@ class SweepSettings:
     budget_hours: float | None = None
     connect_timeout: float = 45.0
     precision: str = "auto"
+    # The trials' precision, resolved from --precision where they run (see resolve_trial_precision); None until a sweep starts.
+    trial_precision: str | None = None
     preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
 
     def __post_init__(self) -> None:
         from medsweep.trainables.methods import get_method
-        from medsweep.trainables.preload import check_precision
+        from medsweep.trainables.precision import check_precision
 
         self.out = Path(self.out) if self.out else Path("sweeps") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         # Absolute in sweep.json, so `medsweep resume DIR` finds the data and stores from any directory.
@@ -142,6 +144,8 @@ class SweepSettings:
             raise ConfigError(f"--search must be tpe or random, got {self.search!r}")
         if self.fraction is not None and not 0 < self.fraction <= 100:
             raise ConfigError(f"--fraction is a percentage of the training set in (0, 100], got {self.fraction}")
+        if "precision" in self.fixed:
+            raise ConfigError("--set precision: the precision is a run setting of the whole sweep (frozen pass and trials); use --precision")
         unknown = [key for key in self.fixed if not any(key in _settable_keys(m) for m in self.methods)]
         if unknown:
             raise ConfigError(
@@ -197,6 +201,15 @@ def load_settings(out: Path) -> SweepSettings:
     return SweepSettings(**{**saved, "out": Path(out)})
 
 
+def resolve_trial_precision(requested: str, frozen: str, gpus_per_trial: float | None) -> str:
+    """The trials' precision from ``--precision``: as named, or for ``auto`` the frozen pass's resolution
+    (``frozen``, made on a GPU of the cluster when it has one) when trials take GPUs, fp32 when they run on CPUs
+    (``--gpus-per-trial 0``; a cluster without GPUs resolves the frozen pass to fp32 too)."""
+    if requested != "auto":
+        return requested
+    return frozen if gpus_per_trial != 0 else "fp32"
+
+
 def _settable_keys(method: str) -> set[str]:
     """Keys a ``--set`` may fix for ``method``: its config fields and the training fields."""
     from medsweep.trainables.methods import get_method
@@ -229,6 +242,7 @@ def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dic
         "seed": settings.seed,
         "workers": settings.workers if runs_ddp(method) else 1,
         "cpus_per_trial": settings.cpus_per_trial,
+        "precision": settings.trial_precision or settings.precision,  # auto (before a sweep resolves it) resolves in the loop
         **user,
     }
 

@@ -38,7 +38,7 @@ from medsweep.errors import ConfigError
 from medsweep.search import export, final, report
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
-from medsweep.search.settings import SweepSettings, fixed_config, sweep_dataset
+from medsweep.search.settings import SweepSettings, fixed_config, resolve_trial_precision, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
 from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
@@ -158,7 +158,8 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
         # Resolved where the frozen pass runs, so sweep.json names the stores' precision for resume and final.
-        settings.precision = frozen_pass_precision(settings.precision)
+        requested, settings.precision = settings.precision, frozen_pass_precision(settings.precision)
+        settings.trial_precision = resolve_trial_precision(requested, settings.precision, settings.gpus_per_trial)
         prepare_out(settings, overwrite)
         stores = prepare_stores(settings, spec, console)
         with guard.tune_stops_gracefully():

@@ -275,7 +275,7 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
         if console is not None:
             console.console.print(
                 f"[bold]gpu[/] {method}: probed step memory {probe['peak_mb']:.0f} MB at batch {probe['batch_size']} "
-                f"({probe['device'].split(' ')[0]}) -> {fractions[method]:g} GPU per trial "
+                f"(micro-batch {probe['micro_batch_size']}, {probe['precision']}, {probe['device'].split(' ')[0]}) -> {fractions[method]:g} GPU per trial "
                 f"(smallest GPU {gpu_total / 2**30:.1f} GiB; x{GPU_SAFETY} + {CUDA_CONTEXT_BYTES // 2**20} MiB context)"
             )
     return fractions

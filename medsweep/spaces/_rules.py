@@ -23,6 +23,8 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
 CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
 # Which trainable parameters weight decay applies to: >=2-D weights only, or every one.
 DECAY_RULES: tuple[str, ...] = ("matrices", "all")
+# ``--precision`` of the frozen pass and of trials (``trainables.precision`` maps each to its dtype; auto resolves per device).
+PRECISION_NAMES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "class_weights": Rule(str, choices=CLASS_WEIGHTS),
     "layer_decay": Rule(float, low=0, high=1, low_open=True),
     "decay": Rule(str, choices=DECAY_RULES),
+    "precision": Rule(str, choices=PRECISION_NAMES),
+    "accumulate_steps": Rule(int, low=1),
 }
 
 # The fields every method config has. They describe the data and the backbone, not a choice a

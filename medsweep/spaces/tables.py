@@ -173,6 +173,8 @@ FPT_TRAINING: dict[str, Any] = {
     "batch_size": FPT_BATCH_SIZE,
     "grad_clip": FPT_GRAD_CLIP,
     "seed": 0,
+    "precision": "fp32",  # a run setting: the sweep sets it from --precision
+    "accumulate_steps": 1,
 }
 
 # -- Cross-domain fine-tuning and TTL ----------------------------------------------
@@ -190,6 +192,8 @@ CROSS_DOMAIN_TRAINING: dict[str, Any] = {
     "batch_size": 8,
     "grad_clip": 0.0,
     "seed": 0,
+    "precision": "fp32",  # a run setting: the sweep sets it from --precision
+    "accumulate_steps": 1,
 }
 CDTM_NUM_CENTERS = 300  # config_clip_vit.py MODEL.FRT.centers
 # Staged fine-tuning re-runs the same 100-epoch command from the stage-1 best
@@ -211,6 +215,8 @@ TTL_TRAINING: dict[str, Any] = {
     "batch_size": 64,
     "grad_clip": 0.0,
     "seed": 0,
+    "precision": "fp32",  # a run setting: the sweep sets it from --precision
+    "accumulate_steps": 1,
 }
 # The published block-wise runs compare truncation 1, 2, 3 and -1 (whole net);
 # no single value is recommended. 3 (drop only the last block) is our default:

@@ -73,11 +73,32 @@ class TrainConfig:
         default="matrices",
         metadata={"help": f"one of {', '.join(DECAY_RULES)}: which trainable parameters weight decay applies to (FPT: all)"},
     )
+    precision: str = field(
+        default="fp32", metadata=not_searched("compute precision of the training step (autocast); a sweep sets it from --precision")
+    )
+    accumulate_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step; batch_size stays the effective batch (each micro-batch is batch_size / this)"}
+    )
 
     def __post_init__(self) -> None:
         problem = problem_of(TRAIN_RULES, (), dataclasses.asdict(self))
         if problem:
             raise ConfigError(problem)
+        self.micro_batch_size(1)
+
+    def micro_batch_size(self, workers: int) -> int:
+        """Images per forward on each of ``workers`` DDP workers: the effective ``batch_size`` split
+        over workers and ``accumulate_steps``. When accumulating, their product must divide it (else the
+        effective batch would drift from the searched one); without, the split rounds down as it always has."""
+        parts = self.accumulate_steps * workers
+        if self.accumulate_steps == 1:
+            return max(1, self.batch_size // workers)
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by accumulate_steps {self.accumulate_steps} x {workers} worker(s); "
+                f"set a batch_size that is a multiple of {parts}, or another accumulate_steps"
+            )
+        return self.batch_size // parts
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

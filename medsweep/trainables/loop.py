@@ -28,10 +28,11 @@ from medsweep.trainables.backbones import backbone_normalisation, frozen_weights
 from medsweep.trainables.class_weights import balanced_weights
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.inputs import model_inputs, steps_per_epoch
-from medsweep.trainables.memory import step_memory_bytes
+from medsweep.trainables.memory import device_of, step_memory_bytes
 from medsweep.trainables.methods import Method, build_method, get_method
 from medsweep.trainables.metrics import classification_metrics
 from medsweep.trainables.optimizers import OPTIMIZER_KINDS
+from medsweep.trainables.precision import allow_tf32, autocast, grad_scaler, resolve_precision
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGENCE_LOSS = 1e4
@@ -102,6 +103,15 @@ def loss_weights(cfg: TrainConfig, io: TrialIO, method: Method, device: torch.de
     return balanced_weights(counts, io.num_rows("train"), method.config.num_classes, method.config.task).to(device)
 
 
+def precise_loss(
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, task: str, precision: str, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The training loss, forward under autocast to ``precision`` (the loss itself in float32); ``weight`` as in :func:`loss_fn`."""
+    with autocast(precision, labels.device):
+        logits = model(inputs)
+    return loss_fn(logits.float(), labels, task, weight)
+
+
 def make_optimizer(method: Method, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer over ``method``'s groups, each at ``lr`` x its ``lr_scale`` (the schedule scales each group's own lr)."""
     groups = method.param_groups(cfg.weight_decay, decay=cfg.decay, layer_decay=cfg.layer_decay)
@@ -145,10 +155,18 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         method = build_method(config["method"], config)
     task = method.config.task
     device = device_for_trial()
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        allow_tf32()
     method.to_device(device)
     model = io.prepare_model(method)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
-    steps = steps_per_epoch(io.num_rows("train"), per_worker_batch * io.world_size, 1)
+    # batch_size is the effective batch: each worker runs accumulate_steps micro-batches per optimizer step,
+    # and the schedule counts optimizer steps (a trailing partial group steps too).
+    micro_batch = cfg.micro_batch_size(io.world_size)
+    accumulate = cfg.accumulate_steps
+    steps = math.ceil(steps_per_epoch(io.num_rows("train"), micro_batch, io.world_size) / accumulate)
+    scaler = grad_scaler(precision, device)
     weight = loss_weights(cfg, io, method, device)
 
     state = LoopState()
@@ -162,6 +180,8 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     if blob is not None:
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if "scaler" in blob:
+            scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["rng"])
     generator = torch.Generator()  # augmentation draws, reseeded per epoch (see below)
     batch_of = batch_maker(method, io.columns, device, generator)
@@ -181,24 +201,34 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         generator.manual_seed(int(np.random.SeedSequence([cfg.seed, io.rank, epoch]).generate_state(1)[0]))
         model.train()
         losses: list[float] = []
-        for arrays in io.batches("train", per_worker_batch, epoch, shuffle=True):
+        optimizer.zero_grad(set_to_none=True)
+        # Micro-batches (and their rows) whose gradients wait for the optimizer step. Each micro-batch's mean loss
+        # counts by its rows, so a group's gradient is the mean over the group's rows even where the epoch's
+        # last micro-batch is short or the last group partial: the update of one batch of batch_size.
+        # Without accumulation a batch is its own group: its mean loss as it is.
+        pending = pending_rows = 0
+        group_rows = micro_batch * accumulate
+        for arrays in io.batches("train", micro_batch, epoch, shuffle=True):
             inputs, labels = batch_of(arrays, train=True)
             if memory_bytes is None:  # measured once, outside the timed training steps
-                memory_bytes = step_memory_bytes(model, lambda: loss_fn(model(inputs), labels, task, weight), cfg.optimizer, device)  # noqa: B023 - called at once
+                memory_bytes = step_memory_bytes(model, lambda: precise_loss(model, inputs, labels, task, precision, weight), cfg.optimizer, device)  # noqa: B023 - called at once
                 optimizer.zero_grad(set_to_none=True)
             step_start = time.perf_counter()
-            loss = loss_fn(model(inputs), labels, task, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = precise_loss(model, inputs, labels, task, precision, weight)
+            scaler.scale(loss * (len(labels) / group_rows) if accumulate > 1 else loss).backward()
+            pending, pending_rows = pending + 1, pending_rows + len(labels)
+            if pending == accumulate:
+                _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows if accumulate > 1 else 1.0)
+                pending = pending_rows = 0
             losses.append(loss.item())
+            state.train_step_seconds += time.perf_counter() - step_start
+        if pending:  # a trailing partial group steps too
+            step_start = time.perf_counter()
+            _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows)
             state.train_step_seconds += time.perf_counter() - step_start
         train_loss = float(np.mean(losses)) if losses else float("nan")
         diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
-        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task)
+        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task, precision=precision)
         improved = not diverged and is_better_epoch(val, state)
         if improved:
             state.best_auc, state.best_epoch, state.best_collapsed = val["auc"], epoch, val["collapsed"] == 1.0
@@ -222,7 +252,7 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         }
         checkpoint_dir = None
         if io.rank == 0 and not diverged:
-            checkpoint_dir = _save(checkpoint_root / f"epoch-{epoch + 1:04d}", method, optimizer, scheduler, state)
+            checkpoint_dir = _save(checkpoint_root / f"epoch-{epoch + 1:04d}", method, optimizer, scheduler, scaler, state)
         io.report(metrics, checkpoint_dir)
         if diverged:
             break
@@ -246,6 +276,22 @@ def is_better_epoch(val: dict[str, float], state: LoopState) -> bool:
     return not collapsed and val["auc"] > state.best_auc
 
 
+def _optimizer_step(method: Method, optimizer, scheduler, scaler: torch.amp.GradScaler, grad_clip: float, grad_factor: float) -> None:
+    """One optimizer step over the accumulated gradients (times ``grad_factor``), unscaled before clipping."""
+    learnable = [p for p in method.parameters() if p.requires_grad]
+    if grad_factor != 1.0:
+        for param in learnable:
+            if param.grad is not None:
+                param.grad.mul_(grad_factor)
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(learnable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def batch_maker(method: Method, columns: list[ColumnSpec], device: torch.device, generator: torch.Generator | None) -> BatchOf:
     """The :class:`BatchOf` of ``method`` over a store with ``columns``: the inputs it has stored, normalised
     for its backbone, on ``device``; training batches augmented with draws from ``generator``."""
@@ -264,30 +310,51 @@ def batch_maker(method: Method, columns: list[ColumnSpec], device: torch.device,
 
 @overload
 def evaluate(
-    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: Literal[False] = ...
+    model: nn.Module,
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_of: BatchOf,
+    task: str,
+    *,
+    outputs: Literal[False] = ...,
+    precision: str = ...,
 ) -> dict[str, float]: ...
 
 
 @overload
 def evaluate(
-    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: Literal[True]
+    model: nn.Module,
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_of: BatchOf,
+    task: str,
+    *,
+    outputs: Literal[True],
+    precision: str = ...,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]: ...
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[dict[str, np.ndarray]], batch_of: BatchOf, task: str, *, outputs: bool = False
+    model: nn.Module,
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_of: BatchOf,
+    task: str,
+    *,
+    outputs: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Loss and classification metrics over every batch (eval mode, no augmentation).
+    """Loss and classification metrics over every batch (eval mode, no augmentation), the forward
+    under autocast to ``precision`` as in training.
 
     ``outputs=True`` also returns the logits [N, C] (float32) and labels in
     batch order, for whoever needs per-image scores (the final answer's bootstrap).
     """
     model.eval()
+    device = device_of(model)
     all_logits, all_labels, losses = [], [], []
     for arrays in batches:
         inputs, labels = batch_of(arrays, train=False)
-        logits = model(inputs)
+        with autocast(precision, device):
+            logits = model(inputs).float()
         losses.append(loss_fn(logits, labels, task).item() * len(labels))
         all_logits.append(logits.float().cpu().numpy())
         all_labels.append(labels.cpu().numpy())
@@ -296,8 +363,11 @@ def evaluate(
     return (metrics, logits_np, labels_np) if outputs else metrics
 
 
-def predict(method: Method, io: TrialIO, split: str, batch_size: int = EVAL_BATCH) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """:func:`evaluate` of a trained ``method`` on every image of ``split``, in ``io``'s unshuffled order.
+def predict(
+    method: Method, io: TrialIO, split: str, batch_size: int = EVAL_BATCH, precision: str = "fp32"
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """:func:`evaluate` of a trained ``method`` on every image of ``split``, in ``io``'s unshuffled order,
+    under the trial's ``precision`` (``auto`` resolves on this device).
 
     Returns its metrics (``loss`` included), logits and labels. On the val
     split with the trial's batch size, the metrics are what ``fit`` reported
@@ -306,16 +376,18 @@ def predict(method: Method, io: TrialIO, split: str, batch_size: int = EVAL_BATC
     device = device_for_trial()
     method.to_device(device)
     batches = io.batches(split, batch_size, epoch=0, shuffle=False)
-    return evaluate(method, batches, batch_maker(method, io.columns, device, None), method.config.task, outputs=True)
+    precision = resolve_precision(precision, device)
+    return evaluate(method, batches, batch_maker(method, io.columns, device, None), method.config.task, outputs=True, precision=precision)
 
 
-def _save(folder: Path, method: Method, optimizer, scheduler, state: LoopState) -> Path:
+def _save(folder: Path, method: Method, optimizer, scheduler, scaler: torch.amp.GradScaler, state: LoopState) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "model": method.trainable_state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "state": state,
             "rng": torch.get_rng_state(),
         },

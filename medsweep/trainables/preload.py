@@ -25,7 +25,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,18 +49,17 @@ from medsweep.datasets.store import (
     store_lock,
     write_atomically,
 )
-from medsweep.errors import ConfigError, DatasetError, StoreError
+from medsweep.errors import DatasetError, StoreError
 from medsweep.trainables.backbones import backbone_identity, backbone_normalisation
 from medsweep.trainables.inputs import normalise
 from medsweep.trainables.memory import FROZEN_BATCH_CAP, device_of, frozen_batch_size
 from medsweep.trainables.methods.base import Method
+from medsweep.trainables.precision import PRECISIONS, autocast, resolve_precision
 
 SHARD_TARGET_BYTES = 64 << 20
 DECODED_SHARD_BYTES = 256 << 20
 MAX_ROWS_PER_SHARD = 2048
 FEATURE_DTYPES = ("float16", "float32")
-# The frozen forward's compute precision (``--precision``); ``auto`` resolves per device (:func:`resolve_precision`).
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Progress = Callable[[int], None]
 
@@ -354,10 +353,9 @@ def shard_features(
     frozen = images[method.frozen_input]
     device = device_of(method)
     parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else nullcontext()
     for start in range(0, len(frozen), batch_size):
         pixels = normalise(torch.from_numpy(frozen[start : start + batch_size]).to(device), mean, std)
-        with autocast:
+        with autocast(precision, device):
             features = method.frozen_features(pixels)
         for col in feature_cols:
             parts[col.name].append(features[col.name].float().cpu().numpy().astype(col.dtype))
@@ -370,25 +368,6 @@ def frozen_batch_size_for(method: Method, decode_sizes: dict[str, int], rows_per
     size = decode_sizes.get(method.frozen_input, method.config.image_size)
     dtype = None if precision == "fp32" else PRECISIONS[precision]
     return frozen_batch_size(method, size, dtype, cap=max(1, min(FROZEN_BATCH_CAP, rows_per_shard)))
-
-
-def check_precision(requested: str) -> None:
-    """Raise ConfigError for a ``--precision`` that is none of ``auto``, ``fp32``, ``bf16``, ``fp16``."""
-    if requested != "auto" and requested not in PRECISIONS:
-        raise ConfigError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}")
-
-
-def resolve_precision(requested: str, device: torch.device | str) -> str:
-    """``auto``: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on CPU (where autocast gains little); else as asked.
-
-    Raises ConfigError for a name that is none of ``auto``, ``fp32``, ``bf16``, ``fp16``.
-    """
-    check_precision(requested)
-    if requested != "auto":
-        return requested
-    if torch.device(device).type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _decode_sizes(method: Method, columns: list[ColumnSpec]) -> dict[str, int]:

@@ -16,15 +16,21 @@ import torch
 
 from medsweep.trainables.backbones import frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
-from medsweep.trainables.loop import device_for_trial, loss_fn
+from medsweep.trainables.loop import device_for_trial, precise_loss
 from medsweep.trainables.memory import step_memory_bytes
 from medsweep.trainables.methods import build_method, get_method
+from medsweep.trainables.precision import resolve_precision
 
 
 def probe_memory(config: dict[str, Any], batch_size: int, device: torch.device | None = None) -> dict[str, Any]:
-    """Peak bytes of one training step of ``config["method"]`` at ``batch_size``."""
+    """Peak bytes of one training step of ``config["method"]`` at the effective ``batch_size``.
+
+    The step is the trial's: one micro-batch (``batch_size / accumulate_steps``) under the config's precision.
+    """
     device = device or device_for_trial()
     cfg = TrainConfig.from_dict({**config, "batch_size": batch_size})
+    precision = resolve_precision(cfg.precision, device)
+    effective, batch_size = batch_size, cfg.micro_batch_size(1)
     torch.manual_seed(cfg.seed)
     preloadable = get_method(config["method"]).model_cls.preloadable
     with frozen_weights_unused() if preloadable else nullcontext():  # as a trial on a preload store builds it
@@ -47,12 +53,14 @@ def probe_memory(config: dict[str, Any], batch_size: int, device: torch.device |
     else:
         labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
     labels = labels.to(device)
-    peak = step_memory_bytes(method, lambda: loss_fn(method(batch), labels, method.config.task), cfg.optimizer, device)
+    peak = step_memory_bytes(method, lambda: precise_loss(method, batch, labels, method.config.task, precision), cfg.optimizer, device)
     learnable, total = method.parameter_counts()
     return {
         "method": config["method"],
         "device": "cuda" if device.type == "cuda" else "cpu (proxy: params + grads + optimizer state + saved activations)",
-        "batch_size": batch_size,
+        "batch_size": effective,
+        "micro_batch_size": batch_size,
+        "precision": precision,
         "peak_bytes": peak,
         "peak_mb": peak / 2**20,
         "learnable_params": learnable,

@@ -44,7 +44,8 @@ def train_once(
     """Train ``config`` on ``spec``; writes ``config.json``, ``metrics.jsonl`` and checkpoints under ``out``."""
     config = {**config, "num_classes": spec.num_classes, "task": spec.task}
     method = build_method(config["method"], config)
-    result = preload(spec, method, cache_dir, progress=progress, skip_bad_images=skip_bad_images)
+    precision = config.get("precision", "auto")  # the frozen pass runs at the trial's precision
+    result = preload(spec, method, cache_dir, progress=progress, skip_bad_images=skip_bad_images, precision=precision)
     if on_store:
         on_store(result)
     out.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,8 @@ SPACE = MethodSpace(
         "batch_size": LORA_BATCH_SIZE,
         "grad_clip": LORA_GRAD_CLIP,
         "seed": 0,
+        "precision": "fp32",
+        "accumulate_steps": 1,
         "rank": _DEFAULT_ROW.rank,
         "alpha": LORA_ALPHA,
         "lora_dropout": LORA_DROPOUT,
