@@ -43,6 +43,12 @@ from processes import kill_process_group
 
 EPOCHS = 3
 MB = 2**20
+# At the published rates (linear 1e-4 after 2 warm-up epochs, for 100 epochs) these tiny trials
+# predict one class for every validation image after three epochs (collapsed, never a best): the
+# sweeps here train at lr 0.01 without warm-up, which learns the grades within two. How a trial that
+# ran all its epochs ends, whichever way its last epochs went:
+LEARNS = {"lr": 0.01, "warmup_epochs": 0}
+RAN_TO_THE_END = {"completed", "collapsed"}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,8 @@ def _sweep_argv(root: Path, out: Path, cache: Path, trials: int, *extra: str, ep
         sys.executable, "-m", "medsweep.cli", "sweep",
         "--dataset", str(root), "--method", "linear", "--trials", str(trials), "--max-epochs", str(epochs),
         "--backbone", "vit-tiny", "--image-size", "32", "--wandb", "disabled", "--no-early-stopping",
-        "--out", str(out), "--cache-dir", str(cache), "--quiet", *extra,
+        "--out", str(out), "--cache-dir", str(cache), "--quiet",
+        *(arg for key, value in LEARNS.items() for arg in ("--set", f"{key}={value}")), *extra,
     ]  # fmt: skip
 
 
@@ -203,7 +210,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
 
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
-    assert set(board["status"]) == {"completed"}
+    assert set(board["status"]) <= RAN_TO_THE_END
     assert (board["epochs_run"] == epochs).all()
     ids = {f"trial-{i}" for i in board["trial_id"]}
     assert interrupted and set(before) | set(interrupted) <= ids
@@ -236,7 +243,7 @@ def _tiny_settings(
         cache_dir=cache,
         early_stopping=False,
         final_seeds=0,
-        **extra,
+        **{"fixed": LEARNS, **extra},
     )
 
 
@@ -270,7 +277,7 @@ def test_a_killed_trial_restarts_from_its_checkpoint(ray_session, tiny_root, cac
     board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str}).set_index("method")
     adapter = board.loc["adapter"]
     assert killed == [adapter["trial_id"]], "the adapter trial was not caught between its first checkpoint and its end"
-    assert adapter["status"] == "completed" and adapter["epochs_run"] == epochs
+    assert adapter["status"] in RAN_TO_THE_END and adapter["epochs_run"] == epochs
     results = _results(settings.out / "ray" / "tune" / f"trial-{killed[0]}")
     assert _restored_from_checkpoint(results)
     assert sorted({r["epoch"] for r in results}) == list(range(1, epochs + 1))
@@ -363,7 +370,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
 
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
-    assert set(board["status"]) == {"completed"}
+    assert set(board["status"]) <= RAN_TO_THE_END
     # The trial on the removed node finished all its epochs elsewhere (each epoch reported once
     # after its restart). Whether it resumed from its checkpoint or had already reported its last
     # epoch when the node went is a race here; resuming from a checkpoint is proven by
@@ -391,7 +398,7 @@ def _assert_interrupted_and_resumable(out: Path, log: Path, returncode: int, exp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
-    assert set(board["status"]) == {"completed"} and (board["epochs_run"] == EPOCHS).all()
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == EPOCHS).all()
     states = [t.state.name for t in load_study(out).trials]
     assert states.count("COMPLETE") == trials and "RUNNING" not in states
 

@@ -128,7 +128,12 @@ def multi_sweep(tmp_path_factory, ray_session, synthetic_root):
     from medsweep.search.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("multi")
-    settings = _tiny_settings(synthetic_root, out, tmp_path_factory.mktemp("cache"), objective="auc,memory")
+    # Two epochs at lr 0.01: with one epoch at the published rates every trial predicts one class
+    # (collapsed, never on the front), and the front would be empty.
+    settings = _tiny_settings(
+        synthetic_root, out, tmp_path_factory.mktemp("cache"), objective="auc,memory",
+        max_epochs=2, fixed={"side_reduction": 2, "lr": 0.01, "warmup_epochs": 0},
+    )  # fmt: skip
     console = SweepConsole(record=True)
     run_sweep(settings, console)
     return out, settings, console.text()
