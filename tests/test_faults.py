@@ -282,7 +282,9 @@ def test_a_killed_trial_restarts_from_its_checkpoint(ray_session, tiny_root, cac
     assert _restored_from_checkpoint(results)
     assert sorted({r["epoch"] for r in results}) == list(range(1, epochs + 1))
     assert [t.state.name for t in load_study(settings.out).trials] == ["COMPLETE"]
-    assert yaml.safe_load((settings.out / "best.yaml").read_text())[tiny_root.name]["best_method"] == "adapter"
+    # The adapter on the random-weight vit-tiny may not learn the grades in six epochs (collapsed: no best).
+    best_method = yaml.safe_load((settings.out / "best.yaml").read_text())[tiny_root.name]["best_method"]
+    assert best_method == ("adapter" if adapter["status"] == "completed" else None)
 
 
 @pytest.mark.slow

@@ -588,7 +588,11 @@ def run_tuner(
             storage_path=str(experiment_path(settings).parent),
             callbacks=build_callbacks(settings, spec, console),
             failure_config=FailureConfig(max_failures=2),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # Two, not one: Tune deletes the checkpoint beyond num_to_keep as it registers a new one and
+            # only then rewrites its experiment snapshot, so a driver killed in between left a snapshot
+            # naming a deleted checkpoint, and `medsweep resume` failed that trial ("does not exist on
+            # storage anymore", seen in tests/test_faults.py). The snapshot's checkpoint now survives.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             verbose=0,
         ),
     )
