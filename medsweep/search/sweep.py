@@ -38,6 +38,7 @@ from medsweep.errors import ConfigError
 from medsweep.search import export, final, report
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
+from medsweep.search.manifest import write_manifest
 from medsweep.search.settings import SweepSettings, fixed_config, resolve_trial_precision, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
 from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
@@ -162,6 +163,7 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
         settings.trial_precision = resolve_trial_precision(requested, settings.precision, settings.gpus_per_trial)
         prepare_out(settings, overwrite)
         stores = prepare_stores(settings, spec, console)
+        write_manifest(settings, spec, stores)
         with guard.tune_stops_gracefully():
             grid = tuning.run_tuner(settings, spec, stores, console)
         write_answer(grid, settings, spec, console)
