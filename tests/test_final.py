@@ -128,6 +128,7 @@ def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache
     method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1)[synthetic_spec.name]["methods"]["linear"]
     assert method["seeds"][0]["status"] == "diverged" and method["seeds"][0]["test"] == {}
     assert method["test_auc_ci"] is None and method["mean"] == {}
+    assert pd.read_csv(tmp_path / TEST_PREDICTIONS_CSV).empty  # nothing was tested: the header alone
 
 
 # ------------------------------------------------------------------ the test split stays out of the search

@@ -39,9 +39,10 @@ def test_a_sweep_writes_a_manifest_of_versions_devices_data_stores_seeds_and_com
     assert manifest["dataset"]["splits"] == {split: len(samples) for split, samples in spec.splits.items()}
     assert manifest["seeds"] == {"search": settings.seed, "final": []}  # the tiny sweep skips the final retrain
     assert manifest["resumes"] == []
-    # The store keys are the ones the trials read, and the stores are in the cache.
-    board = pd.read_parquet(out / "leaderboard.parquet")
-    used = {row.method: json.loads(row.config_json)["store_key"] for row in board.itertuples()}
+    # The store keys are the ones the trials read (Tune's record of each trial's config), and the stores are in the cache.
+    params = [json.loads(path.read_text()) for path in (out / "ray" / "tune").glob("trial-*/params.json")]
+    used = {config["method"]: config["store_key"] for config in params}
+    assert len(params) == settings.trials and set(used) == set(pd.read_parquet(out / "leaderboard.parquet")["method"])
     assert set(manifest["stores"]) == set(settings.methods) and {m: manifest["stores"][m] for m in used} == used
     assert all(PreloadStore(settings.cache_dir / "stores" / key).is_complete() for key in used.values())
 

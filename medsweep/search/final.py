@@ -62,6 +62,8 @@ from medsweep.trainables.preload import preload
 from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
 from medsweep.trainables.store_io import StoreIO
 
+PREDICTION_KEYS = ["seed", "method", "trial_id", "path"]  # test_predictions.csv's first columns; label and prob_<class> follow
+
 
 @dataclass
 class SeedRun:
@@ -163,13 +165,13 @@ def retrain_best(
         chosen = max(candidates, key=lambda c: c.val_auc_mean if math.isfinite(c.val_auc_mean) else -math.inf)
         if len(candidates) > 1:
             console.console.print(f"[bold]final[/] chosen: {_why(candidates, chosen)}")
-        summary, frame = _test_and_summarise(out, spec, chosen, console)
-        methods, predictions = {chosen.method: summary}, [frame]
+        summary, predictions = _test_and_summarise(out, spec, chosen, console)
+        methods = {chosen.method: summary}
         if per_method:
             for name, item in entry["per_method"].items():
                 if name not in methods:
-                    methods[name], frame = _test_and_summarise(out, spec, _retrain(out, spec, settings, item, seeds, console), console)
-                    predictions.append(frame)
+                    methods[name], frames = _test_and_summarise(out, spec, _retrain(out, spec, settings, item, seeds, console), console)
+                    predictions += frames
     for candidate in candidates:
         if candidate is not chosen:  # untested: only its metrics stay (a full fine-tuning checkpoint is ~1 GB)
             for run in candidate.runs:
@@ -185,7 +187,7 @@ def retrain_best(
             "methods": methods,
         }
     }
-    pd.concat(predictions, ignore_index=True).to_csv(out / TEST_PREDICTIONS_CSV, index=False)
+    (pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_KEYS)).to_csv(out / TEST_PREDICTIONS_CSV, index=False)
     (out / FINAL_YAML).write_text(yaml.safe_dump(document, sort_keys=False))
     (out / FINAL_JSON).write_text(json.dumps(_json_safe(document), indent=2, allow_nan=False))
     console.console.print(f"final results in {out / FINAL_YAML} and {out / FINAL_JSON}")
@@ -323,7 +325,7 @@ def _retrain(
     return Candidate(item, config, result.store, runs, base_seed)
 
 
-def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, console: SweepConsole) -> tuple[dict[str, Any], pd.DataFrame]:
+def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, console: SweepConsole) -> tuple[dict[str, Any], list[pd.DataFrame]]:
     """Test each seed's kept checkpoint once: the candidate's final.yaml entry and its per-image predictions."""
     name, config = candidate.method, candidate.config
     runs = [_test_seed(candidate.store, config, run) for run in candidate.runs]
@@ -343,8 +345,8 @@ def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, cons
     return summary, _predictions(spec, candidate, runs)
 
 
-def _predictions(spec: DatasetSpec, candidate: Candidate, runs: list[SeedRun]) -> pd.DataFrame:
-    """test_predictions.csv's rows of one tested candidate: per seed and test image, its path, label and probabilities.
+def _predictions(spec: DatasetSpec, candidate: Candidate, runs: list[SeedRun]) -> list[pd.DataFrame]:
+    """test_predictions.csv's rows of one tested candidate, a frame per tested seed: per test image, its path, label and probabilities.
 
     What a DeLong test or a calibration plot needs, and what final.json's AUC is computed from.
     The store holds the test images in a seeded order; its ``index`` column maps each
@@ -363,7 +365,7 @@ def _predictions(spec: DatasetSpec, candidate: Candidate, runs: list[SeedRun]) -
             columns["label"] = [spec.classes[int(i)] for i in run.labels]
         columns |= {f"prob_{c}": run.probabilities[:, i] for i, c in enumerate(spec.classes)}
         frames.append(pd.DataFrame(columns))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["seed", "method", "trial_id", "path"])
+    return frames
 
 
 def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: Path) -> SeedRun:

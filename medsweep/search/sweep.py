@@ -13,7 +13,8 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 3. preload each method's store (reused when its cache key matches) and
    materialize its train/val splits with Ray Data once, so every trial gets
    the same blocks and no read task competes with trials for CPUs (the
-   deadlock measured on 2 cores when reads stay lazy);
+   deadlock measured on 2 cores when reads stay lazy); with the store keys
+   known, write ``manifest.json`` (:mod:`medsweep.search.manifest`);
 4. ``Tuner`` over :func:`medsweep.search.trial.run_trial` with ``OptunaSearch``
    (seeded TPE, recommended points first, a file-backed study; one objective,
    or several with ``--objective auc,memory,params``) and ``ASHAScheduler`` on
