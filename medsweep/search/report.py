@@ -513,11 +513,11 @@ def reproducibility_blocks(out: Path) -> list[Block]:
         ),
         "stores": ", ".join(f"{method} {key}" for method, key in manifest.get("stores", {}).items()),
         "seeds": f"search {seeds.get('search')}" + (f", final {', '.join(map(str, final))}" if final else ", no final retrain"),
-        "command": f"`{manifest.get('command')}` ({manifest.get('started')})",
+        "command": f"{manifest.get('command')} ({manifest.get('started')})",
     }
     resumes = manifest.get("resumes") or []
     if resumes:
-        rows["resumed"] = "; ".join(f"`{r.get('command')}` ({r.get('started')})" for r in resumes)
+        rows["resumed"] = "; ".join(f"{r.get('command')} ({r.get('started')})" for r in resumes)
     table = pd.DataFrame({"": list(rows), "value": list(rows.values())})
     return [*blocks, Block("text", f"From {MANIFEST_JSON}, written when the sweep started."), Block("table", table=table)]
 
