@@ -57,6 +57,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     settings = load_settings(out)
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
+    from medsweep.search.manifest import write_manifest
     from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
@@ -66,6 +67,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
         stores = prepare_stores(settings, spec, console)
+        write_manifest(settings, spec, stores)  # appends this resume's record; the sweep's own stays
         with guard.tune_stops_gracefully():
             if tuning.can_resume(settings):
                 console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")

@@ -13,7 +13,8 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 3. preload each method's store (reused when its cache key matches) and
    materialize its train/val splits with Ray Data once, so every trial gets
    the same blocks and no read task competes with trials for CPUs (the
-   deadlock measured on 2 cores when reads stay lazy);
+   deadlock measured on 2 cores when reads stay lazy); with the store keys
+   known, write ``manifest.json`` (:mod:`medsweep.search.manifest`);
 4. ``Tuner`` over :func:`medsweep.search.trial.run_trial` with ``OptunaSearch``
    (seeded TPE, recommended points first, a file-backed study; one objective,
    or several with ``--objective auc,memory,params``) and ``ASHAScheduler`` on
@@ -38,6 +39,7 @@ from medsweep.errors import ConfigError
 from medsweep.search import export, final, report
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
+from medsweep.search.manifest import write_manifest
 from medsweep.search.settings import SweepSettings, fixed_config, resolve_trial_precision, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
 from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
@@ -162,6 +164,7 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
         settings.trial_precision = resolve_trial_precision(requested, settings.precision, settings.gpus_per_trial)
         prepare_out(settings, overwrite)
         stores = prepare_stores(settings, spec, console)
+        write_manifest(settings, spec, stores)
         with guard.tune_stops_gracefully():
             grid = tuning.run_tuner(settings, spec, stores, console)
         write_answer(grid, settings, spec, console)
