@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from medsweep.cli import main
 from medsweep.datasets.store import INDEX, decode_columns
 from medsweep.errors import ConfigError
 from medsweep.search.final import retrain_best
+from medsweep.search.predict import Prediction, write_csv
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import FINAL_JSON
 from medsweep.spaces import recommended
@@ -185,3 +188,36 @@ def test_export_names_the_methods_there_are(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--method", "lora", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "no method 'lora'" in err and "available: linear" in err
+
+
+@pytest.mark.slow
+def test_without_final_the_best_trials_checkpoint_is_exported(tiny_sweep, synthetic_root, synthetic_spec, tmp_path):
+    """A sweep whose final step was skipped: the best trial's best epoch, from its Tune checkpoint. Its
+    validation AUC is best.yaml's up to the float16 features the trial trained on (the export computes
+    them in float32), hence the tolerance."""
+    out, _, _ = tiny_sweep
+    entry = next(iter(yaml.safe_load((out / "best.yaml").read_text()).values()))
+    model_dir = _export(out, tmp_path / "model")
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["source"]["from"] == "best trial" and info["method"] == entry["best_method"]
+    preds = tmp_path / "val.csv"
+    assert main(["predict", str(model_dir), "--dataset", str(synthetic_root), "--split", "val", "--out", str(preds)]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    probs = np.array([[float(r[f"prob_{c}"]) for c in entry["classes"]] for r in rows])
+    labels = np.array([s.label for s in synthetic_spec.splits["val"]])  # the CSV keeps the split's order
+    auc = classification_metrics(np.log(probs), labels, entry["task"])["auc"]
+    assert auc == pytest.approx(entry["per_method"][entry["best_method"]]["validation"]["best_val_auc"], abs=0.01)
+
+
+def test_multilabel_rows_name_every_label_above_one_half(tmp_path):
+    rows = [Prediction(Path("a.png"), [0.9, 0.2, 0.7]), Prediction(Path("b.png"), [0.1, 0.2, 0.3]), Prediction(Path("c.png"), None, "cannot read")]
+    write_csv(tmp_path / "p.csv", rows, ["effusion", "nodule", "mass"], "multilabel")
+    read = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["predicted"] for r in read] == ["effusion|mass", "", ""]
+    assert read[0]["prob_nodule"] == "0.2" and read[2]["error"] == "cannot read"
+
+
+def test_importing_medsweep_stays_cheap():
+    """``medsweep.load_model`` imports torch when called, not when medsweep is imported."""
+    code = "import sys, medsweep; assert callable(medsweep.load_model); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
