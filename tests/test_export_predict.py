@@ -30,8 +30,11 @@ from medsweep.search.predict import Prediction, write_csv
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import FINAL_JSON
 from medsweep.spaces import recommended
+from medsweep.trainables.backbones import build_backbone
 from medsweep.trainables.loop import load_trained, predict
+from medsweep.trainables.methods import build_method
 from medsweep.trainables.metrics import classification_metrics
+from medsweep.trainables.model_dir import write_model_dir
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
 
@@ -221,3 +224,21 @@ def test_importing_medsweep_stays_cheap():
     """``medsweep.load_model`` imports torch when called, not when medsweep is imported."""
     code = "import sys, medsweep; assert callable(medsweep.load_model); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_local_backbone_is_referenced_by_hash_and_a_changed_one_refused(tmp_path):
+    """A backbone folder is not copied without --with-backbone: the model reads it where it was, and
+    refuses it, in one line, once its files differ from the export's."""
+    folder = tmp_path / "vit"
+    build_backbone("vit-tiny", 64).model.save_pretrained(str(folder))
+    config = {**_config("linear"), "backbone": str(folder), "num_classes": 3, "task": "multiclass"}
+    method = build_method("linear", config).eval()
+    write_model_dir(tmp_path / "model", method, config, ["a", "b", "c"], metrics={}, source={}, epochs_run=0)
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["backbone"]["kind"] == "folder"
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = method({"pixel_values": (images - 0.5) / 0.5})
+        np.testing.assert_allclose(medsweep.load_model(tmp_path / "model")(images).numpy(), expected.numpy(), atol=EXACT, rtol=0)
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("{", '{"note": 1,', 1))
+    with pytest.raises(ConfigError, match=r"changed since model .* was exported"):
+        medsweep.load_model(tmp_path / "model")

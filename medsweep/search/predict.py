@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medsweep.errors import ConfigError, DatasetError
+from medsweep.search.settings import setting_default
 
 if TYPE_CHECKING:
     from medsweep.trainables.model_dir import ExportedModel
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default predictions.csv)")
     predict.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward")
     predict.add_argument("--strict", action="store_true", help="stop at the first unreadable image (exit code 2) instead of an error row")
-    predict.add_argument("--cache-dir", type=Path, default=Path(".medsweep-cache"), help="with --dataset synthetic: where it is made")
+    predict.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="with --dataset synthetic: where it is made")
 
 
 def image_files(path: Path) -> list[Path]:

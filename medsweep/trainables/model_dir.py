@@ -88,6 +88,8 @@ def write_model_dir(
     A LoRA method is merged into its backbone unless ``keep_adapter``; ``epochs_run`` replays a
     staged method's stages on load (its trainable set depends on the stage it ended in).
     """
+    if keep_adapter and not isinstance(method, LoRATuning):
+        raise ConfigError(f"--keep-adapter keeps a LoRA adapter; method {config['method']!r} has none (drop the flag)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lora = None
