@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, help="output folder of a finished sweep")
     report.add_argument("--format", choices=["md", "html"], default="md")
 
-    for name in ("resume", "dashboard", "sync"):  # these modules import nothing heavy at the top
+    for name in ("resume", "dashboard", "sync", "export", "predict"):  # these modules import nothing heavy at the top
         importlib.import_module(MODULE_COMMANDS[name]).add_parser(sub)
     return parser
 
@@ -260,6 +260,8 @@ MODULE_COMMANDS = {
     "resume": "medsweep.search.resume",
     "dashboard": "medsweep.search.dashboard",
     "sync": "medsweep.search.sync",
+    "export": "medsweep.search.export_model",
+    "predict": "medsweep.search.predict",
 }
 
 
