@@ -104,10 +104,10 @@ def extend_sweep(
     from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
-    spec = sweep_dataset(settings)
-    console.dataset(spec)
     with InterruptGuard(settings.out) as guard:
         guard.lock_out()  # refused while the sweep (or another extension) still runs
+        spec = sweep_dataset(settings)
+        console.dataset(spec)
         previous_best = best_trial(out)
         fail_orphaned_trials(out)  # trials an interrupted extension asked for: not pending for the sampler
         tuning.start_ray(settings)
