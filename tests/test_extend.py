@@ -92,18 +92,26 @@ def test_extended_trials_are_not_the_draws_of_a_restarted_sampler(extended, synt
     the extension drew: its sampler was reseeded, so it continues rather than replays."""
     out, before = extended
     new = [t.params for t in load_study(out).trials[FIRST:]]
-    replay = optuna.create_study(
-        direction="maximize", sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=tpe_startup_trials(MORE, 1))
+    restarted = _draws(before, seed=0, count=MORE, dataset=synthetic_root.name)
+    assert all(params not in restarted for params in new)
+    assert all(params not in [t.params for t in before] for params in new)
+    # The control: the extension's first draw (nothing pending yet) is TPE's, at seed --seed + 3 trials, from those 3.
+    assert _draws(before, seed=FIRST, count=1, dataset=synthetic_root.name) == new[:1]
+
+
+def _draws(history: list, seed: int, count: int, dataset: str) -> list[dict]:
+    """What a TPE sampler seeded ``seed`` draws next, ``count`` times, from a study holding ``history``."""
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(MORE, 1))
     )
-    replay.add_trials(before)
-    space = cross_method_space(["linear"], dataset=synthetic_root.name)
+    study.add_trials(history)
+    space = cross_method_space(["linear"], dataset=dataset)
     drawn = []
-    for _ in range(MORE):
-        trial = replay.ask()
+    for _ in range(count):
+        trial = study.ask()
         space(trial)
         drawn.append(trial.params)
-    assert all(params not in drawn for params in new)
-    assert all(params not in [t.params for t in before] for params in new)
+    return drawn
 
 
 @pytest.mark.slow
