@@ -194,3 +194,16 @@ def test_warm_start_refuses_an_earlier_sweep_of_other_methods(tmp_path, syntheti
     with pytest.raises(ConfigError, match=r"swept methods \['fpt_plus', 'linear'\], this sweep \['linear'\]"):
         run_sweep(settings)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_sweep_holds_its_folder_lock_until_its_guard_exits(tmp_path):
+    """What run_sweep, resume and extend do (InterruptGuard.lock_out): a second driver is refused
+    while the guard is open, and the folder is free again once it closes."""
+    from medsweep.search.interrupts import InterruptGuard
+    from medsweep.search.lock import acquire
+
+    with InterruptGuard(tmp_path) as guard:
+        guard.lock_out()
+        with pytest.raises(ConfigError, match=f"still running in {tmp_path}"):
+            acquire(tmp_path)
+    acquire(tmp_path).release()
