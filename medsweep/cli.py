@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)"
     )
     sweep.add_argument("--final-top", type=int, default=setting_default("final_top"), help=FINAL_TOP_HELP)
+    sweep.add_argument(
+        "--warm-start",
+        type=Path,
+        default=setting_default("warm_start"),
+        metavar="DIR",
+        help="add the finished trials of an earlier sweep (same dataset and methods) to the new study before it starts, so TPE begins from them",
+    )
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     _add_common(sweep)
     _add_cluster(sweep)
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, help="output folder of a finished sweep")
     report.add_argument("--format", choices=["md", "html"], default="md")
 
-    for name in ("resume", "dashboard", "sync", "export", "predict"):  # these modules import nothing heavy at the top
+    for name in ("resume", "extend", "dashboard", "sync", "export", "predict"):  # these modules import nothing heavy at the top
         importlib.import_module(MODULE_COMMANDS[name]).add_parser(sub)
     return parser
 
@@ -258,6 +265,7 @@ MODULE_COMMANDS = {
     "final": "medsweep.search.final",
     "report": "medsweep.search.report",
     "resume": "medsweep.search.resume",
+    "extend": "medsweep.search.extend",
     "dashboard": "medsweep.search.dashboard",
     "sync": "medsweep.search.sync",
     "export": "medsweep.search.export_model",
@@ -310,6 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         precision=args.precision,
         preload_batch_size=args.preload_batch_size,
+        warm_start=args.warm_start,
     )
     check_out(settings.out, args.overwrite)  # before the dataset and Ray: refusing must write nothing
     run_sweep(settings, SweepConsole(quiet=args.quiet), overwrite=args.overwrite)

@@ -92,6 +92,7 @@ class SweepSettings:
     # The trials' precision, resolved from --precision where they run (see resolve_trial_precision); None until a sweep starts.
     trial_precision: str | None = None
     preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
+    warm_start: str | None = None  # an earlier sweep's folder whose finished trials seed the study (medsweep.search.warm)
 
     def __post_init__(self) -> None:
         from medsweep.trainables.methods import get_method
@@ -102,6 +103,8 @@ class SweepSettings:
         self.cache_dir = Path(self.cache_dir).resolve()
         if self.dataset != "synthetic" and Path(self.dataset).exists():
             self.dataset = str(Path(self.dataset).resolve())
+        if self.warm_start is not None:
+            self.warm_start = str(Path(self.warm_start).resolve())
         if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):

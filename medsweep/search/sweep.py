@@ -36,7 +36,7 @@ import torch
 from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search import export, final, report
+from medsweep.search import export, final, report, warm
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.manifest import write_manifest
@@ -153,6 +153,7 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     check_methods(settings, spec)
+    warm.check_warm_start(settings)
     if not settings.skip_bad_images:  # with it, unreadable images are the preload's to skip
         check_image_headers(sample.path for samples in spec.splits.values() for sample in samples)
     console.dataset(spec)
@@ -163,6 +164,10 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
         requested, settings.precision = settings.precision, frozen_pass_precision(settings.precision)
         settings.trial_precision = resolve_trial_precision(requested, settings.precision, settings.gpus_per_trial)
         prepare_out(settings, overwrite)
+        guard.lock_out()
+        if settings.warm_start:
+            added = warm.add_earlier_trials(settings)
+            console.console.print(f"[bold]warm start[/] {added} finished trial(s) of {settings.warm_start} added to the study")
         stores = prepare_stores(settings, spec, console)
         write_manifest(settings, spec, stores)
         with guard.tune_stops_gracefully():
