@@ -335,7 +335,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         precision=args.precision,
         preload_batch_size=args.preload_batch_size,
     )
-    given = getattr(args, "given", set())  # set by parse_args
+    given: set[str] = getattr(args, "given", set())  # set by parse_args
     if args.config is None:
         values = {key: value for key, value in cli.items() if key != "trials" or value is not None}
     else:

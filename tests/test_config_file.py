@@ -109,7 +109,7 @@ def test_a_fixed_value_reaches_every_trial_config(tmp_path, synthetic_spec) -> N
 
 @pytest.mark.slow
 def test_a_finished_sweeps_sweep_json_repeats_it(tiny_sweep, tmp_path, capsys) -> None:
-    out, settings, _ = tiny_sweep
+    out, _, _ = tiny_sweep
     saved = Path(out) / SETTINGS_FILE
     # The sweep's own folder holds a sweep: a repeat needs a new --out, everything else is the file's.
     assert main(["sweep", "--config", str(saved)]) == 2
