@@ -116,3 +116,14 @@ def test_a_finished_sweeps_sweep_json_repeats_it(tiny_sweep, tmp_path, capsys) -
     assert "already holds a sweep" in capsys.readouterr().err
     again = _settings(["--config", str(saved), "--out", str(tmp_path / "again")])
     assert json.loads(again.to_json()) == {**json.loads(saved.read_text()), "out": str(tmp_path / "again")}
+
+
+def test_the_gpu_probe_sizes_for_the_largest_batch_the_changed_space_runs() -> None:
+    from medsweep.search.tuning import largest_batch_size
+
+    settings = _settings(["--method", "linear", "--trials", "2"])
+    assert largest_batch_size("linear", settings, "synthetic") == 64  # the default choices 8-64
+    settings.search_ranges = {"linear": {"batch_size": {"choices": [8, 16]}}}
+    assert largest_batch_size("linear", settings, "synthetic") == 16
+    settings.search_ranges = {"linear": {"batch_size": {"fixed": 32}}}
+    assert largest_batch_size("linear", settings, "synthetic") == 32
