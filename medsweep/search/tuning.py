@@ -181,14 +181,16 @@ def gpu_fraction(probe_bytes: int, gpu_total_bytes: int, method: str, workers: i
 
 
 def largest_batch_size(method: str, settings: SweepSettings, dataset: str | None) -> int:
-    """The largest batch size a trial of ``method`` can run with: ``--set batch_size``, else the
-    largest in its searched space (or its recommended constant)."""
-    from medsweep.spaces import recommended, space_for
+    """The largest batch size a trial of ``method`` can run with: a fixed batch size (the method's in
+    ``search_ranges``, else ``--set``), else the largest in its searched space (or its recommended constant)."""
+    from medsweep.spaces import fixed_values, recommended, space_for
     from medsweep.trainables.config import TrainConfig
 
-    if "batch_size" in settings.fixed:
-        return int(settings.fixed["batch_size"])
-    sizes = space_for(method, dataset=dataset).extreme_values("batch_size")
+    changes = settings.search_ranges.get(method)
+    fixed = {**settings.fixed, **fixed_values(changes)}
+    if "batch_size" in fixed:
+        return int(fixed["batch_size"])
+    sizes = space_for(method, dataset=dataset, overrides=changes).extreme_values("batch_size")
     if not sizes:
         sizes.append(recommended(method, dataset=dataset).get("batch_size", TrainConfig.batch_size))
     return int(max(sizes))
@@ -509,7 +511,7 @@ def build_searcher(
         }
         for method in settings.methods
     }
-    space, points = build_search(settings.methods, fixed, dataset=spec.name)
+    space, points = build_search(settings.methods, fixed, dataset=spec.name, ranges=settings.search_ranges)
     storage = study_storage(settings.out)
     seed = settings.seed if sampler_seed is None else sampler_seed
     metric: str | list[str]
