@@ -13,4 +13,15 @@ set to and what it writes), the modules that run a sweep import them, and
 source that no import runs in a circle.
 """
 
+from pathlib import Path
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def load_model(path: str | Path, device: Any = None) -> Any:  # an ExportedModel; torch is imported only when called
+    """A model folder written by ``medsweep export`` as an ``nn.Module`` (images in, logits out);
+    see :func:`medsweep.trainables.model_dir.load_model`. No sweep folder and no Ray needed."""
+    from medsweep.trainables.model_dir import load_model as load
+
+    return load(path, device)

@@ -183,7 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--final-seeds", type=int, default=setting_default("final_seeds"), help="retrain the best config with N seeds and test it once (0: skip)"
     )
     sweep.add_argument("--final-top", type=int, default=setting_default("final_top"), help=FINAL_TOP_HELP)
+    sweep.add_argument(
+        "--warm-start",
+        type=Path,
+        default=setting_default("warm_start"),
+        metavar="DIR",
+        help="add the finished trials of an earlier sweep (same dataset and methods) to the new study before it starts, so TPE begins from them",
+    )
     sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    sweep.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help="a sweep file (YAML or JSON, e.g. a sweep's sweep.json); flags given here override it"
+    )
+    sweep.add_argument("--print-config", action="store_true", help="print the resolved settings as a sweep file and exit without starting anything")
     _add_common(sweep)
     _add_cluster(sweep)
 
@@ -247,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, help="output folder of a finished sweep")
     report.add_argument("--format", choices=["md", "html"], default="md")
 
-    for name in ("resume", "dashboard", "sync"):  # these modules import nothing heavy at the top
+    for name in ("resume", "extend", "dashboard", "sync", "export", "predict"):  # these modules import nothing heavy at the top
         importlib.import_module(MODULE_COMMANDS[name]).add_parser(sub)
     return parser
 
@@ -258,8 +269,11 @@ MODULE_COMMANDS = {
     "final": "medsweep.search.final",
     "report": "medsweep.search.report",
     "resume": "medsweep.search.resume",
+    "extend": "medsweep.search.extend",
     "dashboard": "medsweep.search.dashboard",
     "sync": "medsweep.search.sync",
+    "export": "medsweep.search.export_model",
+    "predict": "medsweep.search.predict",
 }
 
 
@@ -275,14 +289,36 @@ def _run_config(args: argparse.Namespace, method: str, dataset: str | None = Non
     return {**recommended(method, dataset=dataset), **_method_config(args, method, **extra)}
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from medsweep.search.console import SweepConsole
-    from medsweep.search.sweep import check_out, run_sweep  # torch and transformers: only for a sweep
+# `sweep` options whose dest is not the SweepSettings field they set; every other dest is the field's name.
+_SWEEP_DESTS = {"preload_features": "no_preload", "early_stopping": "no_early_stopping", "fixed": "set"}
 
-    settings = SweepSettings(
+
+def _given_dests(argv: list[str] | None) -> set[str]:
+    """The dests of the ``sweep`` options given on the command line (not defaulted): these override a ``--config`` file."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices["sweep"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed; for ``sweep``, ``args.given`` holds the dests given explicitly."""
+    args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        args.given = _given_dests(argv)
+    return args
+
+
+def settings_from_args(args: argparse.Namespace) -> SweepSettings:
+    """The sweep's settings: the ``--config`` file's, then every flag given on the command line
+    (``--set`` values are added to the file's ``fixed``), then the defaults."""
+    from medsweep.search.sweep_file import read_sweep_file
+
+    cli: dict[str, Any] = dict(
         dataset=args.dataset,
         methods=args.methods or list(DEFAULT_METHODS),
-        trials=args.trials if args.trials is not None or args.budget_hours is not None else DEFAULT_TRIALS,
+        trials=args.trials,
         budget_hours=args.budget_hours,
         objective=args.objective,
         max_epochs=args.max_epochs,
@@ -308,7 +344,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         precision=args.precision,
         preload_batch_size=args.preload_batch_size,
+        warm_start=args.warm_start,
     )
+    given: set[str] = getattr(args, "given", set())  # set by parse_args
+    if args.config is None:
+        values = {key: value for key, value in cli.items() if key != "trials" or value is not None}
+    else:
+        values = read_sweep_file(args.config)
+        overrides = {key: value for key, value in cli.items() if _SWEEP_DESTS.get(key, key) in given}
+        values = {**values, **overrides, "fixed": {**values.get("fixed", {}), **overrides.get("fixed", {})}}
+    if "trials" not in values:  # without --trials, --budget-hours alone is an unbounded search
+        values["trials"] = DEFAULT_TRIALS if values.get("budget_hours") is None else None
+    return SweepSettings(**values)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.sweep import check_out, run_sweep  # torch and transformers: only for a sweep
+    from medsweep.search.sweep_file import sweep_file_text
+
+    settings = settings_from_args(args)
+    if args.print_config:
+        print(sweep_file_text(settings), end="")
+        return 0
     check_out(settings.out, args.overwrite)  # before the dataset and Ray: refusing must write nothing
     run_sweep(settings, SweepConsole(quiet=args.quiet), overwrite=args.overwrite)
     return 0
@@ -474,7 +532,7 @@ def unwritable_line(error: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command in MODULE_COMMANDS:
             return importlib.import_module(MODULE_COMMANDS[args.command]).run(args)

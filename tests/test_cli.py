@@ -131,6 +131,7 @@ def bad_inputs(tmp_path_factory) -> Path:
         (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
         (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
         (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
+        (["--warm-start", "{root}/empty"], "empty has no sweep.json"),
     ],
 )
 @pytest.mark.slow  # a process each (~10 s of imports on 2 busy cores)
@@ -203,7 +204,7 @@ def test_every_option_that_is_a_sweep_setting_defaults_to_the_settings_default()
     assert parser.parse_args(["final", "somewhere"]).seeds == default["final_seeds"]
 
 
-@pytest.mark.parametrize("command", ["final", "resume"])
+@pytest.mark.parametrize("command", ["final", "resume", "extend"])
 def test_a_sweep_json_with_an_unknown_setting_is_refused_by_every_reader(command, tmp_path, capsys):
     """One load_settings for resume and final: a setting this version does not know is one line
     naming the fix, never silently dropped (which would retrain or resume a different sweep)."""

@@ -22,7 +22,7 @@ from medsweep.search.final import (
     run,
 )
 from medsweep.search.settings import SweepSettings, load_settings
-from medsweep.search.study import FINAL_JSON, FINAL_YAML
+from medsweep.search.study import FINAL_JSON, FINAL_YAML, TEST_PREDICTIONS_CSV
 from medsweep.trainables.loop import load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.metrics import classification_metrics
@@ -65,6 +65,39 @@ def test_retrain_best_reports_each_seed_the_mean_and_a_ci(synthetic_spec, cache,
     assert method["test_auc_ci"]["low"] <= method["mean"]["test_auc"] <= method["test_auc_ci"]["high"]
 
 
+def _aucs_from_predictions(path: Path, spec, method: str) -> dict[int, float]:
+    """Each seed's test AUC recomputed from test_predictions.csv alone (the log-probabilities are logits with the same softmax)."""
+    frame = pd.read_csv(path)
+    frame = frame[frame["method"] == method]
+    probs = [f"prob_{c}" for c in spec.classes]
+    aucs = {}
+    for seed, rows in frame.groupby("seed"):
+        if spec.task == "multilabel":
+            p = rows[probs].to_numpy()
+            logits, labels = np.log(p) - np.log1p(-p), rows[[f"label_{c}" for c in spec.classes]].to_numpy()
+        else:
+            logits, labels = np.log(rows[probs].to_numpy()), rows["label"].map(spec.classes.index).to_numpy()
+        aucs[int(seed)] = classification_metrics(logits, labels, spec.task)["auc"]
+    return aucs
+
+
+def test_test_predictions_give_back_each_seeds_test_auc_and_the_images_true_labels(synthetic_spec, cache, tmp_path):
+    document = retrain_best(tmp_path, synthetic_spec, _hand_made_sweep(tmp_path, synthetic_spec, cache), seeds=2)
+    method = json.loads((tmp_path / FINAL_JSON).read_text())[synthetic_spec.name]["methods"]["linear"]
+    frame = pd.read_csv(tmp_path / TEST_PREDICTIONS_CSV)
+    test = synthetic_spec.splits["test"]
+    assert list(frame.columns[:5]) == ["seed", "method", "trial_id", "path", "label"]
+    assert list(frame.columns[5:]) == [f"prob_{c}" for c in synthetic_spec.classes]
+    for _, rows in frame.groupby("seed"):
+        assert sorted(rows["path"]) == sorted(str(s.path) for s in test)  # every test image once per seed
+    truth = {str(s.path): synthetic_spec.classes[int(s.label)] for s in test}  # the row-to-image mapping is exact
+    assert (frame["path"].map(truth) == frame["label"]).all()
+    assert set(frame["trial_id"]) == {"hand0001"} and set(frame["method"]) == {"linear"}
+    aucs = _aucs_from_predictions(tmp_path / TEST_PREDICTIONS_CSV, synthetic_spec, "linear")
+    assert aucs == pytest.approx({s["seed"]: s["test"]["auc"] for s in method["seeds"]}, abs=1e-9)
+    assert np.mean(list(aucs.values())) == pytest.approx(document[synthetic_spec.name]["methods"]["linear"]["mean"]["test_auc"], abs=1e-9)
+
+
 def test_the_top_candidates_are_retrained_and_only_the_best_mean_on_validation_is_tested(synthetic_spec, cache, tmp_path):
     """Two trials on the board: both retrained with two seeds, chosen by mean validation AUC, the other untested."""
     settings = _hand_made_sweep(tmp_path, synthetic_spec, cache)
@@ -95,6 +128,7 @@ def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache
     method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1)[synthetic_spec.name]["methods"]["linear"]
     assert method["seeds"][0]["status"] == "diverged" and method["seeds"][0]["test"] == {}
     assert method["test_auc_ci"] is None and method["mean"] == {}
+    assert pd.read_csv(tmp_path / TEST_PREDICTIONS_CSV).empty  # nothing was tested: the header alone
 
 
 # ------------------------------------------------------------------ the test split stays out of the search
@@ -193,6 +227,19 @@ def test_final_yaml_has_three_seeds_with_test_metrics_and_a_ci(finished):
         assert ci["low"] <= ci["point"] <= ci["high"]
         assert ci["resamples"] == 1000
         assert method["cost"]["learnable_params"] > 0 and method["cost"]["train_seconds_total"] > 0
+
+
+@pytest.mark.slow
+def test_test_predictions_of_a_real_sweep_give_back_final_jsons_aucs(finished):
+    """Every tested method (--per-method), every seed: the AUC recomputed from the CSV is final.json's."""
+    spec = _spec(load_settings(finished))
+    document = _strict_json((finished / FINAL_JSON).read_text())[spec.name]
+    for name, method in document["methods"].items():
+        aucs = _aucs_from_predictions(finished / TEST_PREDICTIONS_CSV, spec, name)
+        assert aucs == pytest.approx({s["seed"]: s["test"]["auc"] for s in method["seeds"]}, abs=1e-9)
+        assert np.mean(list(aucs.values())) == pytest.approx(method["mean"]["test_auc"], abs=1e-9)
+    frame = pd.read_csv(finished / TEST_PREDICTIONS_CSV, dtype={"trial_id": str})
+    assert set(frame["trial_id"]) == {str(m["trial_id"]) for m in document["methods"].values()}
 
 
 @pytest.mark.slow

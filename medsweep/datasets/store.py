@@ -139,6 +139,16 @@ class PreloadStore:
         """Rows of each shard of ``split``, in shard order (what an epoch order is planned from)."""
         return [int(n) for n in self.meta["splits"][split]["shard_rows"]]
 
+    def row_indices(self, split: str) -> np.ndarray:
+        """The dataset position (in ``spec.splits[split]``) of each row, in store order.
+
+        Store order is the order an unshuffled pass reads (validation, test), so
+        row ``i`` of a prediction over ``split`` is the image at position
+        ``row_indices(split)[i]``. Only the ``index`` column is read.
+        """
+        parts = [shard_indices(path) for path in self.shard_paths(split)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def label_counts(self, split: str) -> list[int]:
         """Per-class counts of ``split`` (multi-class), or per-label positive counts (multi-label).
 

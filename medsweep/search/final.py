@@ -22,7 +22,10 @@ separately (the per-seed values and their standard deviation). The test
 logits come from :func:`~medsweep.trainables.loop.predict`, the loop's own
 evaluation; this module only orchestrates: seeds, files, console.
 
-Layout: ``final.yaml`` / ``final.json`` beside ``best.yaml``, and per run
+Layout: ``final.yaml`` / ``final.json`` beside ``best.yaml``;
+``final/test_predictions.csv``, every tested seed's probabilities per test
+image (seed, method, trial_id, path, label, ``prob_<class>``), from which
+final.json's test AUCs are recomputed exactly; and per run
 ``final/<method>/seed-<n>/`` with ``config.json``, ``metrics.jsonl`` (every
 epoch) and ``checkpoint/`` (the selected weights, loadable with
 :func:`~medsweep.trainables.loop.load_trained`).
@@ -52,12 +55,14 @@ from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.export import UNUSABLE, board_entry, read_best
 from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
-from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML, LEADERBOARD_PARQUET
+from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML, LEADERBOARD_PARQUET, TEST_PREDICTIONS_CSV
 from medsweep.trainables.loop import fit, load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
 from medsweep.trainables.store_io import StoreIO
+
+PREDICTION_KEYS = ["seed", "method", "trial_id", "path"]  # test_predictions.csv's first columns; label and prob_<class> follow
 
 
 @dataclass
@@ -160,11 +165,13 @@ def retrain_best(
         chosen = max(candidates, key=lambda c: c.val_auc_mean if math.isfinite(c.val_auc_mean) else -math.inf)
         if len(candidates) > 1:
             console.console.print(f"[bold]final[/] chosen: {_why(candidates, chosen)}")
-        methods = {chosen.method: _test_and_summarise(out, chosen, console)}
+        summary, predictions = _test_and_summarise(out, spec, chosen, console)
+        methods = {chosen.method: summary}
         if per_method:
             for name, item in entry["per_method"].items():
                 if name not in methods:
-                    methods[name] = _test_and_summarise(out, _retrain(out, spec, settings, item, seeds, console), console)
+                    methods[name], frames = _test_and_summarise(out, spec, _retrain(out, spec, settings, item, seeds, console), console)
+                    predictions += frames
     for candidate in candidates:
         if candidate is not chosen:  # untested: only its metrics stay (a full fine-tuning checkpoint is ~1 GB)
             for run in candidate.runs:
@@ -180,6 +187,7 @@ def retrain_best(
             "methods": methods,
         }
     }
+    (pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_KEYS)).to_csv(out / TEST_PREDICTIONS_CSV, index=False)
     (out / FINAL_YAML).write_text(yaml.safe_dump(document, sort_keys=False))
     (out / FINAL_JSON).write_text(json.dumps(_json_safe(document), indent=2, allow_nan=False))
     console.console.print(f"final results in {out / FINAL_YAML} and {out / FINAL_JSON}")
@@ -317,8 +325,8 @@ def _retrain(
     return Candidate(item, config, result.store, runs, base_seed)
 
 
-def _test_and_summarise(out: Path, candidate: Candidate, console: SweepConsole) -> dict[str, Any]:
-    """Test each seed's kept checkpoint once, then the candidate's final.yaml entry."""
+def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, console: SweepConsole) -> tuple[dict[str, Any], list[pd.DataFrame]]:
+    """Test each seed's kept checkpoint once: the candidate's final.yaml entry and its per-image predictions."""
     name, config = candidate.method, candidate.config
     runs = [_test_seed(candidate.store, config, run) for run in candidate.runs]
     for run in runs:
@@ -334,7 +342,30 @@ def _test_and_summarise(out: Path, candidate: Candidate, console: SweepConsole) 
         if ci
         else f"[bold]final[/] {name}: no seed produced a usable checkpoint (every run diverged)"
     )
-    return summary
+    return summary, _predictions(spec, candidate, runs)
+
+
+def _predictions(spec: DatasetSpec, candidate: Candidate, runs: list[SeedRun]) -> list[pd.DataFrame]:
+    """test_predictions.csv's rows of one tested candidate, a frame per tested seed: per test image, its path, label and probabilities.
+
+    What a DeLong test or a calibration plot needs, and what final.json's AUC is computed from.
+    The store holds the test images in a seeded order; its ``index`` column maps each
+    predicted row back to the image (:meth:`~medsweep.datasets.store.PreloadStore.row_indices`).
+    """
+    samples = spec.splits["test"]
+    paths = [str(samples[i].path) for i in candidate.store.row_indices("test")]
+    frames = []
+    for run in runs:
+        if run.probabilities is None or run.labels is None:  # a diverged seed: nothing was tested
+            continue
+        columns: dict[str, Any] = {"seed": run.seed, "method": candidate.method, "trial_id": candidate.item.get("trial_id"), "path": paths}
+        if spec.task == "multilabel":
+            columns |= {f"label_{c}": run.labels[:, i].astype(np.int64) for i, c in enumerate(spec.classes)}
+        else:
+            columns["label"] = [spec.classes[int(i)] for i in run.labels]
+        columns |= {f"prob_{c}": run.probabilities[:, i] for i, c in enumerate(spec.classes)}
+        frames.append(pd.DataFrame(columns))
+    return frames
 
 
 def _train_seed(store: PreloadStore, config: dict[str, Any], seed: int, folder: Path) -> SeedRun:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from medsweep.search.lock import SweepLock, acquire
 from medsweep.search.study import SETTINGS_FILE
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,6 +75,12 @@ class InterruptGuard:
         self._previous: dict[int, Any] = {}
         self._tune_before: Any = None
         self._in_tune = False
+        self._lock: SweepLock | None = None
+
+    def lock_out(self) -> None:
+        """Hold the sweep folder's lock (:mod:`medsweep.search.lock`) until the guard exits: a second
+        driver on the same folder (``extend``, ``resume``) is refused while this one runs."""
+        self._lock = acquire(self.out)
 
     def __enter__(self) -> InterruptGuard:
         self._saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
@@ -85,6 +92,8 @@ class InterruptGuard:
         """Restore the handlers; a plain KeyboardInterrupt becomes :class:`SweepInterrupted`: Ray
         re-raises a signal handler's exception met in a blocking ``ray.get`` as a new KeyboardInterrupt."""
         self._restore()
+        if self._lock is not None:
+            self._lock.release()
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, SweepInterrupted):
             raise SweepInterrupted(self.signum or signal.SIGINT, self.out) from None
 

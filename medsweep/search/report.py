@@ -5,7 +5,8 @@ Writes ``DIR/report/report.md`` (or ``report.html``), its PNG plots and
 cost (learnable parameters %, peak step memory) with the Pareto front (the
 trials no other trial beats on both AUC and cost) highlighted; every trial's
 learning curve; hyperparameter importance per method from the Optuna study;
-and the test results of ``medsweep final`` when ``final.yaml`` exists.
+the test results of ``medsweep final`` when ``final.yaml`` exists; and what the
+sweep ran with, from ``manifest.json`` (:mod:`medsweep.search.manifest`).
 
 Everything is read from files a sweep leaves (``leaderboard.csv``,
 ``ray/tune/trial-*/progress.csv``, the Optuna journal, ``final.yaml``), so a
@@ -32,11 +33,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from medsweep.errors import ConfigError
+from medsweep.search.manifest import read_manifest
 from medsweep.search.pareto import pareto_front
 from medsweep.search.study import (
     BEST_YAML,
     FINAL_YAML,
     LEADERBOARD_CSV,
+    MANIFEST_JSON,
     PARETO_CSV,
     RAY_DIR,
     REPORT_DIR,
@@ -488,6 +491,46 @@ def _protocol_text(protocol: dict[str, Any]) -> str:
     )
 
 
+def reproducibility_blocks(out: Path) -> list[Block]:
+    """``manifest.json`` in a few rows: what a reader needs to rerun the sweep or to trust its numbers."""
+    blocks = [Block("heading", "Reproducibility")]
+    manifest = read_manifest(out)
+    if manifest is None:
+        return [*blocks, Block("text", f"No readable {MANIFEST_JSON} (a sweep from before medsweep wrote one).")]
+    tool = manifest.get("medsweep", {})
+    commit = tool.get("git_commit")
+    dataset = manifest.get("dataset", {})
+    seeds = manifest.get("seeds", {})
+    final = seeds.get("final") or []
+    rows = {
+        "medsweep": f"{tool.get('version')}" + (f" (commit {commit[:12]}{', uncommitted changes' if tool.get('git_dirty') else ''})" if commit else ""),
+        "Python": f"{manifest.get('python')} on {manifest.get('platform')}",
+        "packages": ", ".join(f"{name} {version}" for name, version in manifest.get("packages", {}).items() if version),
+        "devices": _devices_text(manifest.get("devices", {})),
+        "dataset": (
+            f"{dataset.get('name')}: manifest hash {dataset.get('manifest_hash')}, "
+            + ", ".join(f"{split} {n}" for split, n in dataset.get("splits", {}).items())
+        ),
+        "stores": ", ".join(f"{method} {key}" for method, key in manifest.get("stores", {}).items()),
+        "seeds": f"search {seeds.get('search')}" + (f", final {', '.join(map(str, final))}" if final else ", no final retrain"),
+        "command": f"{manifest.get('command')} ({manifest.get('started')})",
+    }
+    resumes = manifest.get("resumes") or []
+    if resumes:
+        rows["resumed"] = "; ".join(f"{r.get('command')} ({r.get('started')})" for r in resumes)
+    table = pd.DataFrame({"": list(rows), "value": list(rows.values())})
+    return [*blocks, Block("text", f"From {MANIFEST_JSON}, written when the sweep started."), Block("table", table=table)]
+
+
+def _devices_text(devices: dict[str, Any]) -> str:
+    nodes = [
+        f"{n.get('host')} ({_fmt(n.get('cpus'))} CPUs, {_fmt(n.get('gpus'))} GPUs{' ' + n['accelerator'] if n.get('accelerator') else ''})"
+        for n in devices.get("nodes", [])
+    ]
+    cuda = devices.get("driver_cuda") or []
+    return "; ".join(nodes) + (f"; driver CUDA: {', '.join(cuda)}" if cuda else "")
+
+
 def write_report(out: Path, fmt: str = "md") -> Path:
     """Write the report of the sweep in ``out`` under ``out/report/``; returns the page's path."""
     out = Path(out)
@@ -510,6 +553,7 @@ def write_report(out: Path, fmt: str = "md") -> Path:
         *curve_blocks(out, board, folder, colours),
         *importance_blocks(out, board, folder, colours),
         *final_blocks(out, folder, colours),
+        *reproducibility_blocks(out),
     ]
     title = f"medsweep report: {_dataset_name(out)} ({out.name})"
     page = folder / f"report.{fmt}"

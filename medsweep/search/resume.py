@@ -57,15 +57,19 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     settings = load_settings(out)
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
+    from medsweep.search.extend import all_results, experiment_dirs
+    from medsweep.search.manifest import write_manifest
     from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     console.dataset(spec)
     with InterruptGuard(settings.out) as guard:
+        guard.lock_out()  # refused while the sweep's own driver still runs
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
         stores = prepare_stores(settings, spec, console)
+        write_manifest(settings, spec, stores)  # appends this resume's record; the sweep's own stays
         with guard.tune_stops_gracefully():
             if tuning.can_resume(settings):
                 console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")
@@ -73,7 +77,8 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
             else:
                 console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
                 grid = tuning.run_tuner(settings, spec, stores, console)
-        write_answer(grid, settings, spec, console)
+        # An extended sweep's answer is built from the extensions' trials too (medsweep.search.extend).
+        write_answer(all_results(out) if experiment_dirs(out)[1:] else grid, settings, spec, console)
     return settings.out
 
 

@@ -92,6 +92,10 @@ class SweepSettings:
     # The trials' precision, resolved from --precision where they run (see resolve_trial_precision); None until a sweep starts.
     trial_precision: str | None = None
     preload_batch_size: int | None = None  # None: probed on each frozen-pass actor's device
+    warm_start: str | None = None  # an earlier sweep's folder whose finished trials seed the study (medsweep.search.warm)
+    # Per method, changes of its searched keys: {method: {key: {low, high[, log]} | {choices} | {fixed} | "drop"}}
+    # (a sweep file's, see medsweep.spaces._overrides); checked here, applied by the space builder.
+    search_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from medsweep.trainables.methods import get_method
@@ -102,6 +106,8 @@ class SweepSettings:
         self.cache_dir = Path(self.cache_dir).resolve()
         if self.dataset != "synthetic" and Path(self.dataset).exists():
             self.dataset = str(Path(self.dataset).resolve())
+        if self.warm_start is not None:
+            self.warm_start = str(Path(self.warm_start).resolve())
         if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.budget_hours is not None and not (0 < self.budget_hours < math.inf):
@@ -152,6 +158,7 @@ class SweepSettings:
                 f"--set {unknown[0]}: no selected method ({', '.join(self.methods)}) has this setting; "
                 f"see `medsweep spaces show METHOD` for each method's keys"
             )
+        self._check_search_ranges()
         if self.grace_period < 1:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
@@ -161,6 +168,19 @@ class SweepSettings:
             raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
         if not 0 < self.connect_timeout < math.inf:
             raise ConfigError(f"--connect-timeout must be a number of seconds > 0 (e.g. 45), got {self.connect_timeout}")
+
+    def _check_search_ranges(self) -> None:
+        """Refuse a change of a method's search in one line (an unselected method, a key it lacks, bad bounds)."""
+        from medsweep.spaces import check_overrides
+
+        if not isinstance(self.search_ranges, dict):
+            raise ConfigError(f"search_ranges maps each method to its changed keys (method: {{key: change}}), got {self.search_ranges!r}")
+        for method, changes in self.search_ranges.items():
+            if method not in self.methods:
+                raise ConfigError(f"search_ranges.{method}: {method} is not among the sweep's methods ({', '.join(self.methods)})")
+            if not isinstance(changes, dict):
+                raise ConfigError(f"search_ranges.{method} maps keys to changes ({{key: {{low: X, high: Y}}}}), got {changes!r}")
+            check_overrides(method, changes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -218,7 +238,8 @@ def _settable_keys(method: str) -> set[str]:
 
 
 def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dict[str, Any]:
-    """Values a trial does not search: data shape, backbone, budget, resources, ``--set`` values.
+    """Values a trial does not search: data shape, backbone, budget, resources, ``--set`` values
+    and the method's ``fixed`` values of ``search_ranges`` (these win over ``--set``: they name the method).
 
     A side network's input size is derived from the frozen input size (FPT+:
     a quarter) rather than taken from the published 512 px recipe's 128 px.
@@ -229,8 +250,10 @@ def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dic
     derived = {"side_image_size": 0} if "side_image_size" in keys else {}
     if "stage1_epochs" in keys:  # the published stage lengths (25-100 epochs) exceed a sweep's budget
         derived["stage1_epochs"] = max(1, settings.max_epochs // 2)
+    from medsweep.spaces import fixed_values
+
     demo = DEMO_FIXED if settings.backbone == DEMO_BACKBONE else {}
-    user = {k: v for k, v in {**demo, **settings.fixed}.items() if k in keys}
+    user = {k: v for k, v in {**demo, **settings.fixed, **fixed_values(settings.search_ranges.get(method))}.items() if k in keys}
     return {
         **derived,
         "method": method,

@@ -36,10 +36,13 @@ def build_search(
     fixed: dict[str, dict[str, Any]],
     *,
     dataset: str | None = None,
+    ranges: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[SweepSpace, list[dict[str, Any]]]:
-    """The sweep's space and its recommended points (run first), validated before launch."""
-    space = SweepSpace(cross_method_space(methods, dataset=dataset), fixed)
-    points = points_to_evaluate(methods, dataset=dataset)
+    """The sweep's space and its recommended points (run first), validated before launch.
+
+    ``ranges``: per method, the changes of its searched keys (``SweepSettings.search_ranges``)."""
+    space = SweepSpace(cross_method_space(methods, dataset=dataset, overrides=ranges), fixed)
+    points = points_to_evaluate(methods, dataset=dataset, overrides=ranges)
     for point in points:
         trial = FixedTrial(dict(point))
         config = trial_config({**trial.params, **space(trial)})

@@ -31,14 +31,17 @@ PARETO_CSV = "pareto.csv"  # the front of a multi-objective sweep (and, under RE
 FINAL_YAML = "final.yaml"
 FINAL_JSON = "final.json"
 FINAL_DIR = "final"  # final/<method>/seed-<n>/: each final retrain's run
+TEST_PREDICTIONS_CSV = "final/test_predictions.csv"  # each tested seed's probabilities per test image
+MANIFEST_JSON = "manifest.json"  # versions, devices, data, stores, seeds, command line (medsweep.search.manifest)
 REPORT_DIR = "report"
 RAY_DIR = "ray"  # Tune's experiment (ray/tune), which `medsweep resume` restores
 TRAIN_DIR = "train"  # the trials' Ray Train storage (checkpoints)
 WANDB_DIR = "wandb"  # W&B's run folders (offline runs for `medsweep sync`)
+LOCK_FILE = "sweep.lock"  # held by the driver running the sweep (medsweep.search.lock)
 # What a sweep writes into its --out folder; --overwrite deletes these (and only these) first.
 SWEEP_OUTPUTS = (
     SETTINGS_FILE, STUDY_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, BEST_YAML, PARETO_CSV,
-    FINAL_YAML, FINAL_JSON, FINAL_DIR, REPORT_DIR, RAY_DIR, TRAIN_DIR, WANDB_DIR,
+    FINAL_YAML, FINAL_JSON, FINAL_DIR, REPORT_DIR, MANIFEST_JSON, RAY_DIR, TRAIN_DIR, WANDB_DIR, LOCK_FILE,
 )  # fmt: skip
 
 

@@ -13,7 +13,8 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 3. preload each method's store (reused when its cache key matches) and
    materialize its train/val splits with Ray Data once, so every trial gets
    the same blocks and no read task competes with trials for CPUs (the
-   deadlock measured on 2 cores when reads stay lazy);
+   deadlock measured on 2 cores when reads stay lazy); with the store keys
+   known, write ``manifest.json`` (:mod:`medsweep.search.manifest`);
 4. ``Tuner`` over :func:`medsweep.search.trial.run_trial` with ``OptunaSearch``
    (seeded TPE, recommended points first, a file-backed study; one objective,
    or several with ``--objective auc,memory,params``) and ``ASHAScheduler`` on
@@ -35,9 +36,10 @@ import torch
 from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search import export, final, report
+from medsweep.search import export, final, report, warm
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
+from medsweep.search.manifest import write_manifest
 from medsweep.search.settings import SweepSettings, fixed_config, resolve_trial_precision, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
 from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
@@ -151,6 +153,7 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     check_methods(settings, spec)
+    warm.check_warm_start(settings)
     if not settings.skip_bad_images:  # with it, unreadable images are the preload's to skip
         check_image_headers(sample.path for samples in spec.splits.values() for sample in samples)
     console.dataset(spec)
@@ -161,7 +164,12 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
         requested, settings.precision = settings.precision, frozen_pass_precision(settings.precision)
         settings.trial_precision = resolve_trial_precision(requested, settings.precision, settings.gpus_per_trial)
         prepare_out(settings, overwrite)
+        guard.lock_out()
+        if settings.warm_start:
+            added = warm.add_earlier_trials(settings)
+            console.console.print(f"[bold]warm start[/] {added} finished trial(s) of {settings.warm_start} added to the study")
         stores = prepare_stores(settings, spec, console)
+        write_manifest(settings, spec, stores)
         with guard.tune_stops_gracefully():
             grid = tuning.run_tuner(settings, spec, stores, console)
         write_answer(grid, settings, spec, console)

@@ -42,6 +42,7 @@ from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sw
 from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
 from medsweep.search.trial import run_trial
+from medsweep.search.warm import WARM_START_ATTR
 from medsweep.trainables.preload import PreloadResult
 
 # The one objective: the validation AUC of the trial's best epoch so far (``loop.is_better_epoch``). The
@@ -180,14 +181,16 @@ def gpu_fraction(probe_bytes: int, gpu_total_bytes: int, method: str, workers: i
 
 
 def largest_batch_size(method: str, settings: SweepSettings, dataset: str | None) -> int:
-    """The largest batch size a trial of ``method`` can run with: ``--set batch_size``, else the
-    largest in its searched space (or its recommended constant)."""
-    from medsweep.spaces import recommended, space_for
+    """The largest batch size a trial of ``method`` can run with: a fixed batch size (the method's in
+    ``search_ranges``, else ``--set``), else the largest in its searched space (or its recommended constant)."""
+    from medsweep.spaces import fixed_values, recommended, space_for
     from medsweep.trainables.config import TrainConfig
 
-    if "batch_size" in settings.fixed:
-        return int(settings.fixed["batch_size"])
-    sizes = space_for(method, dataset=dataset).extreme_values("batch_size")
+    changes = settings.search_ranges.get(method)
+    fixed = {**settings.fixed, **fixed_values(changes)}
+    if "batch_size" in fixed:
+        return int(fixed["batch_size"])
+    sizes = space_for(method, dataset=dataset, overrides=changes).extreme_values("batch_size")
     if not sizes:
         sizes.append(recommended(method, dataset=dataset).get("batch_size", TrainConfig.batch_size))
     return int(max(sizes))
@@ -442,12 +445,18 @@ def build_trainable(settings: SweepSettings, shared: SharedData):
     )
 
 
-def _study_is_empty(storage: JournalStorage) -> bool:
+def points_to_enqueue(storage: JournalStorage, points: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The recommended points still to enqueue: all of them into an empty study; none into a study
+    that holds trials of its own (they were enqueued when it began); into a study holding only
+    trials warm-started from an earlier sweep (:mod:`medsweep.search.warm`), those it did not run."""
     try:
         study_id = storage.get_study_id_from_name(STUDY_NAME)
     except KeyError:
-        return True
-    return not storage.get_all_trials(study_id, deepcopy=False)
+        return points
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    if any(WARM_START_ATTR not in trial.user_attrs for trial in trials):
+        return None
+    return [point for point in points if all(trial.params != point for trial in trials)] or None
 
 
 # Optuna's TPE samples at random until this many trials have completed (its default).
@@ -473,6 +482,7 @@ def build_searcher(
     spec: DatasetSpec,
     stores: dict[str, PreloadResult],
     shared: SharedData,
+    sampler_seed: int | None = None,
 ) -> SweepSearch:
     """Seeded TPE (or random) over the methods' spaces, on the sweep's study file.
 
@@ -484,7 +494,10 @@ def build_searcher(
     directions), told the values of each trial's last result, which are the
     leaderboard's columns, so ``study.best_trials`` is the exported Pareto front.
 
-    The recommended points are enqueued only into an empty study: OptunaSearch
+    ``sampler_seed`` (default ``--seed``): ``medsweep extend`` seeds each extension differently, so
+    its sampler does not replay the draws the sweep's own sampler made.
+
+    The recommended points are enqueued only into an empty study (:func:`points_to_enqueue`): OptunaSearch
     enqueues its ``points_to_evaluate`` every time it is built, and a study
     that already holds trials (a sweep interrupted before Tune saved any
     state, started again by ``medsweep resume``) still has the first copies
@@ -498,8 +511,9 @@ def build_searcher(
         }
         for method in settings.methods
     }
-    space, points = build_search(settings.methods, fixed, dataset=spec.name)
+    space, points = build_search(settings.methods, fixed, dataset=spec.name, ranges=settings.search_ranges)
     storage = study_storage(settings.out)
+    seed = settings.seed if sampler_seed is None else sampler_seed
     metric: str | list[str]
     mode: str | list[str]
     if settings.multi_objective:
@@ -510,11 +524,11 @@ def build_searcher(
         space=space,
         metric=metric,
         mode=mode,
-        points_to_evaluate=points if _study_is_empty(storage) else None,
+        points_to_evaluate=points_to_enqueue(storage, points),
         sampler=(
-            TPESampler(seed=settings.seed, n_startup_trials=tpe_startup_trials(settings.trials, len(points)))
+            TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(settings.trials, len(points)))
             if settings.search == "tpe"
-            else RandomSampler(seed=settings.seed)
+            else RandomSampler(seed=seed)
         ),
         study_name=STUDY_NAME,
         storage=storage,
@@ -567,16 +581,22 @@ def run_tuner(
     spec: DatasetSpec,
     stores: dict[str, PreloadResult],
     console: SweepConsole,
+    name: str | None = None,
+    sampler_seed: int | None = None,
 ) -> tune.ResultGrid:
     """A fresh search: recommended points first, then the sampler; ``--trials`` trials in all, or,
     with ``--budget-hours``, until the time budget ends (Tune's ``time_budget_s``; without
     ``--trials`` the number of samples is unbounded, ``num_samples=-1``). When the budget ends,
-    running trials are stopped and kept with what they reported."""
+    running trials are stopped and kept with what they reported.
+
+    ``name``: the experiment's folder under ``<out>/ray`` (default ``tune``, the one ``medsweep
+    resume`` restores; ``medsweep extend`` runs each extension in its own); ``sampler_seed``: see
+    :func:`build_searcher`."""
     shared = share_data(settings, stores, console, spec)
     tuner = Tuner(
         build_trainable(settings, shared),
         tune_config=TuneConfig(
-            search_alg=build_searcher(settings, spec, stores, shared),
+            search_alg=build_searcher(settings, spec, stores, shared, sampler_seed),
             scheduler=build_scheduler(settings),
             num_samples=settings.trials if settings.trials is not None else -1,
             time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,
@@ -584,7 +604,7 @@ def run_tuner(
             reuse_actors=True,  # see start_trials_concurrently
         ),
         run_config=RunConfig(
-            name=experiment_path(settings).name,
+            name=name or experiment_path(settings).name,
             storage_path=str(experiment_path(settings).parent),
             callbacks=build_callbacks(settings, spec, console),
             failure_config=FailureConfig(max_failures=2),

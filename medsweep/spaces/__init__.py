@@ -22,6 +22,7 @@ check their fields with (:func:`check_method_config`, :data:`TRAIN_RULES`,
 """
 
 from medsweep.spaces._describe import describe, format_describe
+from medsweep.spaces._overrides import fixed_values
 from medsweep.spaces._recommend import recommendation, recommended
 from medsweep.spaces._record import MethodSpace, Recommendation
 from medsweep.spaces._rules import (
@@ -40,6 +41,7 @@ from medsweep.spaces._schema import allowed_keys, check_method_config, config_ke
 from medsweep.spaces._space import (
     SEARCHED,
     Space,
+    check_overrides,
     cross_method_space,
     points_to_evaluate,
     replay,
@@ -68,9 +70,11 @@ __all__ = [
     "Space",
     "allowed_keys",
     "check_method_config",
+    "check_overrides",
     "config_keys",
     "cross_method_space",
     "describe",
+    "fixed_values",
     "format_describe",
     "lora_recommended",
     "points_to_evaluate",

@@ -48,6 +48,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import BaseTrial, FixedTrial
 
 from medsweep.errors import ConfigError
+from medsweep.spaces._overrides import DROP, check_override, narrowed
 from medsweep.spaces._recommend import recommendation
 from medsweep.spaces._record import Distribution, Recommendation
 from medsweep.spaces._rules import OPTIMIZERS
@@ -108,9 +109,12 @@ def space_for(
     dataset: str | None = None,
     fraction: float | None = None,
     weights: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Space:
-    """The search space of one method around its recommended point; ``method`` is a constant."""
-    node = method_node(recommendation(method, dataset=dataset, fraction=fraction, weights=weights))
+    """The search space of one method around its recommended point; ``method`` is a constant.
+
+    ``overrides``: the user's changes to its searched keys (see :mod:`medsweep.spaces._overrides`)."""
+    node = _overridden(method_node(recommendation(method, dataset=dataset, fraction=fraction, weights=weights)), overrides or {})
     return Space(replace(node, constants={"method": method, **node.constants}))
 
 
@@ -120,16 +124,18 @@ def cross_method_space(
     dataset: str | None = None,
     fraction: float | None = None,
     weights: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Space:
     """One space over several methods: ``method`` is searched, then that method's (prefixed) space.
 
     With a single method this is :func:`space_for`, so callers can always use
     this function. ``weights`` applies to LoRA only and requires it among ``methods``.
+    ``overrides`` maps a method to its changes of searched keys (:mod:`medsweep.spaces._overrides`).
     """
-    nodes = _method_nodes(methods, dataset, fraction, weights)
+    nodes = _method_nodes(methods, dataset, fraction, weights, overrides)
     if len(nodes) == 1:
         (method,) = nodes
-        return space_for(method, dataset=dataset, fraction=fraction, weights=weights)
+        return space_for(method, dataset=dataset, fraction=fraction, weights=weights, overrides=(overrides or {}).get(method))
     first = next(iter(nodes))
     return Space(Node(params={}, constants={}, branch=Branch("method", first, nodes)))
 
@@ -140,14 +146,15 @@ def points_to_evaluate(
     dataset: str | None = None,
     fraction: float | None = None,
     weights: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The recommended point of each method, in the param names of ``cross_method_space(methods)``.
 
     Enqueue them (``study.enqueue_trial`` or OptunaSearch's ``points_to_evaluate``)
     so the published settings run before TPE explores. Only searched params
-    appear; the space supplies the constants.
+    appear; the space supplies the constants. Give the ``overrides`` the space was built with.
     """
-    nodes = _method_nodes(methods, dataset, fraction, weights)
+    nodes = _method_nodes(methods, dataset, fraction, weights, overrides)
     if len(nodes) == 1:
         return [_recommended_params(node, "") for node in nodes.values()]
     return [{"method": method, **_recommended_params(node, f"{method}.")} for method, node in nodes.items()]
@@ -197,6 +204,7 @@ def _method_nodes(
     dataset: str | None,
     fraction: float | None,
     weights: str | None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Node]:
     """Check the method list and build each method's node; weights go to LoRA only."""
     names = (methods,) if isinstance(methods, str) else tuple(methods)
@@ -210,13 +218,71 @@ def _method_nodes(
         with_tables = " or ".join(name for name in METHODS if record(name).weights)
         raise ConfigError(f"weights={weights!r} selects a LoRA-medical table, but {with_tables} is not among the methods")
     return {
-        name: method_node(
-            recommendation(
-                name, dataset=dataset, fraction=fraction, weights=weights if record(name).weights else None
-            )
+        name: _overridden(
+            method_node(recommendation(name, dataset=dataset, fraction=fraction, weights=weights if record(name).weights else None)),
+            (overrides or {}).get(name) or {},
         )
         for name in names
     }
+
+
+def check_overrides(method: str, changes: Mapping[str, Any]) -> None:
+    """Refuse, in one line, a change of ``method``'s search (a sweep file's ``search_ranges``) before anything starts."""
+    searched: dict[str, Distribution] = {}
+    branches: dict[str, tuple[Any, ...]] = {}
+    _searched(method_node(recommendation(method)), searched, branches)
+    for key, change in changes.items():
+        check_override(method, key, change, searched)
+        values = change["choices"] if isinstance(change, Mapping) and "choices" in change else [_fixed(change, None)]
+        outside = [value for value in values if key in branches and value is not None and value not in branches[key]]
+        if outside:
+            raise ConfigError(f"search_ranges.{method}.{key}: {outside[0]!r} is not one of {', '.join(map(str, branches[key]))}")
+
+
+def _searched(node: Node, out: dict[str, Distribution], branches: dict[str, tuple[Any, ...]]) -> None:
+    """Each key ``node`` searches in any branch, with its distribution; ``branches``: each branch key's choices."""
+    out.update({key: param.distribution for key, param in node.params.items()})
+    if node.branch is not None:
+        branches[node.branch.key] = tuple(node.branch.children)
+        out[node.branch.key] = CategoricalDistribution(branches[node.branch.key])
+        for child in node.branch.children.values():
+            _searched(child, out, branches)
+
+
+def _overridden(node: Node, changes: Mapping[str, Any]) -> Node:
+    """``node`` with checked ``changes``: a dropped or fixed key becomes a constant (a dropped or fixed
+    branch key keeps only its chosen child, merged in), a range or choices replace the distribution."""
+    if not changes:
+        return node
+    params: dict[str, Param] = {}
+    constants = {key: _fixed(changes.get(key), value) for key, value in node.constants.items()}
+    for key, param in node.params.items():
+        change = changes.get(key)
+        if change is None:
+            params[key] = param
+        elif change == DROP or "fixed" in change:
+            constants[key] = _fixed(change, param.recommended)
+        else:
+            params[key] = Param(*narrowed(param.distribution, param.recommended, change))
+    branch = node.branch
+    if branch is None:
+        return Node(params, constants)
+    children = {choice: _overridden(child, changes) for choice, child in branch.children.items()}
+    change = changes.get(branch.key)
+    if change is None:
+        return Node(params, constants, replace(branch, children=children))
+    if change == DROP or "fixed" in change:
+        choice = _fixed(change, branch.recommended)
+        kept = children[choice]
+        return Node({**params, **kept.params}, {**constants, branch.key: choice, **kept.constants}, kept.branch)
+    chosen = {choice: children[choice] for choice in change["choices"]}
+    recommended = branch.recommended if branch.recommended in chosen else next(iter(chosen))
+    return Node(params, constants, Branch(branch.key, recommended, chosen))
+
+
+def _fixed(change: Any, value: Any) -> Any:
+    """The value of a key under ``change``: its ``fixed`` value, else ``value``."""
+    return change["fixed"] if isinstance(change, Mapping) and "fixed" in change else value
 
 
 def method_node(rec: Recommendation) -> Node:

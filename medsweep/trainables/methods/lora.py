@@ -79,6 +79,16 @@ class LoRATuning(Method):
     def frozen_modules(self) -> list[nn.Module]:
         return frozen_subtrees(self.encoder, added=(LoraLayer,))
 
+    def merge_adapters(self) -> None:
+        """Fold every LoRA update into its projection (``W + (alpha / rank) B A``) and drop peft's wrappers:
+        the encoder is a plain ViT again, with the same outputs and no adapter overhead (what an export
+        ships unless the adapter is kept). No LoRA parameter is left to train afterwards."""
+        for name, module in list(self.encoder.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(self.encoder.get_submodule(parent), child, module.get_base_layer())
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = vit_tokens(self.encoder, batch["pixel_values"])  # [B, 1+N, D], before the final norm
         pooled = tokens[:, 0] if self.config.pool == "cls" else tokens[:, 1:].mean(dim=1)  # [B, D]

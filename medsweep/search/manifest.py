@@ -1,0 +1,140 @@
+"""``manifest.json``: what a sweep ran with, so its numbers can be reproduced or questioned later.
+
+Written by ``medsweep sweep`` once Ray is up and every preload store is known
+(the store keys are the manifest's point: they name the exact tensors the
+trials read), before the search starts, so an interrupted sweep has one too.
+It holds the medsweep version (and the git commit when medsweep runs from a
+checkout), Python and the versions of the packages that change results, the
+devices (the Ray cluster's CPUs and GPUs, the driver's CUDA devices), the
+dataset's manifest hash and split sizes, each method's store key, the seeds
+and the command line.
+
+``medsweep resume`` keeps the original and appends a record of its own to
+``resumes`` (when, command line, versions, devices, store keys): a resume may
+run on other machines or after an upgrade, and the first run's record must
+not be lost. ``medsweep report`` shows a compact "Reproducibility" section
+from it (:mod:`medsweep.search.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from medsweep.datasets.spec import SPLITS, DatasetSpec
+from medsweep.datasets.store import read_json, write_atomically
+from medsweep.search.settings import SweepSettings
+from medsweep.search.study import MANIFEST_JSON
+
+# The packages whose versions change what a sweep computes or records.
+PACKAGES = ("torch", "ray", "optuna", "transformers", "peft", "pyarrow", "wandb")
+
+
+def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` in ``settings.out`` (``stores``: {method: PreloadResult}); a resume appends to ``resumes``.
+
+    Returns its path.
+    """
+    path = settings.out / MANIFEST_JSON
+    run = _run_record(stores)
+    previous = read_json(path) if path.is_file() else None
+    if previous is not None:
+        document = {**previous, "resumes": [*previous.get("resumes", []), run]}
+    else:
+        document = {
+            **run,
+            "dataset": {
+                "name": spec.name,
+                "root": str(spec.root),
+                "task": spec.task,
+                "classes": list(spec.classes),
+                "manifest_hash": spec.manifest_hash(),
+                "splits": {split: len(spec.splits.get(split, [])) for split in SPLITS},
+            },
+            "seeds": {
+                "search": settings.seed,
+                "final": list(range(settings.seed, settings.seed + settings.final_seeds)),
+            },
+            "resumes": [],
+        }
+    write_atomically(path, json.dumps(document, indent=2, default=str))
+    return path
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The sweep's manifest, or None (a sweep from before manifests, or an unreadable file)."""
+    path = Path(out) / MANIFEST_JSON
+    return read_json(path) if path.is_file() else None
+
+
+def _run_record(stores: dict[str, Any]) -> dict[str, Any]:
+    """What one run of the driver (a sweep or a resume) ran with."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+        "medsweep": {"version": _version("medsweep"), **_git_commit()},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "devices": _devices(),
+        "stores": {method: result.store.key for method, result in stores.items()},
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`PACKAGES` (None: not installed)."""
+    return {name: _version(name) for name in PACKAGES}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> dict[str, Any]:
+    """``{"git_commit": ..., "git_dirty": ...}`` when medsweep runs from a git checkout, else nothing.
+
+    Asked only of the folder holding the package: the user's working directory
+    may be some other repository, and an installed wheel has no commit to give.
+    """
+    package = Path(__file__).resolve().parents[1]  # medsweep/, wherever it was imported from
+    if not (package.parent / ".git").exists():  # a worktree's .git is a file, a clone's a folder
+        return {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):  # no git on PATH, a broken checkout: no commit, no error
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def _devices() -> dict[str, Any]:
+    """The Ray cluster's CPUs and GPUs per node (with each node's accelerator type) and the driver's CUDA devices."""
+    import ray  # the sweep has started Ray by now
+    import torch
+
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        accelerators = [key.removeprefix("accelerator_type:") for key in resources if key.startswith("accelerator_type:")]
+        nodes.append(
+            {
+                "host": node.get("NodeManagerHostname"),
+                "cpus": resources.get("CPU", 0),
+                "gpus": resources.get("GPU", 0),
+                "accelerator": accelerators[0] if accelerators else None,
+            }
+        )
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"nodes": nodes, "driver_cuda": cuda}

@@ -1,0 +1,82 @@
+"""manifest.json: what a real sweep ran with, a resume's record appended, and the report's section from it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medsweep.datasets.store import PreloadStore
+from medsweep.search.manifest import PACKAGES, read_manifest, write_manifest
+from medsweep.search.report import reproducibility_blocks, write_report
+from medsweep.search.settings import load_settings, sweep_dataset
+from medsweep.search.study import MANIFEST_JSON
+from medsweep.trainables.preload import PreloadResult
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_a_manifest_of_versions_devices_data_stores_seeds_and_command(tiny_sweep):
+    out, settings, _ = tiny_sweep
+    manifest = json.loads((out / MANIFEST_JSON).read_text())
+    assert {"started", "command", "medsweep", "python", "platform", "packages", "devices", "stores", "dataset", "seeds"} <= set(manifest)
+    assert manifest["packages"] == {name: metadata.version(name) for name in PACKAGES}
+    assert manifest["medsweep"]["version"] == metadata.version("medsweep")
+    checkout = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True).stdout.strip()
+    assert manifest["medsweep"]["git_commit"] == head  # the tests run from a checkout
+    assert manifest["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert manifest["command"] == shlex.join(sys.argv)
+    assert manifest["devices"]["nodes"] and all(node["cpus"] > 0 for node in manifest["devices"]["nodes"])
+    spec = sweep_dataset(settings)
+    assert manifest["dataset"]["manifest_hash"] == spec.manifest_hash()
+    assert manifest["dataset"]["splits"] == {split: len(samples) for split, samples in spec.splits.items()}
+    assert manifest["seeds"] == {"search": settings.seed, "final": []}  # the tiny sweep skips the final retrain
+    assert manifest["resumes"] == []
+    # The store keys are the ones the trials read (Tune's record of each trial's config), and the stores are in the cache.
+    params = [json.loads(path.read_text()) for path in (out / "ray" / "tune").glob("trial-*/params.json")]
+    used = {config["method"]: config["store_key"] for config in params}
+    assert len(params) == settings.trials and set(used) == set(pd.read_parquet(out / "leaderboard.parquet")["method"])
+    assert set(manifest["stores"]) == set(settings.methods) and {m: manifest["stores"][m] for m in used} == used
+    assert all(PreloadStore(settings.cache_dir / "stores" / key).is_complete() for key in used.values())
+
+
+@pytest.mark.slow
+def test_a_resume_appends_its_record_and_keeps_the_sweeps(tiny_sweep, tmp_path):
+    source, _, _ = tiny_sweep
+    shutil.copy(source / MANIFEST_JSON, tmp_path / MANIFEST_JSON)
+    shutil.copy(source / "sweep.json", tmp_path / "sweep.json")
+    settings = load_settings(tmp_path)
+    settings.out = tmp_path
+    first = read_manifest(tmp_path)
+    assert first is not None
+    stores = {method: PreloadResult(PreloadStore(settings.cache_dir / "stores" / key), True, 0.0, 0) for method, key in first["stores"].items()}
+    write_manifest(settings, sweep_dataset(settings), stores)
+    write_manifest(settings, sweep_dataset(settings), stores)
+    second = read_manifest(tmp_path)
+    assert second is not None
+    assert {k: v for k, v in second.items() if k != "resumes"} == {k: v for k, v in first.items() if k != "resumes"}
+    assert len(second["resumes"]) == 2
+    assert second["resumes"][0]["stores"] == first["stores"] and second["resumes"][0]["command"] == shlex.join(sys.argv)
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_manifest(tiny_sweep):
+    out, _, _ = tiny_sweep
+    manifest = json.loads((out / MANIFEST_JSON).read_text())
+    text = write_report(out).read_text()
+    section = text[text.index("## Reproducibility") :]
+    assert manifest["dataset"]["manifest_hash"] in section
+    assert all(key in section for key in manifest["stores"].values())
+    assert f"torch {manifest['packages']['torch']}" in section and manifest["medsweep"]["git_commit"][:12] in section
+
+
+def test_a_sweep_without_a_manifest_says_so_in_the_report(tmp_path):
+    heading, note = reproducibility_blocks(tmp_path)
+    assert heading.text == "Reproducibility" and f"No readable {MANIFEST_JSON}" in note.text
