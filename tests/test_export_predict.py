@@ -122,7 +122,7 @@ def test_lora_adapter_and_merged_exports_agree(finals, synthetic_spec, cache, tm
     logits, pictures, _, _ = _final_test(finals["lora"], synthetic_spec, cache)
     merged = medsweep.load_model(_export(finals["lora"], tmp_path / "merged"))
     adapter = medsweep.load_model(_export(finals["lora"], tmp_path / "adapter", "--keep-adapter"))
-    assert json.loads((tmp_path / "merged" / "model.json").read_text())["lora"] == "merged"
+    assert json.loads((tmp_path / "merged" / "model.json").read_text())["adapters"] == "merged"
     assert not any("lora_" in name for name in merged.state_dict()) and any("lora_" in name for name in adapter.state_dict())
     with torch.no_grad():
         np.testing.assert_allclose(adapter(pictures).numpy(), logits, atol=EXACT, rtol=0)

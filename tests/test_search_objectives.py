@@ -156,19 +156,26 @@ def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
 
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == settings.trials and "on_pareto_front" in board
-    usable = board[~board["status"].isin(["error", "diverged"])]
+    usable = board[~board["status"].isin(["error", "diverged", "collapsed"])]
     expected = usable[_non_dominated(list(zip(usable["best_val_auc"], usable["peak_mem_mb"], strict=True)))]
     front = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str})  # "03e51177" is an id, not inf
     assert len(front) > 0
     assert set(front["trial_id"]) == set(expected["trial_id"]) == set(board[board["on_pareto_front"]]["trial_id"])
 
-    # The study's best trials are the exported front: same values, same params.
+    # The study's best trials are the exported front: same values, same params. The study was told a
+    # collapsed trial's values too (never selected, so off the exported front): it is left out here.
+    told = board[~board["status"].isin(["error", "diverged"])]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == len(usable)
-    best = sorted((round(t.values[0], 6), round(t.values[1], 6)) for t in study.best_trials)
+    assert len(complete) == len(told)
+    collapsed = {(round(a, 6), round(m, 6)) for a, m in zip(*(board[board["status"] == "collapsed"][c] for c in ("best_val_auc", "peak_mem_mb")), strict=True)}
+    usable_trials = [t for t in complete if (round(t.values[0], 6), round(t.values[1], 6)) not in collapsed]
+    on_front = _non_dominated([(t.values[0], t.values[1]) for t in usable_trials])
+    best_usable = [t for t, keep in zip(usable_trials, on_front, strict=True) if keep]
+    best = sorted((round(t.values[0], 6), round(t.values[1], 6)) for t in best_usable)
     assert best == sorted((round(a, 6), round(m, 6)) for a, m in zip(front["best_val_auc"], front["peak_mem_mb"], strict=True))
-    for trial in study.best_trials:  # each front trial's sampled params are one exported config's values
+    for trial in best_usable:  # each front trial's sampled params are one exported config's values
         params = to_trial_config(trial.params) if "method" in trial.params else trial.params
+        params = {k: v for k, v in params.items() if k not in settings.fixed}  # a fixed value wins over the sample
         assert any(
             all(math.isclose(v, cfg.get(k), rel_tol=1e-9) if isinstance(v, float) else cfg.get(k) == v for k, v in params.items())
             for cfg in map(json.loads, front["config_json"])

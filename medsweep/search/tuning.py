@@ -492,7 +492,8 @@ def build_searcher(
     columns (``best_val_auc`` maximised, ``peak_mem_mb`` / ``learnable_params``
     minimised; Optuna's TPESampler and RandomSampler both handle several
     directions), told the values of each trial's last result, which are the
-    leaderboard's columns, so ``study.best_trials`` is the exported Pareto front.
+    leaderboard's columns, so ``study.best_trials`` is the exported Pareto front once collapsed trials
+    (told like any other, never selected) are left out.
 
     ``sampler_seed`` (default ``--seed``): ``medsweep extend`` seeds each extension differently, so
     its sampler does not replay the draws the sweep's own sampler made.

@@ -41,7 +41,8 @@ MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.pt"
 BACKBONE_DIR = "backbone"
 FORMAT = 1  # model.json's "format": bumped when a reader of an older folder would misread a newer one
-LORA_MERGED, LORA_ADAPTER = "merged", "adapter"
+# model.json "adapters": how a method with low-rank adapters was exported (None for the others).
+ADAPTERS_MERGED, ADAPTERS_KEPT = "merged", "kept"
 
 
 def backbone_reference(name_or_path: str) -> dict[str, Any]:
@@ -92,12 +93,12 @@ def write_model_dir(
         raise ConfigError(f"--keep-adapter keeps a LoRA adapter; method {config['method']!r} has none (drop the flag)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lora = None
+    adapters = None
     if isinstance(method, LoRATuning):
-        lora = LORA_ADAPTER if keep_adapter else LORA_MERGED
-        if lora == LORA_MERGED:
+        adapters = ADAPTERS_KEPT if keep_adapter else ADAPTERS_MERGED
+        if adapters == ADAPTERS_MERGED:
             method.merge_adapters()
-    state = method.state_dict() if lora == LORA_MERGED else method.trainable_state_dict()
+    state = method.state_dict() if adapters == ADAPTERS_MERGED else method.trainable_state_dict()
     torch.save({k: v.detach().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
     mean, std = backbone_normalisation(config["backbone"])
     if with_backbone:
@@ -115,7 +116,7 @@ def write_model_dir(
             "images": "RGB, square-resized (bicubic) to each input's stored_size, then resized (bilinear) to its size",
         },
         "backbone": {**backbone_reference(config["backbone"]), "included": BACKBONE_DIR if with_backbone else None},
-        "lora": lora,
+        "adapters": adapters,
         "epochs_run": epochs_run,
         "metrics": metrics,
         "source": source,
@@ -216,7 +217,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ex
     for epoch in range(int(info.get("epochs_run", 0))):  # a staged method's trainable set is that of its last stage
         method.begin_epoch(epoch)
     state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    if info.get("lora") == LORA_MERGED and isinstance(method, LoRATuning):
+    if info.get("adapters") == ADAPTERS_MERGED and isinstance(method, LoRATuning):
         method.merge_adapters()  # the merged state holds every weight, of a plain ViT
         method.load_state_dict(state, strict=True)
     else:
