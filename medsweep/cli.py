@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"))
     sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
     sweep.add_argument(
-        "--wandb", default=setting_default("wandb"), choices=WANDB_MODES, help="W&B mode (with --tracker wandb); auto: online with WANDB_API_KEY, else offline files"
+        "--wandb",
+        default=setting_default("wandb"),
+        choices=WANDB_MODES,
+        help="W&B mode (with --tracker wandb); auto: online with WANDB_API_KEY, else offline files",
     )
     sweep.add_argument(
         "--tracker",

@@ -92,3 +92,24 @@ def test_the_mlflow_store_holds_one_run_per_trial_with_the_leaderboards_values(m
         assert max(m.value for m in history) == pytest.approx(row["best_val_auc"])
         assert run.data.metrics["best_val_auc"] == pytest.approx(row["best_val_auc"])  # the last report's
         assert run.data.metrics["epoch"] == row["epochs_run"] == 2
+
+
+def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monkeypatch):
+    """A new driver (``medsweep resume``) has no trial -> run map: it finds the trial's run by its tag."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = []
+    for epochs in ([1], [2]):  # the first driver, then the resumed one
+        (callback,) = _callbacks(tmp_path, synthetic_spec, tracker="mlflow")[1:]
+        callback.setup()
+        trial = Trial("run_trial", config={"method": "linear", "lr": 0.01}, trial_id="abc00001", stub=True)
+        callback.log_trial_start(trial)
+        for epoch in epochs:
+            callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 10, "training_iteration": 1})
+        callback.log_trial_end(trial)
+        runs.append(callback._trial_runs[trial])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / MLFLOW_DB}")
+    assert runs[0] == runs[1] and len(client.search_runs([callback.mlflow_util.experiment_id])) == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(runs[0], "val_auc")] == [(1, 0.6), (2, 0.7)]

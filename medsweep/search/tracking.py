@@ -73,7 +73,6 @@ class SweepMlflowCallback(MLflowLoggerCallback):
 
     def _existing_run(self, trial_id: str) -> str | None:
         """The run an earlier driver of this sweep opened for ``trial_id``, if any."""
-        runs = self.mlflow_util._get_client().search_runs(
-            [self.mlflow_util.experiment_id], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1
-        )
+        experiment = str(self.mlflow_util.experiment_id)  # set by setup()
+        runs = self.mlflow_util._get_client().search_runs([experiment], filter_string=f"tags.trial_id = '{trial_id}'", max_results=1)
         return runs[0].info.run_id if runs else None
