@@ -11,6 +11,7 @@ start without ``MLFLOW_ALLOW_FILE_STORE=true``), while SQLite works with
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,12 @@ class SweepMlflowCallback(MLflowLoggerCallback):
     def __init__(self, dataset: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dataset = dataset
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        # MLflow logs its store's schema migrations at INFO on the first use of a SQLite file; the
+        # sweep's console says what happens instead.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        super().setup(*args, **kwargs)
 
     def log_trial_start(self, trial) -> None:
         if trial not in self._trial_runs:
