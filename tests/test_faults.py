@@ -108,6 +108,19 @@ def _finished(out: Path, epochs: int = EPOCHS) -> list[Path]:
     return [t for t in _trial_dirs(out) if any(r["epoch"] == epochs for r in _results(t))]
 
 
+def _snapshot_knows_finished(out: Path, trial_dir: Path) -> bool:
+    """Whether Tune's newest experiment snapshot records the trial as TERMINATED: its last result is on
+    disk before the snapshot says so, and a killed driver's restore reruns a trial it thought running."""
+    trial_id = trial_dir.name.removeprefix("trial-")
+    for path in sorted((out / "ray" / "tune").glob("experiment_state-*.json"))[-1:]:
+        try:
+            states = [json.loads(state) for state, _ in json.loads(path.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError):  # being rewritten as we read
+            return False
+        return any(state.get("trial_id") == trial_id and state.get("status") == "TERMINATED" for state in states)
+    return False
+
+
 def _start_driver(
     argv: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
@@ -188,7 +201,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     interrupted: list[str] = []
 
     def kill_driver_after_a_finished_and_a_checkpointed_trial() -> bool:
-        finished = _finished(out, epochs)
+        finished = [t for t in _finished(out, epochs) if _snapshot_knows_finished(out, t)]
         early = [t for t in _checkpointed_early(out, epochs) if _snapshot_knows_checkpoint(out, t)]
         if not (finished and early):
             return False
