@@ -24,7 +24,7 @@ from typing import Any
 
 from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
-from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, WANDB_MODES, SweepSettings, setting_default
+from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
 from medsweep.spaces import PRECISION_NAMES
 from medsweep.trainables.config import TrainConfig
 
@@ -171,7 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"))
     sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
-    sweep.add_argument("--wandb", default=setting_default("wandb"), choices=WANDB_MODES, help="auto: online with WANDB_API_KEY, else offline files")
+    sweep.add_argument(
+        "--wandb",
+        default=setting_default("wandb"),
+        choices=WANDB_MODES,
+        help="W&B mode (with --tracker wandb); auto: online with WANDB_API_KEY, else offline files",
+    )
+    sweep.add_argument(
+        "--tracker",
+        default=setting_default("tracker"),
+        metavar="{" + ",".join(TRACKERS) + "}",  # checked by SweepSettings: one line, also for a --config file's value
+        help="where each trial's run is logged: W&B, MLflow (<out>/mlflow.db, or MLFLOW_TRACKING_URI) or none (the sweep folder only)",
+    )
     sweep.add_argument("--out", type=Path, default=None, help="output folder (default sweeps/<date-time>)")
     sweep.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --out: a previous sweep's files there are deleted first, other files kept"
@@ -328,6 +339,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         cpus_per_trial=args.cpus_per_trial,
         workers=args.workers,
         wandb=args.wandb,
+        tracker=args.tracker,
         seed=args.seed,
         out=args.out,
         cache_dir=args.cache_dir,

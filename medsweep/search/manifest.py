@@ -34,7 +34,7 @@ from medsweep.search.settings import SweepSettings
 from medsweep.search.study import MANIFEST_JSON
 
 # The packages whose versions change what a sweep computes or records.
-PACKAGES = ("torch", "ray", "optuna", "transformers", "peft", "pyarrow", "wandb")
+PACKAGES = ("torch", "ray", "optuna", "transformers", "peft", "pyarrow", "wandb", "mlflow-skinny")  # mlflow: only with --tracker mlflow
 
 
 def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str, Any]) -> Path:

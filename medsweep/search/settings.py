@@ -43,6 +43,9 @@ OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), 
 MAX_IMAGE_SIZE = 4096
 MIN_IMAGE_SIZE = 8
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# Where each trial's run is logged (medsweep.search.tracking): W&B (its mode is --wandb), an MLflow
+# store, or nowhere but the sweep folder's own files (hospital clusters that may use neither).
+TRACKERS = ("wandb", "mlflow", "none")
 SEARCHES = ("tpe", "random")  # Optuna's sampler after the recommended points
 
 
@@ -70,7 +73,8 @@ class SweepSettings:
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0
     workers: int = 1
-    wandb: str = "auto"
+    wandb: str = "auto"  # W&B's mode; applies only with tracker "wandb"
+    tracker: str = "wandb"
     seed: int = 0
     # None (the CLI without --out) becomes sweeps/<date-time> in __post_init__: a Path once built.
     out: Path = None  # type: ignore[assignment]
@@ -142,6 +146,8 @@ class SweepSettings:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"--tracker must be {', '.join(TRACKERS[:-1])} or {TRACKERS[-1]}, got {self.tracker!r}")
         if self.final_seeds < 0:
             raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
         if self.final_top < 1:

@@ -37,11 +37,12 @@ REPORT_DIR = "report"
 RAY_DIR = "ray"  # Tune's experiment (ray/tune), which `medsweep resume` restores
 TRAIN_DIR = "train"  # the trials' Ray Train storage (checkpoints)
 WANDB_DIR = "wandb"  # W&B's run folders (offline runs for `medsweep sync`)
+MLFLOW_DB = "mlflow.db"  # --tracker mlflow: the SQLite MLflow store (medsweep.search.tracking)
 LOCK_FILE = "sweep.lock"  # held by the driver running the sweep (medsweep.search.lock)
 # What a sweep writes into its --out folder; --overwrite deletes these (and only these) first.
 SWEEP_OUTPUTS = (
     SETTINGS_FILE, STUDY_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, BEST_YAML, PARETO_CSV,
-    FINAL_YAML, FINAL_JSON, FINAL_DIR, REPORT_DIR, MANIFEST_JSON, RAY_DIR, TRAIN_DIR, WANDB_DIR, LOCK_FILE,
+    FINAL_YAML, FINAL_JSON, FINAL_DIR, REPORT_DIR, MANIFEST_JSON, RAY_DIR, TRAIN_DIR, WANDB_DIR, MLFLOW_DB, LOCK_FILE,
 )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from medsweep.search.data import StoreData, share_stores
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
+from medsweep.search.tracking import SweepMlflowCallback, check_tracker, mlflow_experiment, mlflow_uri
 from medsweep.search.trial import run_trial
 from medsweep.search.warm import WARM_START_ATTR
 from medsweep.trainables.preload import PreloadResult
@@ -55,6 +56,7 @@ WANDB_PROJECT = "medsweep"
 
 def start_ray(settings: SweepSettings) -> None:
     """Join ``--address`` or start a local Ray with this machine's CPUs; quiet logs."""
+    check_tracker(settings.tracker)
     if ray.is_initialized():
         return
     mode = wandb_mode(settings.wandb)
@@ -557,11 +559,14 @@ def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
 
 
 def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> list[Callback]:
-    """Console lines per trial event and, unless disabled, one W&B run per trial under ``<out>/wandb``."""
+    """Console lines per trial event and one run per trial in ``--tracker``: W&B (under ``<out>/wandb``,
+    unless ``--wandb disabled``), MLflow (:mod:`medsweep.search.tracking`) or none."""
     out = Path(settings.out).resolve()
     callbacks: list[Callback] = [ConsoleCallback(console, settings.trials)]  # None: no total (time budget)
+    if settings.tracker == "mlflow":
+        callbacks.append(SweepMlflowCallback(dataset=spec.name, tracking_uri=mlflow_uri(out), experiment_name=mlflow_experiment(out)))
     mode = wandb_mode(settings.wandb)
-    if mode != "disabled":
+    if settings.tracker == "wandb" and mode != "disabled":
         callbacks.append(
             SweepWandbCallback(
                 dataset=spec.name,
