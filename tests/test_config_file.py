@@ -12,8 +12,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import FixedTrial
 
 from medsweep.cli import main, parse_args, settings_from_args
+from medsweep.errors import ConfigError
 from medsweep.search.space import build_search, trial_config
 from medsweep.search.study import SETTINGS_FILE
+from medsweep.spaces import check_overrides
 
 
 def _settings(argv: list[str]):
@@ -90,6 +92,23 @@ def test_search_ranges_change_the_space() -> None:
     config = trial_config({**trial.params, **space(trial)})
     assert set(trial.params) == {"lr", "batch_size"}
     assert config["weight_decay"] == node.constants["weight_decay"]
+
+
+def test_choices_on_a_key_the_method_does_not_search_make_it_searched() -> None:
+    """class_weights is no searched key by default (issue 13: "optionally searched"): choices search it."""
+    ranges = {"linear": {"class_weights": {"choices": ["none", "balanced"]}}}
+    settings = _settings(["--method", "linear", "--trials", "2"])
+    settings.search_ranges = ranges
+    space, (point,) = build_search(["linear"], {"linear": {}}, dataset="synthetic", ranges=ranges)
+    assert space.inner.root.params["class_weights"].distribution == CategoricalDistribution(("none", "balanced"))
+    assert point["class_weights"] == "none"  # the recommended value runs first
+    trial = FixedTrial({**point, "class_weights": "balanced"})
+    constants = space(trial)  # samples first: a FixedTrial's params fill as the space suggests them
+    assert trial_config({**trial.params, **constants})["class_weights"] == "balanced"
+    with pytest.raises(ConfigError, match="setting of the whole sweep"):
+        check_overrides("linear", {"epochs": {"choices": [2, 3]}})
+    with pytest.raises(ConfigError, match="class_weights must be one of none, balanced"):
+        check_overrides("linear", {"class_weights": {"choices": ["none", "sometimes"]}})
 
 
 def test_a_fixed_value_reaches_every_trial_config(tmp_path, synthetic_spec) -> None:

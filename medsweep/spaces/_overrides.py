@@ -3,7 +3,8 @@
 A sweep file's ``search_ranges`` maps each method to ``{key: change}``, where a change is
 
 * ``{"low": x, "high": y}`` (optional ``"log": true``): a new range for a numeric key;
-* ``{"choices": [...]}``: a new set of values;
+* ``{"choices": [...]}``: a new set of values; also on a key the method does not search by
+  default, which is then searched (e.g. ``class_weights: {choices: [none, balanced]}``);
 * ``{"fixed": v}``: the key is not searched and every trial of the method runs with ``v``;
 * ``"drop"``: the key is not searched and keeps its recommended value.
 
@@ -43,11 +44,13 @@ def check_override(method: str, key: str, change: Any, searched: Mapping[str, Di
             raise ConfigError(f"{where}: the precision is a run setting of the whole sweep; set `precision` at the top of the file")
         _check_value(method, where, key, change["fixed"])
         return
-    if key not in searched:
+    if key not in searched and not (isinstance(change, Mapping) and set(change) == {"choices"} and key in config_keys(method)):
         raise ConfigError(
             f"{where}: {method} does not search {key!r} (it searches {', '.join(sorted(searched))}); "
-            f"use {{fixed: VALUE}} to set another key"
+            f"use {{fixed: VALUE}} to set another key, or {{choices: [...]}} to search it"
         )
+    if key in ("precision", "method", "epochs", "seed"):
+        raise ConfigError(f"{where}: {key} is a setting of the whole sweep, not searched; set it at the top of the file")
     if change == DROP:
         return
     if not isinstance(change, Mapping):

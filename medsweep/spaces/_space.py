@@ -251,11 +251,18 @@ def _searched(node: Node, out: dict[str, Distribution], branches: dict[str, tupl
 
 def _overridden(node: Node, changes: Mapping[str, Any]) -> Node:
     """``node`` with checked ``changes``: a dropped or fixed key becomes a constant (a dropped or fixed
-    branch key keeps only its chosen child, merged in), a range or choices replace the distribution."""
+    branch key keeps only its chosen child, merged in), a range or choices replace the distribution,
+    and choices on a constant make it searched."""
     if not changes:
         return node
     params: dict[str, Param] = {}
-    constants = {key: _fixed(changes.get(key), value) for key, value in node.constants.items()}
+    constants: dict[str, Any] = {}
+    for key, value in node.constants.items():  # choices on a constant: searched from now on, recommended first
+        change = changes.get(key)
+        if isinstance(change, Mapping) and "choices" in change:
+            params[key] = Param(*narrowed(CategoricalDistribution(tuple(change["choices"])), value, change))
+        else:
+            constants[key] = _fixed(change, value)
     for key, param in node.params.items():
         change = changes.get(key)
         if change is None:
