@@ -387,6 +387,17 @@ class SweepSearch(OptunaSearch):
     (``metric`` a list) one non-finite value is enough.
     """
 
+    def save(self, checkpoint_path: str) -> None:
+        """OptunaSearch's save, written atomically: a temporary file renamed over the old one.
+
+        Tune rewrites this file at every experiment snapshot and OptunaSearch writes it in place,
+        so a driver killed mid-write left a truncated pickle; Tune's restore then failed on it
+        ("Ran out of input") and restarted the whole experiment, forgetting every finished trial
+        (seen in tests/test_faults.py with a snapshot at every step)."""
+        partial = f"{checkpoint_path}.partial"
+        super().save(partial)
+        os.replace(partial, checkpoint_path)
+
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result is not None and not all(_finite(result.get(m)) for m in metrics):
