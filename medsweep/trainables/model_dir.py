@@ -36,6 +36,7 @@ from medsweep.trainables.backbones import MAE_SUFFIX, Backbone, backbone_normali
 from medsweep.trainables.inputs import normalise_float, resize
 from medsweep.trainables.methods import ImageInput, Method, build_method
 from medsweep.trainables.methods.lora import LoRATuning
+from medsweep.trainables.statistics import probabilities
 
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -195,8 +196,10 @@ class ExportedModel(nn.Module):
         return self.method(batch)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over classes (multi-class) or each label's sigmoid (multi-label)."""
-        return torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, dim=-1)
+        """Softmax over classes (multi-class) or each label's sigmoid (multi-label), on ``logits``' device and
+        dtype: the scores of :func:`~medsweep.trainables.statistics.probabilities`, the one place logits become scores."""
+        scores = probabilities(logits.detach().float().cpu().numpy(), self.task)
+        return torch.from_numpy(scores).to(device=logits.device, dtype=logits.dtype)
 
     def read_image(self, path: Path) -> dict[str, torch.Tensor]:
         """One image file as ``{input: [3, S, S] float in [0, 1]}``, each at its input's stored size,
