@@ -27,7 +27,7 @@ from medsweep.datasets.store import INDEX, decode_columns
 from medsweep.errors import ConfigError
 from medsweep.search.final import retrain_best
 from medsweep.search.predict import Prediction, write_csv
-from medsweep.search.settings import SweepSettings
+from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import FINAL_JSON
 from medsweep.spaces import recommended
 from medsweep.trainables.backbones import build_backbone
@@ -210,6 +210,13 @@ def test_without_final_the_best_trials_checkpoint_is_exported(tiny_sweep, synthe
     labels = np.array([s.label for s in synthetic_spec.splits["val"]])  # the CSV keeps the split's order
     auc = classification_metrics(np.log(probs), labels, entry["task"])["auc"]
     assert auc == pytest.approx(entry["per_method"][entry["best_method"]]["validation"]["best_val_auc"], abs=0.01)
+    # The model records the sweep's dataset arguments: `--dataset synthetic` makes the set at the sweep's size and seed.
+    settings = load_settings(out)
+    assert info["source"]["dataset_arguments"] == {"seed": settings.seed, "synthetic_size": settings.image_size}
+    synthetic = tmp_path / "synthetic.csv"
+    assert main(["predict", str(model_dir), "--dataset", "synthetic", "--cache-dir", str(tmp_path / "cache"), "--out", str(synthetic)]) == 0
+    made = tmp_path / "cache" / f"synthetic-s{settings.seed}-{settings.image_size}px"
+    assert all(Path(r["path"]).is_relative_to(made) for r in csv.DictReader(synthetic.open()))
 
 
 def test_multilabel_rows_name_every_label_above_one_half(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.errors import ConfigError
-from medsweep.search.study import BEST_YAML, FINAL_JSON, RAY_DIR
+from medsweep.search.settings import load_settings
+from medsweep.search.study import BEST_YAML, FINAL_JSON, RAY_DIR, SETTINGS_FILE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,16 @@ def _pick_method(entry: dict[str, Any], methods: dict[str, Any], wanted: str | N
     if name not in methods:
         raise ConfigError(f"{file} has no method {name!r}; available: {', '.join(methods) or 'none'} (--method)")
     return name
+
+
+def dataset_arguments(sweep: Path) -> dict[str, Any]:
+    """The arguments that load the sweep's dataset with its own split (``load_dataset``'s ``seed`` and
+    ``synthetic_size``), so ``medsweep predict --dataset`` on the model reads the images the sweep
+    tested; empty for a folder without ``sweep.json``."""
+    if not (sweep / SETTINGS_FILE).is_file():
+        return {}
+    settings = load_settings(sweep)
+    return {"seed": settings.seed, "synthetic_size": settings.image_size}
 
 
 def from_final(sweep: Path, method: str | None, seed: int | None) -> dict[str, Any]:
@@ -112,7 +123,7 @@ def export_model(sweep: Path, out: Path, method: str | None = None, seed: int | 
         config,
         chosen["classes"],
         metrics=chosen["metrics"],
-        source={**chosen["source"], "dataset": chosen["dataset"]},
+        source={**chosen["source"], "dataset": chosen["dataset"], "dataset_arguments": dataset_arguments(sweep)},
         epochs_run=state.epoch,
         with_backbone=with_backbone,
         keep_adapter=keep_adapter,

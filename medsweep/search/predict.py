@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from medsweep.search.console import SweepConsole
     from medsweep.trainables.model_dir import load_model, read_model_info
 
-    read_model_info(args.model)  # a folder that is not a model: one line, before torch builds anything
+    info = read_model_info(args.model)  # a folder that is not a model: one line, before torch builds anything
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.images is not None:
@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from medsweep.datasets import load_dataset
 
-        paths = [sample.path for sample in load_dataset(args.dataset, cache_dir=args.cache_dir).splits[args.split]]
+        # The sweep's own split and synthetic size (recorded by export): `--dataset synthetic` is the set it tested.
+        arguments = info.get("source", {}).get("dataset_arguments", {})
+        paths = [sample.path for sample in load_dataset(args.dataset, cache_dir=args.cache_dir, **arguments).splits[args.split]]
     model = load_model(args.model, "cuda" if torch.cuda.is_available() else "cpu")
     console = SweepConsole()
     predictions = predict_files(model, paths, args.batch_size, args.strict, console.progress("predict", len(paths)))
