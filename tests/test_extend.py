@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 
 from medsweep.cli import main
 from medsweep.errors import ConfigError
-from medsweep.search.extend import extend_sweep
+from medsweep.search.extend import best_trial, extend_sweep
 from medsweep.search.settings import SweepSettings, load_settings
-from medsweep.search.study import LEADERBOARD_CSV, SETTINGS_FILE, load_study
+from medsweep.search.study import FINAL_JSON, LEADERBOARD_CSV, SETTINGS_FILE, load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import tpe_startup_trials
 from medsweep.search.warm import WARM_START_ATTR
@@ -32,6 +32,7 @@ FIRST, MORE = 3, 2
 
 
 def _settings(root: Path, out: Path, cache: Path, **extra) -> SweepSettings:
+    extra = {"final_seeds": 0, **extra}
     return SweepSettings(
         dataset=str(root),
         methods=["linear"],
@@ -44,7 +45,6 @@ def _settings(root: Path, out: Path, cache: Path, **extra) -> SweepSettings:
         cache_dir=cache,
         fixed={"lr": 0.01, "warmup_epochs": 0},
         early_stopping=False,
-        final_seeds=0,
         **extra,
     )
 
@@ -56,22 +56,25 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, ray_session, synthetic_root, cache):
-    """A finished 3-trial sweep; returns (folder, its study's trials as they were before any extension)."""
+    """A finished 3-trial sweep whose best trial was retrained once (final, one seed, one candidate);
+    returns (folder, its study's trials as they were before any extension)."""
     out = tmp_path_factory.mktemp("sweep")
-    run_sweep(_settings(synthetic_root, out, cache))
+    run_sweep(_settings(synthetic_root, out, cache, final_seeds=1, final_top=1))
     return out, load_study(out).trials
 
 
 @pytest.fixture(scope="module")
 def extended(finished):
+    """The sweep extended by 2 trials; returns (folder, trials before, (best trial, final.json) before)."""
     out, before = finished
+    answer = best_trial(out), (out / FINAL_JSON).read_text()
     extend_sweep(out, trials=MORE)
-    return out, before
+    return out, before, answer
 
 
 @pytest.mark.slow
 def test_extend_adds_exactly_n_trials_on_the_same_study(extended):
-    out, before = extended
+    out, before, _ = extended
     board = pd.read_csv(out / LEADERBOARD_CSV)
     assert len(board) == FIRST + MORE and board["trial_id"].is_unique
     study = load_study(out)
@@ -90,13 +93,26 @@ def test_extend_adds_exactly_n_trials_on_the_same_study(extended):
 def test_extended_trials_are_not_the_draws_of_a_restarted_sampler(extended, synthetic_root):
     """What the sweep's own sampler (seed --seed) would draw next from the same 3 trials is not what
     the extension drew: its sampler was reseeded, so it continues rather than replays."""
-    out, before = extended
+    out, before, _ = extended
     new = [t.params for t in load_study(out).trials[FIRST:]]
     restarted = _draws(before, seed=0, count=MORE, dataset=synthetic_root.name)
     assert all(params not in restarted for params in new)
     assert all(params not in [t.params for t in before] for params in new)
     # The control: the extension's first draw (nothing pending yet) is TPE's, at seed --seed + 3 trials, from those 3.
     assert _draws(before, seed=FIRST, count=1, dataset=synthetic_root.name) == new[:1]
+
+
+@pytest.mark.slow
+def test_final_is_rerun_exactly_when_the_extension_changed_the_best(extended):
+    """Whichever way this seeded run goes, final's answer must describe the best trial after the extension:
+    rerun (one candidate: the new best) when the best changed, left byte for byte as it was otherwise."""
+    out, _, (best_before, final_before) = extended
+    best_after, final_after = best_trial(out), (out / FINAL_JSON).read_text()
+    if best_after == best_before:
+        assert final_after == final_before
+    else:
+        selection = next(iter(json.loads(final_after).values()))["selection"]
+        assert selection["chosen"] == best_after and final_after != final_before
 
 
 def _draws(history: list, seed: int, count: int, dataset: str) -> list[dict]:
@@ -116,7 +132,7 @@ def _draws(history: list, seed: int, count: int, dataset: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_warm_start_adds_the_earlier_trials_as_completed_before_its_own(extended, synthetic_root, cache, tmp_path):
-    earlier, _ = extended
+    earlier, _, _ = extended
     settings = _settings(synthetic_root, tmp_path / "warm", cache, warm_start=str(earlier))
     settings.trials = 1
     run_sweep(settings)
