@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import medsweep.trainables.preload as preload_module
+import medsweep.datasets.shards as shards_module
 from medsweep.datasets import load_imagefolder, make_synthetic
 from medsweep.datasets.store import PreloadStore
 from medsweep.errors import DatasetError
@@ -76,7 +76,7 @@ def test_the_pipeline_writes_the_single_process_store_without_decoding_in_the_dr
     def not_here(path):
         raise AssertionError(f"the driver decoded {path}")
 
-    monkeypatch.setattr(preload_module, "load_image", not_here)  # the driver's copy; tasks import their own
+    monkeypatch.setattr(shards_module, "load_image", not_here)  # the driver's copy; tasks import their own
     seen: list[int] = []
     result = preload_on_cluster(
         spec, config_for(spec), tmp_path, shard_target_bytes=shard_target(spec), progress=lambda d, n: seen.append

@@ -122,3 +122,15 @@ def test_dependencies_point_one_way() -> None:
             assert not [t for t in targets if t.startswith(("medsweep.search", "medsweep.cli"))], name
         if name.startswith("medsweep.search"):
             assert "medsweep.cli" not in targets, name
+
+
+def test_the_frozen_pass_decode_task_imports_no_torch() -> None:
+    """Ray imports a task's module tree in each worker that runs it: the decode tasks of the frozen pass
+    must start with PIL and numpy, not torch and the model code (seconds and hundreds of MB per worker)."""
+    graph = import_graph()
+    seen, todo = set(), ["medsweep.search.frozen_decode"]
+    while todo:
+        for target in graph.get(todo.pop(), set()) - seen:
+            seen.add(target)
+            todo.append(target)
+    assert not seen & {"torch", "transformers", "peft", "ray"}, sorted(seen)

@@ -9,7 +9,7 @@ cluster's compute is, never in the driver:
    weights*, so it never decodes an image nor runs the backbone, even on a
    head node that offers Ray no CPU;
 2. a CPU task per shard decodes and resizes its images
-   (:func:`~medsweep.trainables.preload.decode_shard`);
+   (:func:`~medsweep.search.frozen_decode.decode_task`, torch-free);
 3. an actor pool, one frozen backbone per actor (one actor per GPU on GPU
    nodes, else one per spare CPU), runs the frozen forward over the shard
    (:func:`~medsweep.trainables.preload.shard_features`) and writes it with its
@@ -40,9 +40,11 @@ import numpy as np
 import ray
 import torch
 
+from medsweep.datasets.shards import shard_labels
 from medsweep.datasets.spec import SPLITS, DatasetSpec
 from medsweep.datasets.store import StoreWriter
 from medsweep.errors import ConfigError, DatasetError
+from medsweep.search.frozen_decode import ShardPlan, decode_task
 from medsweep.trainables.backbones import backbone_normalisation, frozen_weights_unused
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.precision import resolve_precision
@@ -53,12 +55,10 @@ from medsweep.trainables.preload import (
     PreloadResult,
     StorePlan,
     building,
-    decode_shard,
     finish_store,
     frozen_batch_size_for,
     plan_store,
     shard_features,
-    shard_labels,
 )
 
 Progress = Callable[[int], None]
@@ -159,15 +159,17 @@ def _run_pipeline(
     """Decode tasks, then frozen-forward actors, one shard per row; returns per-node images, seconds, device."""
     if actors == 0:
         raise ConfigError("the frozen pass needs 2 CPUs or a GPU in the Ray cluster (one decodes while the other runs the backbone); `ray status` lists them")
+    assert plan.writer is not None  # the pipeline runs only for a store being written
+    shipped = ShardPlan(plan.units, plan.decode_sizes, plan.root, plan.columns, plan.writer.key_parts, plan.rows_per_shard)
     items = ray.data.from_items([{"unit": i} for i in range(len(plan.units))], override_num_blocks=max(1, len(plan.units)))
     decoded = items.map_batches(
-        _decode,  # type: ignore[arg-type]  # Ray types fn as one-argument; fn_kwargs gives _decode the rest
+        decode_task,  # type: ignore[arg-type]  # Ray types fn as one-argument; fn_kwargs gives decode_task the rest
         batch_size=1,
         num_cpus=1,
         # What one decode task holds at its peak (the pictures and their resized arrays). Being a
         # reservation the actors lack, it also keeps Ray Data from fusing decoding into the actors.
         memory=2 * DECODED_SHARD_BYTES,
-        fn_kwargs={"plan": _Shards(plan), "skip_bad_images": request.skip_bad_images},
+        fn_kwargs={"plan": shipped, "skip_bad_images": request.skip_bad_images},
     )
     pool = ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, tuple) else ray.data.ActorPoolStrategy(size=actors)
     written = decoded.map_batches(
@@ -178,7 +180,7 @@ def _run_pipeline(
         num_cpus=None if on_gpus else 1,
         fn_constructor_kwargs={
             "config": config,
-            "plan": _Shards(plan),
+            "plan": shipped,
             "batch_size": batch_size,
             "task": request.spec.task,
             "precision": request.precision,
@@ -196,43 +198,10 @@ def _run_pipeline(
     return nodes
 
 
-class _Shards:
-    """What the pipeline's tasks and actors need of the plan (shipped once to each, without the driver's locks)."""
-
-    def __init__(self, plan: StorePlan) -> None:
-        self.units = plan.units
-        self.sizes = plan.decode_sizes
-        self.root = plan.root
-        self.columns = plan.columns
-        assert plan.writer is not None  # the pipeline runs only for a store being written
-        self.key_parts = plan.writer.key_parts
-        self.rows_per_shard = plan.rows_per_shard
-
-
-def _decode(batch: dict[str, np.ndarray], plan: _Shards, skip_bad_images: bool) -> dict[str, np.ndarray]:
-    """Decode task: one shard's images, resized, as raw bytes (shapes follow from the plan and the kept count).
-
-    An unreadable image (without ``skip_bad_images``) travels on as the row's
-    ``error``, for the driver to raise as one line: an exception raised here
-    would reach the driver as Ray's multi-line traceback, its type lost.
-    """
-    unit = int(batch["unit"][0])
-    try:
-        kept, images = decode_shard(plan.units[unit].samples, plan.sizes, skip_bad_images)
-    except DatasetError as error:
-        return {"unit": np.array([unit]), "error": np.array([str(error)], dtype=object)}
-    return {
-        "unit": np.array([unit]),
-        "error": np.array([""], dtype=object),
-        "kept": np.array([kept.tobytes()], dtype=object),
-        **{f"image:{name}": np.array([values.tobytes()], dtype=object) for name, values in images.items()},
-    }
-
-
 class _FrozenWriter:
     """Actor: holds one frozen backbone; runs the frozen forward over a decoded shard and writes the shard."""
 
-    def __init__(self, config: dict[str, Any], plan: _Shards, batch_size: int | None, task: str, precision: str) -> None:
+    def __init__(self, config: dict[str, Any], plan: ShardPlan, batch_size: int | None, task: str, precision: str) -> None:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cpu":  # about one actor per node: all of the node's cores (see frozen_pass_pool)
             torch.set_num_threads(len(os.sched_getaffinity(0)))

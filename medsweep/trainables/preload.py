@@ -7,8 +7,8 @@ image or run the frozen backbone.
 
 A preload is four steps, each a plain function here so that every runner
 shares them: :func:`plan_store` (under the store's lock: reuse, repair, the
-layout and the shards still to write), :func:`decode_shard` (images to
-resized uint8 arrays, CPU only), :func:`shard_features` (the frozen forward
+layout and the shards still to write), :func:`~medsweep.datasets.shards.decode_shard`
+(images to resized uint8 arrays, CPU only, no torch), :func:`shard_features` (the frozen forward
 over one shard, in mini-batches) and :func:`finish_store`. :func:`preload`
 runs them in this process (``medsweep train``, tests, benchmarks);
 :mod:`medsweep.search.frozen_pass` runs the middle two as a Ray Data
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from medsweep.datasets.images import load_image, resize_square
 from medsweep.datasets.order import written_order
-from medsweep.datasets.spec import SPLITS, DatasetSpec, Sample
+from medsweep.datasets.shards import ShardUnit, decode_shard, shard_labels
+from medsweep.datasets.spec import SPLITS, DatasetSpec
 from medsweep.datasets.store import (
     LAYOUT_FILE,
     ColumnSpec,
@@ -234,16 +233,6 @@ class PreloadRequest:
 
 
 @dataclass
-class ShardUnit:
-    """One shard still to write: its split, number, and the samples of its rows in the written order."""
-
-    split: str
-    shard: int
-    positions: np.ndarray
-    samples: list[Sample]
-
-
-@dataclass
 class StorePlan:
     """What a preload must do, decided under the store's lock by :func:`plan_store`.
 
@@ -313,21 +302,6 @@ def finish_store(plan: StorePlan, request: PreloadRequest, method_name: str, sec
         },
     )
     return PreloadResult(store, False, seconds, plan.images, len(plan.units), _skipped_count(store), plan.repairs)
-
-
-def decode_shard(samples: list[Sample], sizes: dict[str, int], skip_bad_images: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Decode one shard's images and resize each to every size in ``sizes``: ``{name: uint8 [n, 3, s, s]}``.
-
-    Returns the positions in ``samples`` of the images kept (all, unless some
-    were unreadable and ``skip_bad_images``); an unreadable image stops with
-    :class:`DatasetError` otherwise.
-    """
-    kept, pictures = _read_images(samples, range(len(samples)), skip_bad_images)
-    images = {
-        name: np.stack([resize_square(p, size).transpose(2, 0, 1) for p in pictures]) if pictures else np.empty((0, 3, size, size), np.uint8)
-        for name, size in sizes.items()
-    }
-    return np.array(kept, dtype=np.int64), images
 
 
 @torch.no_grad()
@@ -463,26 +437,3 @@ def _skipped_paths(store: PreloadStore, spec: DatasetSpec, split: str, num_shard
 
 def _skipped_count(store: PreloadStore) -> int:
     return sum(len(paths) for paths in store.meta.get("skipped", {}).values())
-
-
-def shard_labels(unit: ShardUnit, kept: np.ndarray, task: str, num_classes: int) -> np.ndarray:
-    """Labels of the kept rows of ``unit``: ``[n]`` class indices, or ``[n, C]`` multi-label vectors."""
-    samples = [unit.samples[i] for i in kept]
-    if task == "multilabel":
-        return np.array([s.label for s in samples], dtype=np.float32).reshape(len(samples), num_classes)
-    return np.array([s.label for s in samples], dtype=np.int64)
-
-
-def _read_images(samples: list[Sample], positions: range, skip_bad_images: bool) -> tuple[list[int], list[Image.Image]]:
-    """Decode ``samples[positions]``; an unreadable one stops the preload, or is left out with ``skip_bad_images``."""
-    kept: list[int] = []
-    pictures: list[Image.Image] = []
-    for position in positions:
-        try:
-            pictures.append(load_image(samples[position].path))
-        except DatasetError:
-            if not skip_bad_images:
-                raise
-            continue
-        kept.append(position)
-    return kept, pictures
