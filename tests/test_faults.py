@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -92,15 +93,20 @@ def _checkpointed_early(out: Path, epochs: int = EPOCHS) -> list[Path]:
 
 
 def _snapshot_knows_checkpoint(out: Path, trial_dir: Path) -> bool:
-    """Whether Tune's newest experiment snapshot records a checkpoint of this trial: a killed driver's
-    restore knows only what its last snapshot held, and the snapshot follows the checkpoint on disk."""
+    """Whether Tune's newest experiment snapshot records a checkpoint of this trial that is still on disk:
+    a killed driver's restore knows only what its last snapshot held, and the snapshot follows the
+    checkpoint on disk. Read from the trial's pickled checkpoint manager: every trial's entry names a
+    ``checkpoint_manager``, so finding the word in it proves nothing (a CI run once killed the driver
+    before any checkpoint was recorded, and the resumed trial rightly started from epoch 1)."""
     trial_id = trial_dir.name.removeprefix("trial-")
     for path in sorted((out / "ray" / "tune").glob("experiment_state-*.json"))[-1:]:
         try:
             entries = json.loads(path.read_text())["trial_data"]
-        except (OSError, ValueError, KeyError):  # being rewritten as we read
+            managers = [json.loads(metadata)["checkpoint_manager"] for state, metadata in entries if f'"trial_id": "{trial_id}"' in state]
+            latest = [pickle.loads(bytes.fromhex(m["value"])).latest_checkpoint_result for m in managers]
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError):  # being rewritten as we read
             return False
-        return any(f'"trial_id": "{trial_id}"' in state and "checkpoint_" in metadata for state, metadata in entries)
+        return any(result is not None and Path(result.checkpoint.path).is_dir() for result in latest)
     return False
 
 
