@@ -113,42 +113,76 @@ def bad_inputs(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(
-    ("extra", "needle"),
-    [
-        (["--image-size", "0"], "--image-size must be between 8 and 4096 pixels, got 0"),
-        (["--image-size", "100000"], "--image-size must be between 8 and 4096 pixels, got 100000"),
-        (["--backbone", "vit-base-patch16-384", "--image-size", "8"], "smaller than one patch of vit-base-patch16-384 (16 px)"),
-        (["--backbone", "./no-such-backbone"], "neither a registered name, an existing directory nor an MAE .pth"),
-        (["--method", "fpt_plus", "--set", "keep_ratio=2"], "keep_ratio must be in (0, 1], got 2"),
-        (["--set", "batch_size=0"], "batch_size must be at least 1, got 0"),
-        (["--method", "truncated"], "needs a ResNet backbone"),
-        (["--dataset", "{root}/notes.txt"], "notes.txt is a .txt file, not a dataset"),
-        (["--dataset", "{root}/empty"], "empty is an empty folder"),
-        (["--dataset", "{root}/data/train"], "is a folder with neither train/ nor train_list.txt"),
-        (["--dataset", "{root}/bad-image"], "cannot read image {root}/bad-image/val/"),
-        (["--out", "{root}/notes.txt"], "notes.txt is a file, not a folder"),
-        (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
-        (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
-        (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
-        (["--warm-start", "{root}/empty"], "empty has no sweep.json"),
-    ],
-)
-@pytest.mark.slow  # a process each (~10 s of imports on 2 busy cores)
-def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_inputs, tmp_path, extra, needle):
-    """Each bad input: one line, exit code 2, before Ray starts (no Ray line in the output), and no
-    file written or changed: neither the --out folder nor anything already in the input folder."""
+BAD_SWEEP_INPUTS = [
+    (["--image-size", "0"], "--image-size must be between 8 and 4096 pixels, got 0"),
+    (["--image-size", "100000"], "--image-size must be between 8 and 4096 pixels, got 100000"),
+    (["--backbone", "vit-base-patch16-384", "--image-size", "8"], "smaller than one patch of vit-base-patch16-384 (16 px)"),
+    (["--backbone", "./no-such-backbone"], "neither a registered name, an existing directory nor an MAE .pth"),
+    (["--method", "fpt_plus", "--set", "keep_ratio=2"], "keep_ratio must be in (0, 1], got 2"),
+    (["--set", "batch_size=0"], "batch_size must be at least 1, got 0"),
+    (["--method", "truncated"], "needs a ResNet backbone"),
+    (["--dataset", "{root}/notes.txt"], "notes.txt is a .txt file, not a dataset"),
+    (["--dataset", "{root}/empty"], "empty is an empty folder"),
+    (["--dataset", "{root}/data/train"], "is a folder with neither train/ nor train_list.txt"),
+    (["--dataset", "{root}/bad-image"], "cannot read image {root}/bad-image/val/"),
+    (["--out", "{root}/notes.txt"], "notes.txt is a file, not a folder"),
+    (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
+    (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
+    (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
+    (["--warm-start", "{root}/empty"], "empty has no sweep.json"),
+]
+
+# Runs each `medsweep sweep` of BAD_SWEEP_INPUTS in one fresh interpreter, one after another (a
+# process each costs ~10 s of imports on 2 busy cores): what each printed, its exit code, whether Ray
+# was started by then, and whether its --out folder exists.
+_RUN_EACH = """
+import contextlib, io, json, sys
+from medsweep.cli import main
+cases, results = json.load(open(sys.argv[1])), []
+for argv, out in cases:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+    ray = sys.modules.get("ray")
+    started = bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+    results.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "ray_started": started,
+                    "out_exists": __import__("os").path.exists(out)})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_sweeps(bad_inputs, tmp_path_factory) -> tuple[list[dict], dict[str, bytes], dict[str, bytes]]:
+    """Every bad `medsweep sweep` run once, in a fresh process without Ray; (results, input tree before, after)."""
+    work = tmp_path_factory.mktemp("bad-sweeps")
+    cases = []
+    for i, (extra, _) in enumerate(BAD_SWEEP_INPUTS):
+        out = work / f"out-{i}"
+        argv = ["sweep", "--dataset", str(bad_inputs / "data"), "--method", "linear", "--backbone", "vit-tiny",
+                "--image-size", "32", "--out", str(out), "--cache-dir", str(work / f"cache-{i}"), "--wandb", "disabled"]  # fmt: skip
+        cases.append(([*argv, *[part.format(root=bad_inputs) for part in extra]], str(out)))
+    (work / "cases.json").write_text(json.dumps(cases))
     before = _tree(bad_inputs)
-    out = tmp_path / "out"
-    argv = ["sweep", "--dataset", str(bad_inputs / "data"), "--method", "linear", "--backbone", "vit-tiny",
-            "--image-size", "32", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--wandb", "disabled"]  # fmt: skip
-    proc = _medsweep(*argv, *[part.format(root=bad_inputs) for part in extra])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("medsweep: error: "), proc.stderr[-2000:]
-    assert needle.format(root=bad_inputs) in proc.stderr
-    assert "Ray" not in proc.stdout + proc.stderr
-    assert not out.exists()
-    assert _tree(bad_inputs) == before
+    proc = subprocess.run([sys.executable, "-c", _RUN_EACH, str(work / "cases.json"), str(work / "results.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((work / "results.json").read_text()), before, _tree(bad_inputs)
+
+
+@pytest.mark.parametrize(("case", "needle"), [(i, needle) for i, (_, needle) in enumerate(BAD_SWEEP_INPUTS)])
+def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_sweeps, bad_inputs, case, needle):
+    """Each bad input: one line, exit code 2, before Ray starts, and no file written or changed: neither
+    the --out folder nor anything already in the input folder."""
+    results, before, after = bad_sweeps
+    run = results[case]
+    assert run["code"] == 2, run["stderr"][-2000:]
+    assert run["stderr"].count("\n") == 1 and run["stderr"].startswith("medsweep: error: "), run["stderr"][-2000:]
+    assert needle.format(root=bad_inputs) in run["stderr"]
+    assert not run["ray_started"] and "Ray" not in run["stdout"] + run["stderr"]
+    assert not run["out_exists"]
+    assert after == before
 
 
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
