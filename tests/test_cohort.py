@@ -113,6 +113,14 @@ def test_every_member_equals_its_standalone_fit(synthetic_spec, stores, method, 
         torch.testing.assert_close(trained.trainable_state_dict()[name], value, rtol=1e-3, atol=1e-4)
 
 
+def test_members_accumulating_micro_batches_equal_their_standalone_fits(synthetic_spec, stores, tmp_path):
+    configs = [{**c, "accumulate_steps": 2} for c in configs_of(synthetic_spec, "linear", MEMBERS[:2])]
+    io = CohortStoreIO(stores["linear"], len(configs))
+    fit_cohort(configs, io, tmp_path / "cohort")
+    for i, config in enumerate(configs):
+        assert_same_run(io.members[i].reports, standalone(stores["linear"], config, tmp_path / f"alone-{i}"))
+
+
 def test_a_diverging_member_leaves_and_the_others_are_unaffected(synthetic_spec, stores, tmp_path):
     configs = configs_of(synthetic_spec, "linear", MEMBERS)
     configs[1] = {**configs[1], "lr": 1e12, "optimizer": "sgd", "grad_clip": 0.0, "class_weights": "none"}
@@ -180,6 +188,14 @@ def test_cohort_key_groups_shapes_apart_and_keeps_keep_ratios_together(synthetic
         assert cohort_key({**config, **change}) != key, change
     linear = configs_of(synthetic_spec, "linear", MEMBERS)[0]
     assert cohort_key(linear) != key
+    assert cohort_key({**linear, "lr": 0.5, "class_weights": "balanced", "grad_clip": 0.0}) == cohort_key(linear)
+
+
+def test_only_preloadable_methods_on_their_stored_features_fuse(synthetic_spec, stores):
+    linear = configs_of(synthetic_spec, "linear", MEMBERS)[0]
+    assert fusable(linear, stores["linear"].columns)
+    assert not fusable(linear, stores["cdtm"].columns)  # a store of other features
+    assert not fusable({**linear, "method": "bitfit"}, stores["linear"].columns)  # trains through the backbone: not preloadable
 
 
 def test_a_member_dropout_mask_is_the_one_f_dropout_draws():

@@ -70,7 +70,7 @@ from torch.func import functional_call, vmap
 from medsweep.datasets.store import ColumnSpec
 from medsweep.trainables.backbones import frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
-from medsweep.trainables.loop import Accumulation, BatchOf, Scores, Trainee, batch_maker, device_for_trial, epoch_folder, loss_fn, seed_epoch
+from medsweep.trainables.loop import Accumulation, BatchOf, DataIO, Scores, Trainee, batch_maker, device_for_trial, epoch_folder, loss_fn, seed_epoch
 from medsweep.trainables.methods import Method, build_method, get_method, make_config
 from medsweep.trainables.precision import autocast
 
@@ -131,29 +131,27 @@ def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator) -> torch
 
 
 @dataclass
-class _Member:
-    """One member trial: its index in the cohort's configs, its training, its dropout generator."""
+class Member:
+    """One member trial: its index in the cohort's configs, its training, its random state."""
 
     index: int
     trainee: Trainee
-    generator: torch.Generator  # the random state its standalone fit's global generator would hold
+    state: torch.Generator  # the global random state its standalone fit would hold (CPU), saved as a checkpoint's rng
+    generator: torch.Generator  # draws its dropout masks: ``state`` itself on CPU
     memory_bytes: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, index: int, config: dict[str, Any], io: CohortIO, device: torch.device) -> _Member:
-        trainee = Trainee.start(config, io, 1, device, io.latest_checkpoint(index))
-        cpu = torch.Generator()
-        cpu.set_state(trainee.rng if trainee.rng is not None else torch.get_rng_state())
+    def start(cls, index: int, config: dict[str, Any], io: DataIO, device: torch.device, restored: Path | None) -> Member:
+        """Build (or restore from ``restored``) the member as ``fit`` would, with its random state."""
+        trainee = Trainee.start(config, io, 1, device, restored)
+        state = torch.Generator()
+        state.set_state(trainee.rng if trainee.rng is not None else torch.get_rng_state())
         if device.type == "cpu":
-            return cls(index, trainee, cpu)
-        generator = torch.Generator(device)  # no bitwise reproduction on CUDA: a per-member stream, seeded from its state
-        generator.manual_seed(int(torch.randint(2**62, (1,), generator=cpu)))
-        return cls(index, trainee, generator)
-
-    def rng(self) -> torch.Tensor:
-        """The checkpoint's ``rng``: the global random state its standalone run would hold (CPU)."""
-        return self.generator.get_state() if self.generator.device.type == "cpu" else torch.get_rng_state()
+            return cls(index, trainee, state, state)
+        generator = torch.Generator(device)  # no bitwise reproduction on CUDA: a per-member stream seeded from its state
+        generator.manual_seed(int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state.get_state()))))
+        return cls(index, trainee, state, generator)
 
 
 class _MemberDropout(nn.Module):
@@ -174,11 +172,11 @@ class _MemberDropout(nn.Module):
         return x * masks[self.member]
 
 
-class _Fused:
+class FusedMembers:
     """The active members' parameters and buffers stacked along a leading member axis, and the fused model
     (a copy of one member) that ``vmap`` runs over them."""
 
-    def __init__(self, model: Method, dropouts: dict[str, _MemberDropout], members: list[_Member], device: torch.device) -> None:
+    def __init__(self, model: Method, dropouts: dict[str, _MemberDropout], members: list[Member], device: torch.device) -> None:
         self.model, self.dropouts, self.members = model, dropouts, members
         methods = [m.trainee.method for m in members]
         self.trainable: dict[str, torch.Tensor] = {}
@@ -257,7 +255,7 @@ class _Fused:
         return [cast(dict[str, float], s.metrics(m.trainee.task)) for s, m in zip(scores, self.members, strict=True)]
 
 
-def _fused_model(method: Method) -> tuple[Method, dict[str, _MemberDropout]]:
+def fused_model(method: Method) -> tuple[Method, dict[str, _MemberDropout]]:
     """A copy of ``method`` to run every member with, its dropouts replaced by member dropouts (by path)."""
     model = copy.deepcopy(method)
     dropouts: dict[str, _MemberDropout] = {}
@@ -279,12 +277,12 @@ def fit_cohort(configs: list[dict[str, Any]], io: CohortIO, checkpoint_root: Pat
     if len({cohort_key(config) for config in configs}) != 1:
         raise ValueError("fit_cohort needs members with one cohort_key")
     device = device_for_trial()
-    members = [_Member.start(i, config, io, device) for i, config in enumerate(configs)]
+    members = [Member.start(i, config, io, device, io.latest_checkpoint(i)) for i, config in enumerate(configs)]
     first = members[0].trainee
     cfg = first.cfg
     if len({m.trainee.state.epoch for m in members}) != 1:
         raise ValueError("fit_cohort members must resume from the same epoch")
-    model, dropouts = _fused_model(first.method)
+    model, dropouts = fused_model(first.method)
     generator = torch.Generator()  # augmentation draws, shared by every member
     batch_of = batch_maker(first.method, io.columns, device, generator)
     micro_batch = cfg.micro_batch_size(1)
@@ -294,7 +292,7 @@ def fit_cohort(configs: list[dict[str, Any]], io: CohortIO, checkpoint_root: Pat
         active = [m for m in active if io.wanted(m.index)]
         if not active:
             break
-        fused = _Fused(model, dropouts, active, device)
+        fused = FusedMembers(model, dropouts, active, device)
         epoch_start = time.perf_counter()
         seed_epoch(generator, cfg.seed, 0, epoch)
         losses: list[list[float]] = [[] for _ in active]
@@ -325,7 +323,7 @@ def fit_cohort(configs: list[dict[str, Any]], io: CohortIO, checkpoint_root: Pat
             checkpoint_dir = None
             if member.metrics["status"] != "diverged":
                 folder = checkpoint_root / f"member-{member.index:03d}" / epoch_folder(epoch)
-                checkpoint_dir = member.trainee.save(folder, member.rng())
+                checkpoint_dir = member.trainee.save(folder, member.state.get_state())
             io.report(member.index, member.metrics, checkpoint_dir)
         active = [m for m in active if m.metrics["status"] != "diverged"]  # a diverged member leaves the batched computation
     return [m.metrics for m in members]
