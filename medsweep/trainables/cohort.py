@@ -59,6 +59,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -70,7 +71,19 @@ from torch.func import functional_call, vmap
 from medsweep.datasets.store import ColumnSpec
 from medsweep.trainables.backbones import frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
-from medsweep.trainables.loop import Accumulation, BatchOf, DataIO, Scores, Trainee, batch_maker, device_for_trial, epoch_folder, loss_fn, seed_epoch
+from medsweep.trainables.loop import (
+    Accumulation,
+    BatchOf,
+    DataIO,
+    Scores,
+    Trainee,
+    batch_maker,
+    device_for_trial,
+    epoch_folder,
+    loss_fn,
+    seed_epoch,
+    train_epoch,
+)
 from medsweep.trainables.methods import Method, build_method, get_method, make_config
 from medsweep.trainables.precision import autocast
 
@@ -231,6 +244,11 @@ class FusedMembers:
         total.backward()
         return torch.stack([loss.detach() for loss in losses]).cpu().tolist()
 
+    def measure(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Each member's peak step memory as ``fit`` measures it: its own step, standalone."""
+        for member in self.members:
+            member.memory_bytes = member.trainee.memory_bytes(member.trainee.method.train(), inputs, labels, labels.device)
+
     def step(self, grad_factor: float) -> None:
         """Each member's optimizer step over its slice of the accumulated gradients."""
         for i, member in enumerate(self.members):
@@ -286,39 +304,22 @@ def fit_cohort(configs: list[dict[str, Any]], io: CohortIO, checkpoint_root: Pat
     generator = torch.Generator()  # augmentation draws, shared by every member
     batch_of = batch_maker(first.method, io.columns, device, generator)
     micro_batch = cfg.micro_batch_size(1)
-    measured = False
     active = members
-    for epoch in range(first.state.epoch, cfg.epochs):
+    start = first.state.epoch
+    for epoch in range(start, cfg.epochs):
         active = [m for m in active if io.wanted(m.index)]
         if not active:
             break
         fused = FusedMembers(model, dropouts, active, device)
         epoch_start = time.perf_counter()
         seed_epoch(generator, cfg.seed, 0, epoch)
-        losses: list[list[float]] = [[] for _ in active]
-        step_seconds = 0.0
         group = Accumulation(micro_batch, cfg.accumulate_steps)
-        for arrays in io.batches("train", micro_batch, epoch, shuffle=True):
-            inputs, labels = batch_of(arrays, train=True)
-            if not measured:  # each member's own step, as fit measures it; outside the timed steps
-                for member in active:
-                    member.memory_bytes = member.trainee.memory_bytes(member.trainee.method.train(), inputs, labels, device)
-                measured = True
-            step_start = time.perf_counter()
-            for member_losses, loss in zip(losses, fused.backward(inputs, labels, first.precision, group), strict=True):
-                member_losses.append(loss)
-            factor = group.add(len(labels))
-            if factor is not None:
-                fused.step(factor)
-            step_seconds += time.perf_counter() - step_start
-        factor = group.flush()
-        if factor is not None:  # a trailing partial group steps too
-            step_start = time.perf_counter()
-            fused.step(factor)
-            step_seconds += time.perf_counter() - step_start
+        backward = partial(fused.backward, precision=first.precision, group=group)
+        batches = io.batches("train", micro_batch, epoch, shuffle=True)
+        losses, seconds = train_epoch(batches, batch_of, group, backward, fused.step, len(active), fused.measure if epoch == start else None)
         vals = fused.evaluate(io.batches("val", cfg.batch_size, epoch, shuffle=False), batch_of, first.precision)
         for member, member_losses, val in zip(active, losses, vals, strict=True):
-            member.trainee.state.train_step_seconds += step_seconds
+            member.trainee.state.train_step_seconds += seconds
             member.metrics = member.trainee.end_epoch(epoch, member_losses, val, member.memory_bytes, epoch_start)
             checkpoint_dir = None
             if member.metrics["status"] != "diverged":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
@@ -157,10 +158,15 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         torch.set_rng_state(trainee.rng)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     micro_batch = cfg.micro_batch_size(io.world_size)
-    generator = torch.Generator()  # augmentation draws, reseeded per epoch (see below)
+    generator = torch.Generator()  # augmentation draws, reseeded per epoch (see seed_epoch)
     batch_of = batch_maker(method, io.columns, device, generator)
 
     memory_bytes: int | None = None
+
+    def measure(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:  # once, on the run's first batch
+        nonlocal memory_bytes
+        memory_bytes = trainee.memory_bytes(model, inputs, labels, device)
+
     metrics: dict[str, Any] = {}
     state = trainee.state
     for epoch in range(state.epoch, cfg.epochs):
@@ -168,26 +174,12 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         epoch_start = time.perf_counter()
         seed_epoch(generator, cfg.seed, io.rank, epoch)
         model.train()
-        losses: list[float] = []
         trainee.optimizer.zero_grad(set_to_none=True)
         group = Accumulation(micro_batch, cfg.accumulate_steps)
-        for arrays in io.batches("train", micro_batch, epoch, shuffle=True):
-            inputs, labels = batch_of(arrays, train=True)
-            if memory_bytes is None:  # measured once, outside the timed training steps
-                memory_bytes = trainee.memory_bytes(model, inputs, labels, device)
-            step_start = time.perf_counter()
-            loss = precise_loss(model, inputs, labels, task, precision, trainee.weight)
-            trainee.scaler.scale(group.scaled(loss, len(labels))).backward()
-            factor = group.add(len(labels))
-            if factor is not None:
-                trainee.step(factor)
-            losses.append(loss.item())
-            state.train_step_seconds += time.perf_counter() - step_start
-        factor = group.flush()
-        if factor is not None:  # a trailing partial group steps too
-            step_start = time.perf_counter()
-            trainee.step(factor)
-            state.train_step_seconds += time.perf_counter() - step_start
+        backward = partial(trainee.backward, model, group=group)
+        batches = io.batches("train", micro_batch, epoch, shuffle=True)
+        (losses,), seconds = train_epoch(batches, batch_of, group, backward, trainee.step, 1, measure if memory_bytes is None else None)
+        state.train_step_seconds += seconds
         val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task, precision=precision)
         metrics = trainee.end_epoch(epoch, losses, val, memory_bytes, epoch_start)
         checkpoint_dir = None
@@ -208,6 +200,44 @@ def seed_epoch(generator: torch.Generator, seed: int, rank: int, epoch: int) -> 
 def epoch_folder(epoch: int) -> str:
     """The checkpoint folder name of 0-based ``epoch``."""
     return f"epoch-{epoch + 1:04d}"
+
+
+def train_epoch(
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_of: BatchOf,
+    group: Accumulation,
+    backward: Callable[[dict[str, torch.Tensor], torch.Tensor], list[float]],
+    step: Callable[[float], None],
+    models: int,
+    first: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+) -> tuple[list[list[float]], float]:
+    """One epoch of training steps of ``models`` models on one stream of batches (``fit``: one; a cohort: its members).
+
+    ``backward`` runs a micro-batch's forward and backward and returns each model's loss;
+    ``step`` steps the optimizers with the gradient factor of a complete (or the trailing
+    partial) group of ``group``; ``first`` sees the first batch before any step (the memory
+    probe). Returns each model's losses and the seconds spent in steps (batch making excluded).
+    """
+    losses: list[list[float]] = [[] for _ in range(models)]
+    seconds = 0.0
+    for arrays in batches:
+        inputs, labels = batch_of(arrays, train=True)
+        if first is not None:  # outside the timed training steps
+            first(inputs, labels)
+            first = None
+        start = time.perf_counter()
+        for model_losses, loss in zip(losses, backward(inputs, labels), strict=True):
+            model_losses.append(loss)
+        factor = group.add(len(labels))
+        if factor is not None:
+            step(factor)
+        seconds += time.perf_counter() - start
+    factor = group.flush()
+    if factor is not None:  # a trailing partial group steps too
+        start = time.perf_counter()
+        step(factor)
+        seconds += time.perf_counter() - start
+    return losses, seconds
 
 
 class Accumulation:
@@ -319,6 +349,12 @@ class Trainee:
         )
         self.optimizer.zero_grad(set_to_none=True)
         return measured
+
+    def backward(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, group: Accumulation) -> list[float]:
+        """Forward and backward of one micro-batch of ``model`` (this trial's, wrapped or not) in ``group``; its loss."""
+        loss = precise_loss(model, inputs, labels, self.task, self.precision, self.weight)
+        self.scaler.scale(group.scaled(loss, len(labels))).backward()
+        return [loss.item()]
 
     def step(self, grad_factor: float) -> None:
         """One optimizer step over the accumulated gradients (see :func:`_optimizer_step`)."""
