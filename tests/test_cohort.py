@@ -28,6 +28,7 @@ MEMBERS = [
     {"lr": 2e-2, "weight_decay": 0.05, "warmup_epochs": 0.5, "grad_clip": 0.5, "optimizer": "sgd"},
 ]
 FPT_MEMBERS = [{"fusion_dropout": 0.5, "keep_ratio": 0.3}, {"fusion_dropout": 0.0, "keep_ratio": 0.5}, {"fusion_dropout": 0.2, "keep_ratio": 0.2}]
+TIMINGS = ("epoch_seconds", "train_step_seconds")  # a member reports the cohort's
 EXACT_KEYS = ("epoch", "best_epoch", "status", "learnable_params", "total_params", "best_collapsed")
 
 
@@ -80,16 +81,14 @@ def standalone(store, config: dict[str, Any], folder: Path) -> list[dict[str, An
 
 
 def assert_same_run(mine: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
-    """Per-epoch metrics within the module's stated tolerance (batched vs single matmul rounding)."""
+    """Per-epoch metrics within the module's stated tolerance (batched vs single matmul rounding); timings aside."""
     assert len(mine) == len(reference)
     for got, want in zip(mine, reference, strict=True):
         assert set(got) == set(want)
         assert {k: got[k] for k in EXACT_KEYS} == {k: want[k] for k in EXACT_KEYS}
-        for key in ("train_loss", "val_loss"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5), key
-        for key in ("val_auc", "best_val_auc", "val_accuracy"):
-            if key in want:
-                assert got[key] == pytest.approx(want[key], abs=1e-6, nan_ok=True), key
+        for key, value in want.items():
+            if key not in TIMINGS and isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 @pytest.mark.parametrize("method", list(METHODS))

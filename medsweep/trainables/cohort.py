@@ -57,7 +57,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -215,22 +215,22 @@ class FusedMembers:
         """Every member's logits ``[K, B, C]`` on one shared batch."""
 
         def one(trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], per_member: dict[str, torch.Tensor], index: torch.Tensor):
-            for path, value in per_member.items():
-                module, _, attribute = path.rpartition(".")
-                setattr(self.model.get_submodule(module), attribute, value)
-            for dropout in self.dropouts.values():
-                dropout.member = index
+            self._set(per_member, index)
             try:
                 return functional_call(self.model, {**trainable, **fixed}, (inputs,))
             finally:  # the batched values mean nothing outside this call
-                for path in per_member:
-                    module, _, attribute = path.rpartition(".")
-                    setattr(self.model.get_submodule(module), attribute, None)
-                for dropout in self.dropouts.values():
-                    dropout.member = None
+                self._set(dict.fromkeys(per_member), None)
 
         # randomness "same": the dropout masks are drawn on plain tensors from each member's own generator.
         return vmap(one, randomness="same")(self.trainable, self.fixed, self.per_member, self.index)
+
+    def _set(self, per_member: Mapping[str, torch.Tensor | None], index: torch.Tensor | None) -> None:
+        """Put one member's values (inside vmap) on the fused model's attributes, or clear them (None)."""
+        for path, value in per_member.items():
+            module, _, attribute = path.rpartition(".")
+            setattr(self.model.get_submodule(module), attribute, value)
+        for dropout in self.dropouts.values():
+            dropout.member = index
 
     def backward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, precision: str, group: Accumulation) -> list[float]:
         """Forward and backward of one micro-batch for every member; their losses (as ``fit`` records them)."""
