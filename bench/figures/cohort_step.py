@@ -80,7 +80,7 @@ def run(ctx) -> dict[str, Any]:
     base = sweep_config(spec, recommended_point(spec), epochs=1)
     io = StoreIO(store, seed=0)
     arrays = next(iter(io.batches("train", base["batch_size"], 0, shuffle=True)))
-    repeats = 3 if quick else 10
+    repeats = 5 if quick else 20
     rows = []
     with trial_threads():
         for k in MEMBERS:
