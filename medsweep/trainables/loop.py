@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
@@ -45,17 +46,22 @@ class BatchOf(Protocol):
     def __call__(self, arrays: dict[str, np.ndarray], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
 
-class TrialIO(Protocol):
-    """What the loop needs from its runner."""
+class DataIO(Protocol):
+    """The data side of a runner: what building a trial's training needs."""
 
-    world_size: int
-    rank: int
     columns: list[ColumnSpec]
 
     def num_rows(self, split: str) -> int: ...
 
     def label_counts(self, split: str) -> list[int]:
         """Per-class (multi-class) or per-label positive (multi-label) counts of the whole ``split``."""
+
+
+class TrialIO(DataIO, Protocol):
+    """What the loop needs from its runner."""
+
+    world_size: int
+    rank: int
 
     def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterable[dict[str, np.ndarray]]:
         """Numpy batches of this worker's rows of ``split`` (train: a disjoint shard per worker)."""
@@ -91,7 +97,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: str, weight: torch
     return F.cross_entropy(logits, labels.long(), weight=weight)
 
 
-def loss_weights(cfg: TrainConfig, io: TrialIO, method: Method, device: torch.device) -> torch.Tensor | None:
+def loss_weights(cfg: TrainConfig, io: DataIO, method: Method, device: torch.device) -> torch.Tensor | None:
     """The training loss's class weights under ``cfg.class_weights`` (None: unweighted).
 
     Only the training loss is weighted: the reported validation loss stays the
@@ -144,98 +150,227 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     ``best_collapsed`` says whether that epoch's validation predictions
     collapsed to one class (see :func:`~medsweep.trainables.metrics.prediction_collapsed`).
     """
-    cfg = TrainConfig.from_dict(config)
-    torch.manual_seed(cfg.seed)
-    stored_names = {c.name for c in io.columns}
-    method_cls = get_method(config["method"]).model_cls
-    # Every batch carries the frozen features: the frozen backbone never runs, so it is built
-    # without weights (on the meta device). DDP broadcasts every tensor, so not under DDP.
-    preloaded = method_cls.preloadable and method_cls.frozen_input not in stored_names and io.world_size == 1
-    with frozen_weights_unused() if preloaded else nullcontext():
-        method = build_method(config["method"], config)
-    task = method.config.task
     device = device_for_trial()
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
-        allow_tf32()
-    method.to_device(device)
+    trainee = Trainee.start(config, io, io.world_size, device, io.latest_checkpoint())
+    cfg, method, task, precision = trainee.cfg, trainee.method, trainee.task, trainee.precision
     model = io.prepare_model(method)
+    if trainee.rng is not None:
+        torch.set_rng_state(trainee.rng)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
-    # batch_size is the effective batch: each worker runs accumulate_steps micro-batches per optimizer step,
-    # and the schedule counts optimizer steps (a trailing partial group steps too).
     micro_batch = cfg.micro_batch_size(io.world_size)
-    accumulate = cfg.accumulate_steps
-    steps = math.ceil(steps_per_epoch(io.num_rows("train"), micro_batch, io.world_size) / accumulate)
-    scaler = grad_scaler(precision, device)
-    weight = loss_weights(cfg, io, method, device)
-
-    state = LoopState()
-    restored = io.latest_checkpoint()
-    blob = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=False) if restored else None
-    if blob is not None:
-        state = blob["state"]
-        _replay_stages(method, state.epoch)
-        method.load_state_dict(blob["model"], strict=False)
-    optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
-    if blob is not None:
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        if "scaler" in blob:
-            scaler.load_state_dict(blob["scaler"])
-        torch.set_rng_state(blob["rng"])
-    generator = torch.Generator()  # augmentation draws, reseeded per epoch (see below)
+    generator = torch.Generator()  # augmentation draws, reseeded per epoch (see seed_epoch)
     batch_of = batch_maker(method, io.columns, device, generator)
 
     memory_bytes: int | None = None
+
+    def measure(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:  # once, on the run's first batch
+        nonlocal memory_bytes
+        memory_bytes = trainee.memory_bytes(model, inputs, labels, device)
+
     metrics: dict[str, Any] = {}
+    state = trainee.state
     for epoch in range(state.epoch, cfg.epochs):
-        factor = method.begin_epoch(epoch)
-        if factor is not None:  # a new stage: restart from the best weights at a scaled lr
-            state.lr_factor *= factor
-            state.stage_start = epoch
-            if state.best_state:
-                method.load_state_dict(state.best_state, strict=False)
-            optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
+        trainee.begin_epoch(epoch)
         epoch_start = time.perf_counter()
-        # From (seed, rank, epoch) alone, like the data order: a resumed trial draws what an uninterrupted one would.
-        generator.manual_seed(int(np.random.SeedSequence([cfg.seed, io.rank, epoch]).generate_state(1)[0]))
+        seed_epoch(generator, cfg.seed, io.rank, epoch)
         model.train()
-        losses: list[float] = []
-        optimizer.zero_grad(set_to_none=True)
-        # Micro-batches (and their rows) whose gradients wait for the optimizer step. Each micro-batch's mean loss
-        # counts by its rows, so a group's gradient is the mean over the group's rows even where the epoch's
-        # last micro-batch is short or the last group partial: the update of one batch of batch_size.
-        # Without accumulation a batch is its own group: its mean loss as it is.
-        pending = pending_rows = 0
-        group_rows = micro_batch * accumulate
-        for arrays in io.batches("train", micro_batch, epoch, shuffle=True):
-            inputs, labels = batch_of(arrays, train=True)
-            if memory_bytes is None:  # measured once, outside the timed training steps
-                memory_bytes = step_memory_bytes(model, lambda: precise_loss(model, inputs, labels, task, precision, weight), cfg.optimizer, device)  # noqa: B023 - called at once
-                optimizer.zero_grad(set_to_none=True)
-            step_start = time.perf_counter()
-            loss = precise_loss(model, inputs, labels, task, precision, weight)
-            scaler.scale(loss * (len(labels) / group_rows) if accumulate > 1 else loss).backward()
-            pending, pending_rows = pending + 1, pending_rows + len(labels)
-            if pending == accumulate:
-                _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows if accumulate > 1 else 1.0)
-                pending = pending_rows = 0
-            losses.append(loss.item())
-            state.train_step_seconds += time.perf_counter() - step_start
-        if pending:  # a trailing partial group steps too
-            step_start = time.perf_counter()
-            _optimizer_step(method, optimizer, scheduler, scaler, cfg.grad_clip, group_rows / pending_rows)
-            state.train_step_seconds += time.perf_counter() - step_start
+        trainee.optimizer.zero_grad(set_to_none=True)
+        group = Accumulation(micro_batch, cfg.accumulate_steps)
+        backward = partial(trainee.backward, model, group=group)
+        batches = io.batches("train", micro_batch, epoch, shuffle=True)
+        (losses,), seconds = train_epoch(batches, batch_of, group, backward, trainee.step, 1, measure if memory_bytes is None else None)
+        state.train_step_seconds += seconds
+        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task, precision=precision)
+        metrics = trainee.end_epoch(epoch, losses, val, memory_bytes, epoch_start)
+        checkpoint_dir = None
+        if io.rank == 0 and metrics["status"] != "diverged":
+            checkpoint_dir = trainee.save(checkpoint_root / epoch_folder(epoch), torch.get_rng_state())
+        io.report(metrics, checkpoint_dir)
+        if metrics["status"] == "diverged":
+            break
+    return metrics
+
+
+def seed_epoch(generator: torch.Generator, seed: int, rank: int, epoch: int) -> None:
+    """Reseed the augmentation draws from (seed, rank, epoch) alone, like the data order: a resumed
+    trial draws what an uninterrupted one would, and trials sharing a seed draw the same."""
+    generator.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
+
+
+def epoch_folder(epoch: int) -> str:
+    """The checkpoint folder name of 0-based ``epoch``."""
+    return f"epoch-{epoch + 1:04d}"
+
+
+def train_epoch(
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_of: BatchOf,
+    group: Accumulation,
+    backward: Callable[[dict[str, torch.Tensor], torch.Tensor], list[float]],
+    step: Callable[[float], None],
+    models: int,
+    first: Callable[[dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+) -> tuple[list[list[float]], float]:
+    """One epoch of training steps of ``models`` models on one stream of batches (``fit``: one; a cohort: its members).
+
+    ``backward`` runs a micro-batch's forward and backward and returns each model's loss;
+    ``step`` steps the optimizers with the gradient factor of a complete (or the trailing
+    partial) group of ``group``; ``first`` sees the first batch before any step (the memory
+    probe). Returns each model's losses and the seconds spent in steps (batch making excluded).
+    """
+    losses: list[list[float]] = [[] for _ in range(models)]
+    seconds = 0.0
+    for arrays in batches:
+        inputs, labels = batch_of(arrays, train=True)
+        if first is not None:  # outside the timed training steps
+            first(inputs, labels)
+            first = None
+        start = time.perf_counter()
+        for model_losses, loss in zip(losses, backward(inputs, labels), strict=True):
+            model_losses.append(loss)
+        factor = group.add(len(labels))
+        if factor is not None:
+            step(factor)
+        seconds += time.perf_counter() - start
+    factor = group.flush()
+    if factor is not None:  # a trailing partial group steps too
+        start = time.perf_counter()
+        step(factor)
+        seconds += time.perf_counter() - start
+    return losses, seconds
+
+
+class Accumulation:
+    """Micro-batches (and their rows) whose gradients wait for the optimizer step.
+
+    Each micro-batch's mean loss counts by its rows, so a group's gradient is the mean over the
+    group's rows even where the epoch's last micro-batch is short or the last group partial: the
+    update of one batch of batch_size. Without accumulation a batch is its own group: its mean
+    loss as it is.
+    """
+
+    def __init__(self, micro_batch: int, accumulate: int) -> None:
+        self.accumulate = accumulate
+        self.group_rows = micro_batch * accumulate
+        self.pending = self.pending_rows = 0
+
+    def scaled(self, loss: torch.Tensor, rows: int) -> torch.Tensor:
+        """The micro-batch loss to backpropagate."""
+        return loss * (rows / self.group_rows) if self.accumulate > 1 else loss
+
+    def add(self, rows: int) -> float | None:
+        """Count one micro-batch; the gradient factor when the group is complete (step now), else None."""
+        self.pending, self.pending_rows = self.pending + 1, self.pending_rows + rows
+        return self.flush() if self.pending == self.accumulate else None
+
+    def flush(self) -> float | None:
+        """The gradient factor of the pending (possibly partial) group, None if there is none; starts a new group."""
+        if not self.pending:
+            return None
+        factor = self.group_rows / self.pending_rows if self.accumulate > 1 else 1.0
+        self.pending = self.pending_rows = 0
+        return factor
+
+
+@dataclass
+class Trainee:
+    """One trial's model and training state: what ``fit`` trains, and each member of a fused cohort
+    (:mod:`medsweep.trainables.cohort`), built, restored, stepped, checkpointed by the same code."""
+
+    cfg: TrainConfig
+    method: Method
+    precision: str
+    steps: int  # optimizer steps per epoch
+    scaler: torch.amp.GradScaler
+    weight: torch.Tensor | None
+    state: LoopState
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rng: torch.Tensor | None  # the global random state a restored checkpoint holds (None: a fresh start)
+
+    @property
+    def task(self) -> str:
+        return self.method.config.task
+
+    @classmethod
+    def start(cls, config: dict[str, Any], io: DataIO, world_size: int, device: torch.device, restored: Path | None) -> Trainee:
+        """Seed, build ``config``'s method on ``device``, its optimizer and schedule; restore ``restored``'s checkpoint if any.
+
+        The global random state after this is what the method's initialisation left (the
+        caller sets ``rng`` where a checkpoint was restored).
+        """
+        cfg = TrainConfig.from_dict(config)
+        torch.manual_seed(cfg.seed)
+        stored_names = {c.name for c in io.columns}
+        method_cls = get_method(config["method"]).model_cls
+        # Every batch carries the frozen features: the frozen backbone never runs, so it is built
+        # without weights (on the meta device). DDP broadcasts every tensor, so not under DDP.
+        preloaded = method_cls.preloadable and method_cls.frozen_input not in stored_names and world_size == 1
+        with frozen_weights_unused() if preloaded else nullcontext():
+            method = build_method(config["method"], config)
+        precision = resolve_precision(cfg.precision, device)
+        if device.type == "cuda":
+            allow_tf32()
+        method.to_device(device)
+        # batch_size is the effective batch: each worker runs accumulate_steps micro-batches per optimizer step,
+        # and the schedule counts optimizer steps (a trailing partial group steps too).
+        steps = math.ceil(steps_per_epoch(io.num_rows("train"), cfg.micro_batch_size(world_size), world_size) / cfg.accumulate_steps)
+        scaler = grad_scaler(precision, device)
+        weight = loss_weights(cfg, io, method, device)
+        state = LoopState()
+        blob = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=False) if restored else None
+        if blob is not None:
+            state = blob["state"]
+            _replay_stages(method, state.epoch)
+            method.load_state_dict(blob["model"], strict=False)
+        optimizer, scheduler = _optimizer_for_stage(method, cfg, state, steps)
+        if blob is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+            scheduler.load_state_dict(blob["scheduler"])
+            if "scaler" in blob:
+                scaler.load_state_dict(blob["scaler"])
+        rng = blob["rng"] if blob is not None else None
+        return cls(cfg, method, precision, steps, scaler, weight, state, optimizer, scheduler, rng)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The method's stage hook: a new stage restarts from the best weights at a scaled lr."""
+        factor = self.method.begin_epoch(epoch)
+        if factor is not None:
+            self.state.lr_factor *= factor
+            self.state.stage_start = epoch
+            if self.state.best_state:
+                self.method.load_state_dict(self.state.best_state, strict=False)
+            self.optimizer, self.scheduler = _optimizer_for_stage(self.method, self.cfg, self.state, self.steps)
+
+    def memory_bytes(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, device: torch.device) -> int:
+        """Peak memory of one training step of ``model`` (this trial's model, wrapped or not) on a batch; no trace left."""
+        measured = step_memory_bytes(
+            model, lambda: precise_loss(model, inputs, labels, self.task, self.precision, self.weight), self.cfg.optimizer, device
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        return measured
+
+    def backward(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, group: Accumulation) -> list[float]:
+        """Forward and backward of one micro-batch of ``model`` (this trial's, wrapped or not) in ``group``; its loss."""
+        loss = precise_loss(model, inputs, labels, self.task, self.precision, self.weight)
+        self.scaler.scale(group.scaled(loss, len(labels))).backward()
+        return [loss.item()]
+
+    def step(self, grad_factor: float) -> None:
+        """One optimizer step over the accumulated gradients (see :func:`_optimizer_step`)."""
+        _optimizer_step(self.method, self.optimizer, self.scheduler, self.scaler, self.cfg.grad_clip, grad_factor)
+
+    def end_epoch(self, epoch: int, losses: list[float], val: dict[str, float], memory_bytes: int | None, epoch_start: float) -> dict[str, Any]:
+        """Book 0-based ``epoch`` (its training losses, validation metrics): best epoch, divergence; the metrics to report."""
+        state = self.state
         train_loss = float(np.mean(losses)) if losses else float("nan")
         diverged = not math.isfinite(train_loss) or train_loss > DIVERGENCE_LOSS
-        val = evaluate(model, io.batches("val", per_worker_batch, epoch, shuffle=False), batch_of, task, precision=precision)
-        improved = not diverged and is_better_epoch(val, state)
-        if improved:
+        if not diverged and is_better_epoch(val, state):
             state.best_auc, state.best_epoch, state.best_collapsed = val["auc"], epoch, val["collapsed"] == 1.0
-            state.best_state = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
+            state.best_state = {k: v.detach().clone() for k, v in self.method.trainable_state_dict().items()}
         state.epoch = epoch + 1
-        learnable, total = method.parameter_counts()  # a staged method changes them between stages
-        metrics = {
+        learnable, total = self.method.parameter_counts()  # a staged method changes them between stages
+        return {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             **{f"val_{k}": v for k, v in val.items()},
@@ -250,13 +385,24 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
             "train_step_seconds": state.train_step_seconds,
             "status": "diverged" if diverged else "running",
         }
-        checkpoint_dir = None
-        if io.rank == 0 and not diverged:
-            checkpoint_dir = _save(checkpoint_root / f"epoch-{epoch + 1:04d}", method, optimizer, scheduler, scaler, state)
-        io.report(metrics, checkpoint_dir)
-        if diverged:
-            break
-    return metrics
+
+    def save(self, folder: Path, rng: torch.Tensor) -> Path:
+        """Write the checkpoint ``fit`` resumes from into ``folder``; ``rng``: the global random state to restore."""
+        folder.mkdir(parents=True, exist_ok=True)
+        # Cloned: a fused cohort's members hold views into one stacked tensor, whose whole storage torch.save would write.
+        model = {k: v.clone() for k, v in self.method.trainable_state_dict().items()}
+        torch.save(
+            {
+                "model": model,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": self.state,
+                "rng": rng,
+            },
+            folder / CHECKPOINT_FILE,
+        )
+        return folder
 
 
 def is_better_epoch(val: dict[str, float], state: LoopState) -> bool:
@@ -350,17 +496,33 @@ def evaluate(
     """
     model.eval()
     device = device_of(model)
-    all_logits, all_labels, losses = [], [], []
+    scores = Scores()
     for arrays in batches:
         inputs, labels = batch_of(arrays, train=False)
         with autocast(precision, device):
             logits = model(inputs).float()
-        losses.append(loss_fn(logits, labels, task).item() * len(labels))
-        all_logits.append(logits.float().cpu().numpy())
-        all_labels.append(labels.cpu().numpy())
-    logits_np, labels_np = np.concatenate(all_logits), np.concatenate(all_labels)
-    metrics = {"loss": float(np.sum(losses) / len(labels_np)), **classification_metrics(logits_np, labels_np, task)}
-    return (metrics, logits_np, labels_np) if outputs else metrics
+        scores.add(logits, labels, task)
+    return scores.metrics(task, outputs)
+
+
+class Scores:
+    """Validation logits, labels and loss gathered batch by batch, then :func:`evaluate`'s metrics."""
+
+    def __init__(self) -> None:
+        self.logits: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.losses: list[float] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, task: str) -> None:
+        """One batch: float32 ``logits`` [B, C] and its labels; the loss unweighted (see :func:`loss_weights`)."""
+        self.losses.append(loss_fn(logits, labels, task).item() * len(labels))
+        self.logits.append(logits.float().cpu().numpy())
+        self.labels.append(labels.cpu().numpy())
+
+    def metrics(self, task: str, outputs: bool = False) -> dict[str, float] | tuple[dict[str, float], np.ndarray, np.ndarray]:
+        logits_np, labels_np = np.concatenate(self.logits), np.concatenate(self.labels)
+        metrics = {"loss": float(np.sum(self.losses) / len(labels_np)), **classification_metrics(logits_np, labels_np, task)}
+        return (metrics, logits_np, labels_np) if outputs else metrics
 
 
 def predict(
@@ -378,22 +540,6 @@ def predict(
     batches = io.batches(split, batch_size, epoch=0, shuffle=False)
     precision = resolve_precision(precision, device)
     return evaluate(method, batches, batch_maker(method, io.columns, device, None), method.config.task, outputs=True, precision=precision)
-
-
-def _save(folder: Path, method: Method, optimizer, scheduler, scaler: torch.amp.GradScaler, state: LoopState) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model": method.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "state": state,
-            "rng": torch.get_rng_state(),
-        },
-        folder / CHECKPOINT_FILE,
-    )
-    return folder
 
 
 def _optimizer_for_stage(method: Method, cfg: TrainConfig, state: LoopState, steps: int):

@@ -66,6 +66,10 @@ class Method(nn.Module):
     # A method that trains the whole backbone on its own: a sweep runs its trials with DDP over
     # ``--workers`` whole GPUs (one per worker) instead of a probed fraction of one GPU.
     ddp: ClassVar[bool] = False
+    # Config fields in which the members of one fused cohort (:mod:`medsweep.trainables.cohort`) may differ:
+    # its batched forward feeds them per member (dropout rates: every ``nn.Dropout``; the rest through
+    # :meth:`fuse_members`). Members must agree on every other field.
+    member_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -131,6 +135,12 @@ class Method(nn.Module):
         for module in self.frozen_modules():
             module.eval()
         return self
+
+    def fuse_members(self, members: list[Method]) -> dict[str, torch.Tensor]:
+        """Make this model (a copy of a member that a fused cohort runs for all ``members``, which differ
+        only in :attr:`member_fields`) serve every member; return the per-member tensors
+        ``{"module.attribute": [K, ...]}`` the cohort sets on it inside its batched forward."""
+        return {}
 
     def param_groups(self, weight_decay: float, decay: str = "matrices", layer_decay: float = 1.0) -> list[dict[str, Any]]:
         """Optimizer groups over trainable parameters, each with the ``lr_scale`` its lr is multiplied by.

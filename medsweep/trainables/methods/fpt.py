@@ -151,6 +151,9 @@ class PromptFusion(nn.Module):
         self.query_proj = nn.Identity() if prompts_in_lpm_width else nn.Linear(side_hidden, lpm_hidden)
         self.out_proj = nn.Linear(lpm_hidden, side_hidden)
         self.dropout = nn.Dropout(dropout)
+        # Which keys every prompt attends ([1, tokens] bool), None: all. A fused cohort pads members with smaller
+        # keep ratios to its largest and masks the rest (see _FineGrainedPromptTuning.fuse_members).
+        self.key_mask: torch.Tensor | None = None
 
     def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
         """Frozen K/V ``[B, L, H, K, hd]`` to fused prompts ``[B, L, P, side_hidden]``."""
@@ -161,7 +164,7 @@ class PromptFusion(nn.Module):
         query = query.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
         keys = key_states.reshape(batch * layers, heads, tokens, head_dim)
         values = value_states.reshape(batch * layers, heads, tokens, head_dim)
-        context = F.scaled_dot_product_attention(query, keys, values)  # [B*L, H, P, hd], scale 1/sqrt(hd)
+        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.key_mask)  # [B*L, H, P, hd], scale 1/sqrt(hd)
         context = context.transpose(1, 2).reshape(batch, layers, num_prompts, heads * head_dim)  # [B, L, P, D]
         if self.prompts_in_lpm_width:
             fused = self.out_proj(context + self.prompts)
@@ -194,6 +197,7 @@ class _FineGrainedPromptTuning(Method):
     """Shared body of FPT and FPT+; the subclasses differ only in the class settings below."""
 
     preloadable = True
+    member_fields = ("keep_ratio", "fusion_dropout")
     # Which LPM layers feed the side network: "last_half" (FPT+, 6-11 of 12) or "all" (FPT).
     lpm_layers: ClassVar[Literal["last_half", "all"]]
     # Derived side input size as a fraction of image_size (FPT+ 128 / 512, FPT 224 / 512).
@@ -343,6 +347,15 @@ class _FineGrainedPromptTuning(Method):
         keys = features["key_states"][:, :, :, : self.keep_tokens]  # [B, L, H, K, hd]
         values = features["value_states"][:, :, :, : self.keep_tokens]
         return self.side(batch["side_pixel_values"], self.fusion(keys, values))
+
+    def fuse_members(self, members: list[Method]) -> dict[str, torch.Tensor]:
+        """Keep ratios fuse by masking: the cohort's model takes its members' largest ``keep_tokens`` and each
+        member attends only its own first ``keep_tokens`` of them (masked keys get zero attention, so the
+        prompts read what the member's own truncated K/V give)."""
+        keeps = [cast(_FineGrainedPromptTuning, m).keep_tokens for m in members]
+        self.keep_tokens = max(keeps)
+        kept = torch.arange(self.keep_tokens)
+        return {"fusion.key_mask": torch.stack([(kept < keep).unsqueeze(0) for keep in keeps])}  # [K, 1, tokens]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(learnable, total) as the papers count: total includes the frozen LPM and its unused 1000-class head."""
