@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import medsweep.datasets.shards as shards_module
 import medsweep.trainables.preload as preload_module
 from medsweep.datasets import load_image, load_imagefolder, make_synthetic
 from medsweep.datasets.order import written_order
@@ -79,7 +80,7 @@ def counting_loader(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = No
         calls.append(Path(path))
         return load_image(path)
 
-    monkeypatch.setattr(preload_module, "load_image", load)
+    monkeypatch.setattr(shards_module, "load_image", load)
     return calls
 
 

@@ -155,13 +155,14 @@ def test_a_cache_dir_that_is_a_file_is_one_line(spec, tmp_path) -> None:
 BUILDER = """
 import sys, time
 from pathlib import Path
+import medsweep.datasets.shards as shards
 import medsweep.trainables.preload as module
 from medsweep.datasets import load_imagefolder
 from medsweep.trainables.methods import build_method
 spec = load_imagefolder(sys.argv[1], name="syn")
 method = build_method("linear", {"backbone": "vit-tiny", "image_size": 32, "num_classes": spec.num_classes, "task": spec.task})
 flag = Path(sys.argv[4])  # touched by the process that finds the lock taken
-load, decoded = module.load_image, []
+load, decoded = shards.load_image, []
 def held(path):  # a real decode; after the first shard, hold the lock until the other process waits for it
     decoded.append(path)
     deadline = time.monotonic() + 120
@@ -171,7 +172,7 @@ def held(path):  # a real decode; after the first shard, hold the lock until the
 def waiting(line):
     print(line, flush=True)
     flag.touch()
-module.load_image = held
+shards.load_image = held
 result = module.preload(spec, method, sys.argv[2], shard_target_bytes=int(sys.argv[3]), on_wait=waiting)
 print("reused" if result.reused else f"wrote {result.shards_written} shards", flush=True)
 """
