@@ -1,0 +1,70 @@
+"""Figure 11: figure 1's FPT+ sweep with fused cohorts against one process per trial, side by side.
+
+Both sweeps run in this invocation on the same Ray instance, store and
+search: the default (cohorts, ``--cohort-size`` auto) and ``--cohort-size 1``
+(every trial its own Tune trial and process, as before cohorts). Each is
+timed whole (Ray start plus ``run_sweep``) and set against the FLOP floor of
+figure 1, counted for the epochs its trials really ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import main_sweep, sweep_wall, table, tune_breakdown
+from bench.context import RAY_CPUS
+from bench.figures.floor import floor_of
+from bench.flops import matmul_rate
+
+NAME = "cohort_sweep"
+TITLE = "11. Fused cohorts: figure 1's sweep, cohorts vs one process per trial"
+TARGET_SPEEDUP = 3.0
+TARGET_RATIO = 6.0
+
+
+def run(ctx) -> dict[str, Any]:
+    fused = main_sweep(ctx)  # the default: preloaded trials fused into cohorts
+    alone = ctx.sweep(trials=ctx.plan.main_trials, max_epochs=ctx.plan.main_epochs, cohort_size=1)
+    rate = max(matmul_rate(1), matmul_rate(RAY_CPUS))
+    rows = {}
+    for name, record in (("cohorts", fused), ("one per trial", alone)):
+        wall = sweep_wall(record)
+        floor = floor_of(record, rate)["floor_s"]
+        rows[name] = {
+            "wall_s": wall,
+            "floor_s": floor,
+            "ratio": wall / floor,
+            "trials": len(record["trials"]),
+            "epochs_trained": sum(t["epochs_run"] for t in record["trials"]),
+            "tune": tune_breakdown(record),
+            "cohort_size": record.get("settings", {}).get("cohort_size"),
+        }
+    speedup = rows["one per trial"]["wall_s"] / rows["cohorts"]["wall_s"]
+    passed = speedup >= TARGET_SPEEDUP and rows["cohorts"]["ratio"] <= TARGET_RATIO
+    return {"status": "PASS" if passed else "SHORT", "data": {"rows": rows, "speedup": speedup, "rate": rate, "backbone": fused["backbone"], "image_size": fused["image_size"]}}
+
+
+def render(result: dict[str, Any]) -> str:
+    d = result["data"]
+    rows = [
+        (name, r["trials"], r["epochs_trained"], r["wall_s"], r["tune"]["train_steps_s"], r["tune"]["idle_slots_s"], r["floor_s"], f"{r['ratio']:.1f}x")
+        for name, r in d["rows"].items()
+    ]
+    headers = ("sweep", "trials", "epochs trained", "wall s", "Tune: training steps s", "Tune: idle slots s", "floor s", "wall / floor")
+    return "\n\n".join(
+        [
+            f"FPT+ on `{d['backbone']}` at {d['image_size']} px, figure 1's sweep (TPE + ASHA) run twice in one invocation.",
+            table(headers, rows),
+            f"Cohorts are **x{d['speedup']:.2f}** faster in wall time (target >= {TARGET_SPEEDUP}x) at "
+            f"**{d['rows']['cohorts']['ratio']:.1f}x** the floor (target <= {TARGET_RATIO}x). ASHA stops trials on "
+            "what they report, so the two searches may train different numbers of epochs (the table counts them).",
+        ]
+    )
+
+
+def summary(result: dict[str, Any]) -> tuple[str, str]:
+    d = result["data"]
+    return (
+        f"cohorts >= {TARGET_SPEEDUP}x faster, wall / floor <= {TARGET_RATIO}x",
+        f"x{d['speedup']:.2f}, {d['rows']['cohorts']['ratio']:.1f}x floor ({d['rows']['cohorts']['wall_s']:.0f} s vs {d['rows']['one per trial']['wall_s']:.0f} s)",
+    )
