@@ -188,9 +188,9 @@ class CohortServer:
             return member.state, {"error": member.error} if member.error else None, None
 
     def cohorts(self) -> list[dict[str, Any]]:
-        """The cohorts this server started (since its last restart)."""
+        """The cohorts this server started (since its last restart), with the members that left each early."""
         with self.changed:
-            return list(self.ran)
+            return [{**cohort, "left": [t for t in cohort["trials"] if self.members[t].state == "left"]} for cohort in self.ran]
 
     # -- called by the cohort's IO, in the training thread ----------------------------
     def publish(self, trial_id: str, metrics: dict[str, Any], checkpoint: Files | None) -> None:
