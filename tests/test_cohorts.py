@@ -24,7 +24,7 @@ from test_faults import (
     killed_driver_resumes,
 )
 
-from medsweep.search.cohorts import COHORTS_FILE, cohort_servers
+from medsweep.search.cohorts import COHORTS_FILE, Cohorts, cohort_servers, slot_split
 from medsweep.search.console import SweepConsole
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import load_study
@@ -97,7 +97,11 @@ def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_se
     assert not (tmp_path / "ray" / COHORTS_FILE).exists()
     resources = trial_resources(settings, {"linear": 0.0})({"method": "linear"})
     assert resources.bundles == [{"CPU": 1.0}]
-    assert trial_resources(settings, {"linear": 0.0}, frozenset({"linear"}))({"method": "linear"}).bundles == [{"CPU": 0.01}]
+    cohorts = Cohorts(router=None, servers=[None, None], sizes={"linear": 4}, client_cpus=0.01)
+    assert trial_resources(settings, {"linear": 0.0}, cohorts)({"method": "linear"}).bundles == [{"CPU": 0.01}]
+    # A slot's CPUs hold its server and its clients: 2 slots x (0.96 + 4 x 0.01) on 2 CPUs.
+    assert slot_split(1.0, 4) == pytest.approx((0.96, 0.01))
+    assert slot_split(0.1, 16)[0] == pytest.approx(0.05)
 
 
 def test_auto_cohort_size_fills_the_method_gpu_fraction():

@@ -62,7 +62,7 @@ from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
 # Cohort size on CPUs when --cohort-size is not given: see BENCHMARKS.md (member-samples/s of a cohort step against K standalone steps).
 CPU_COHORT_SIZE = 8
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
-CLIENT_CPUS = 0.01  # a client only relays; K of them fit beside a server's CPUs
+CLIENT_CPUS = 0.01  # a client only relays: what it reserves, taken from its slot's CPUs (see Cohorts.client_cpus)
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
 LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch: the member left
 POLL_S = 5.0  # a client's long poll for its next result
@@ -285,10 +285,19 @@ class Cohorts:
     router: Any
     servers: list[Any]
     sizes: dict[str, int]  # fused method -> members per cohort
+    client_cpus: float  # what each member's Tune trial reserves
 
     @property
     def max_concurrent_trials(self) -> int:
         return len(self.servers) * max(self.sizes.values())
+
+
+def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
+    """A trial slot's CPUs split into (server, each of ``size`` clients): the clients' share is taken
+    from the slot, so servers and their members fit where the slots' trials did (else servers holding
+    every CPU would leave no room to place a single client). :data:`CLIENT_CPUS` each, less for tiny slots."""
+    client = min(CLIENT_CPUS, cpus_per_trial / (2 * size))
+    return cpus_per_trial - size * client, client
 
 
 def fused_methods(settings: SweepSettings, stores: dict[str, StoreData], store_keys: dict[str, str]) -> list[str]:
@@ -310,7 +319,8 @@ def cohort_servers(
     None (no servers; every trial runs alone) when no method fuses with more than one member.
     One server per concurrent slot when every method of the sweep fuses; half the slots
     otherwise, so trials that run alone keep slots of their own. Each server reserves
-    ``--cpus-per-trial`` and ``gpus`` (the largest GPU fraction of the fused methods).
+    ``--cpus-per-trial`` less its clients' share (:func:`slot_split`) and ``gpus`` (the largest GPU
+    fraction of the fused methods).
     At the end the cohorts the servers ran are added to ``<out>/ray/cohorts.json``.
     """
     sizes = {method: size for method, size in sizes.items() if size > 1}
@@ -318,12 +328,13 @@ def cohort_servers(
     if not sizes or count < 1:
         yield None
         return
+    server_cpus, client_cpus = slot_split(settings.cpus_per_trial, max(sizes.values()))
     # Threaded (max_concurrency): clients' long polls wait beside the training thread.
-    server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=settings.cpus_per_trial, num_gpus=gpus)
+    server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
     servers: list[Any] = [server.remote(stores, sizes, settings.cpus_per_trial) for _ in range(count)]
     router: Any = ray.remote(CohortRouter).options(max_restarts=-1, num_cpus=0).remote(servers, sizes)
     try:
-        yield Cohorts(router, servers, sizes)
+        yield Cohorts(router, servers, sizes, client_cpus)
     finally:
         ran = []
         for handle in servers:

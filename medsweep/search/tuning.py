@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search.cohorts import CLIENT_CPUS, CPU_COHORT_SIZE, MAX_COHORT_SIZE, Cohorts, cohort_servers, fused_methods, run_trial_or_member
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, Cohorts, cohort_servers, fused_methods, run_trial_or_member
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
@@ -336,13 +336,13 @@ def start_trials_concurrently(settings: SweepSettings, cohorts: Cohorts | None =
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
 
 
-def trial_resources(settings: SweepSettings, gpus: dict[str, float], fused: frozenset[str] = frozenset()):
+def trial_resources(settings: SweepSettings, gpus: dict[str, float], cohorts: Cohorts | None = None):
     """What a trial reserves: its CPU and its method's GPU fraction, or only a driver slot for DDP trials;
-    a trial of a ``fused`` method only a sliver of a CPU (its cohort server holds the resources)."""
+    a member of a cohort only a sliver of a CPU (its cohort server holds the resources)."""
 
     def resources(config: dict[str, Any]) -> PlacementGroupFactory:
-        if config.get("method") in fused:
-            return PlacementGroupFactory([{"CPU": CLIENT_CPUS}])
+        if cohorts is not None and config.get("method") in cohorts.sizes:
+            return PlacementGroupFactory([{"CPU": cohorts.client_cpus}])
         if int(config.get("workers", 1)) > 1:
             # The Train worker group reserves its own CPUs/GPUs; the trial process only
             # waits for it, so it holds no CPU (even 0.01 CPU would leave a 2-CPU machine
@@ -493,7 +493,7 @@ def build_trainable(settings: SweepSettings, shared: SharedData, cohorts: Cohort
         )
     return tune.with_resources(
         tune.with_parameters(run_trial_or_member, stores=shared.stores, storage_path=str(out / TRAIN_DIR), cohorts=cohorts),
-        trial_resources(settings, shared.gpus, frozenset(cohorts.sizes)),
+        trial_resources(settings, shared.gpus, cohorts),
     )
 
 
