@@ -26,7 +26,7 @@ from test_faults import (
 
 from medsweep.search.cohorts import COHORTS_FILE, Cohorts, cohort_servers, slot_split
 from medsweep.search.console import SweepConsole
-from medsweep.search.settings import SweepSettings
+from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import cohort_size_for, trial_resources
@@ -143,6 +143,7 @@ def test_killed_driver_of_a_fused_sweep_resumes_with_every_member_once(ray_sessi
     with exactly the planned trials, the interrupted ones continued from their checkpoints."""
     out = killed_driver_resumes(synthetic_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "2", need_finished=False, trials=3)
     assert any(len(cohort["trials"]) > 1 for cohort in _cohorts(out))
+    assert load_settings(out).cohort_size == 2  # sweep.json kept it, and the resume ran with it
 
 
 @pytest.mark.slow
