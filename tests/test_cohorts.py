@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from test_faults import (
-    LEARNS,
     RAN_TO_THE_END,
     _checkpointed_early,
     _restored_from_checkpoint,
     _results,
+    _tiny_settings,
     _trial_processes,
     killed_driver_resumes,
+    sweep_with_fault,
 )
 
 from medsweep.search.cohorts import COHORTS_FILE, Cohorts, cohort_servers, slot_split
@@ -34,22 +33,8 @@ from medsweep.search.tuning import cohort_size_for, trial_resources
 EPOCHS = 3
 
 
-def _settings(root: Path, out: Path, cache: Path, trials: int, **extra) -> SweepSettings:
-    values = dict(
-        dataset=str(root),
-        methods=["linear"],
-        trials=trials,
-        max_epochs=EPOCHS,
-        backbone="vit-tiny",
-        image_size=32,
-        wandb="disabled",
-        out=out,
-        cache_dir=cache,
-        early_stopping=False,
-        final_seeds=0,
-        fixed=LEARNS,
-    )
-    return SweepSettings(**{**values, **extra})
+def _settings(root: Path, out: Path, cache: Path, trials: int, epochs: int = EPOCHS, **extra) -> SweepSettings:
+    return _tiny_settings(root, out, cache, ["linear"], trials, epochs, **extra)
 
 
 def _cohorts(out: Path) -> list[dict]:
@@ -120,7 +105,7 @@ def test_a_member_stopped_by_asha_leaves_while_the_others_finish(ray_session, sy
     while the others of their cohort run every epoch; every member is one finished trial of the study."""
     epochs, trials = 4, 6
     settings = _settings(
-        synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, max_epochs=epochs,
+        synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
         early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0},
     )  # fmt: skip
     run_sweep(settings, SweepConsole(quiet=True))
@@ -152,24 +137,19 @@ def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_
     """Every cohort server process is SIGKILLed once a member holds a checkpoint with epochs left: Ray
     restarts the servers, the members' trials fail and Tune restarts them from their checkpoints."""
     epochs, trials = 6, 3
-    settings = _settings(synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, max_epochs=epochs)
+    settings = _settings(synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs)
     killed: list[int] = []
 
-    def kill_servers_mid_cohort() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            servers = _trial_processes(os.getpid(), actor="CohortServer")
-            if servers and _checkpointed_early(settings.out, epochs):
-                for pid, process in servers.items():
-                    process.kill()
-                    killed.append(pid)
-                return
-            time.sleep(0.05)
+    def kill_servers_mid_cohort() -> bool:
+        servers = _trial_processes(os.getpid(), actor="CohortServer")
+        if not (servers and _checkpointed_early(settings.out, epochs)):
+            return False
+        for pid, process in servers.items():
+            process.kill()
+            killed.append(pid)
+        return True
 
-    killer = threading.Thread(target=kill_servers_mid_cohort, daemon=True)
-    killer.start()
-    run_sweep(settings, SweepConsole(quiet=True))
-    killer.join(timeout=5)
+    sweep_with_fault(settings, kill_servers_mid_cohort)
 
     assert killed, "no member was caught between its first checkpoint and its end"
     board = _board(settings.out)

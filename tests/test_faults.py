@@ -267,10 +267,24 @@ def _tiny_settings(
         wandb="disabled",
         out=out,
         cache_dir=cache,
-        early_stopping=False,
         final_seeds=0,
-        **{"fixed": LEARNS, **extra},
+        **{"fixed": LEARNS, "early_stopping": False, **extra},
     )
+
+
+def sweep_with_fault(settings: SweepSettings, inject: Callable[[], bool], timeout: float = 400) -> None:
+    """Run the sweep in this process while a thread calls ``inject`` every 50 ms, until it reports that it
+    injected its fault (or ``timeout`` seconds pass: the test then finds nothing injected)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not inject():
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=watch, daemon=True)
+    killer.start()
+    run_sweep(settings, SweepConsole(quiet=True))
+    killer.join(timeout=5)
 
 
 @pytest.mark.slow
@@ -284,21 +298,16 @@ def test_a_killed_trial_restarts_from_its_checkpoint(ray_session, tiny_root, cac
     settings = _tiny_settings(tiny_root, tmp_path / "sweep", cache_dir, ["adapter"], trials=1, epochs=epochs)
     killed: list[str] = []
 
-    def kill_first_checkpointed_trial() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            running = _trial_processes(os.getpid())
-            for trial_dir in _checkpointed_early(settings.out, epochs):
-                if _running_pid(trial_dir) in running:
-                    running[_running_pid(trial_dir)].kill()
-                    killed.append(trial_dir.name.removeprefix("trial-"))
-                    return
-            time.sleep(0.05)
+    def kill_first_checkpointed_trial() -> bool:
+        running = _trial_processes(os.getpid())
+        for trial_dir in _checkpointed_early(settings.out, epochs):
+            if _running_pid(trial_dir) in running:
+                running[_running_pid(trial_dir)].kill()
+                killed.append(trial_dir.name.removeprefix("trial-"))
+                return True
+        return False
 
-    killer = threading.Thread(target=kill_first_checkpointed_trial, daemon=True)
-    killer.start()
-    run_sweep(settings, SweepConsole(quiet=True))
-    killer.join(timeout=5)
+    sweep_with_fault(settings, kill_first_checkpointed_trial)
 
     board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str}).set_index("method")
     adapter = board.loc["adapter"]
