@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"))
     sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
     sweep.add_argument(
+        "--cohort-size",
+        type=int,
+        default=setting_default("cohort_size"),
+        help="trials of a method on preloaded features trained together as one cohort; 1: each trial alone; default auto (GPU memory, or 8 on CPUs)",
+    )
+    sweep.add_argument(
         "--wandb",
         default=setting_default("wandb"),
         choices=WANDB_MODES,
@@ -338,6 +344,7 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
         workers=args.workers,
+        cohort_size=args.cohort_size,
         wandb=args.wandb,
         tracker=args.tracker,
         seed=args.seed,

@@ -149,12 +149,12 @@ def _wait_for(inject: Callable[[], bool], timeout: float, driver: subprocess.Pop
         time.sleep(0.1)
 
 
-def _trial_processes(root_pid: int) -> dict[int, psutil.Process]:
-    """Tune trial actors under ``root_pid``, by process id."""
+def _trial_processes(root_pid: int, actor: str = "ImplicitFunc") -> dict[int, psutil.Process]:
+    """Ray actors of class ``actor`` under ``root_pid`` (default: Tune trial actors), by process id."""
     found = {}
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
-            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ImplicitFunc"):
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith(f"ray::{actor}"):
                 found[proc.pid] = proc
         except psutil.Error:  # exited while we looked
             continue
@@ -195,21 +195,33 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     The fault moment needs a checkpointed trial that Tune's experiment snapshot already records while
     it has epochs left. Tune snapshots at most every 10 s by default, longer than a tiny trial's three
     epochs: CI once saw all three trials finish without such a moment. So this driver snapshots at
-    every step (``TUNE_GLOBAL_CHECKPOINT_S=0``) and trains six epochs, a window of four."""
-    out, trials, log, epochs = tmp_path / "sweep", 3, tmp_path / "driver.log", 6
+    every step (``TUNE_GLOBAL_CHECKPOINT_S=0``) and trains six epochs, a window of four.
+
+    Each trial alone (``--cohort-size 1``): fused members progress together, so a finished trial beside
+    a checkpointed one is a moment only trials run one by one give (tests/test_cohorts.py kills a fused sweep)."""
+    killed_driver_resumes(tiny_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "1", need_finished=True)
+
+
+def killed_driver_resumes(
+    tiny_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch, *extra: str, need_finished: bool, trials: int = 3, epochs: int = 6
+) -> Path:
+    """SIGKILL a sweep's driver (started with ``extra`` flags) once a trial holds a checkpoint with epochs left
+    (and, with ``need_finished``, another has finished), ``medsweep resume`` it from another directory, and
+    check that it ends with exactly ``trials`` trials, none run again from scratch. Returns the sweep folder."""
+    out, log = tmp_path / "sweep", tmp_path / "driver.log"
     started_in, resumed_in = tmp_path / "started-here", tmp_path / "resumed" / "from" / "elsewhere"
     started_in.mkdir()
     resumed_in.mkdir(parents=True)
     relative = [Path(os.path.relpath(p, started_in)) for p in (tiny_root, out, cache_dir)]
-    argv = _sweep_argv(*relative, trials, epochs=epochs)
+    argv = _sweep_argv(*relative, trials, *extra, epochs=epochs)
     driver = _start_driver(argv, log, cwd=started_in, env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     before: dict[str, str] = {}  # finished trial folder -> its result.json at the kill
     interrupted: list[str] = []
 
-    def kill_driver_after_a_finished_and_a_checkpointed_trial() -> bool:
+    def kill_driver_at_the_fault_moment() -> bool:
         finished = [t for t in _finished(out, epochs) if _snapshot_knows_finished(out, t)]
         early = [t for t in _checkpointed_early(out, epochs) if _snapshot_knows_checkpoint(out, t)]
-        if not (finished and early):
+        if not early or (need_finished and not finished):
             return False
         kill_process_group(driver)
         before.update({t.name: (t / "result.json").read_text() for t in finished})
@@ -217,7 +229,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
         return True
 
     try:
-        _wait_for(kill_driver_after_a_finished_and_a_checkpointed_trial, 400, driver, log)
+        _wait_for(kill_driver_at_the_fault_moment, 400, driver, log)
     finally:
         if driver.poll() is None:
             kill_process_group(driver)
@@ -245,6 +257,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     (recommended,) = points_to_evaluate(["linear"])
     assert sum(t.params == recommended for t in study.trials) == 1  # not enqueued again on resume
     assert yaml.safe_load((out / "best.yaml").read_text())[tiny_root.name]["best_method"] == "linear"
+    return out
 
 
 def _tiny_settings(
@@ -260,10 +273,24 @@ def _tiny_settings(
         wandb="disabled",
         out=out,
         cache_dir=cache,
-        early_stopping=False,
         final_seeds=0,
-        **{"fixed": LEARNS, **extra},
+        **{"fixed": LEARNS, "early_stopping": False, **extra},
     )
+
+
+def sweep_with_fault(settings: SweepSettings, inject: Callable[[], bool], timeout: float = 400) -> None:
+    """Run the sweep in this process while a thread calls ``inject`` every 50 ms, until it reports that it
+    injected its fault (or ``timeout`` seconds pass: the test then finds nothing injected)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not inject():
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=watch, daemon=True)
+    killer.start()
+    run_sweep(settings, SweepConsole(quiet=True))
+    killer.join(timeout=5)
 
 
 @pytest.mark.slow
@@ -277,21 +304,16 @@ def test_a_killed_trial_restarts_from_its_checkpoint(ray_session, tiny_root, cac
     settings = _tiny_settings(tiny_root, tmp_path / "sweep", cache_dir, ["adapter"], trials=1, epochs=epochs)
     killed: list[str] = []
 
-    def kill_first_checkpointed_trial() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            running = _trial_processes(os.getpid())
-            for trial_dir in _checkpointed_early(settings.out, epochs):
-                if _running_pid(trial_dir) in running:
-                    running[_running_pid(trial_dir)].kill()
-                    killed.append(trial_dir.name.removeprefix("trial-"))
-                    return
-            time.sleep(0.05)
+    def kill_first_checkpointed_trial() -> bool:
+        running = _trial_processes(os.getpid())
+        for trial_dir in _checkpointed_early(settings.out, epochs):
+            if _running_pid(trial_dir) in running:
+                running[_running_pid(trial_dir)].kill()
+                killed.append(trial_dir.name.removeprefix("trial-"))
+                return True
+        return False
 
-    killer = threading.Thread(target=kill_first_checkpointed_trial, daemon=True)
-    killer.start()
-    run_sweep(settings, SweepConsole(quiet=True))
-    killer.join(timeout=5)
+    sweep_with_fault(settings, kill_first_checkpointed_trial)
 
     board = pd.read_csv(settings.out / "leaderboard.csv", dtype={"trial_id": str}).set_index("method")
     adapter = board.loc["adapter"]

@@ -100,6 +100,9 @@ class SweepSettings:
     # Per method, changes of its searched keys: {method: {key: {low, high[, log]} | {choices} | {fixed} | "drop"}}
     # (a sweep file's, see medsweep.spaces._overrides); checked here, applied by the space builder.
     search_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Trials of a preloaded method trained together per cohort server (medsweep.search.cohorts); 1: one per
+    # trial as before cohorts; None: auto (as many as fit in the method's GPU fraction, or the CPU default).
+    cohort_size: int | None = None
 
     def __post_init__(self) -> None:
         from medsweep.trainables.methods import get_method
@@ -165,6 +168,8 @@ class SweepSettings:
                 f"see `medsweep spaces show METHOD` for each method's keys"
             )
         self._check_search_ranges()
+        if self.cohort_size is not None and self.cohort_size < 1:
+            raise ConfigError(f"--cohort-size must be at least 1 (1: every trial alone), got {self.cohort_size}")
         if self.grace_period < 1:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:

@@ -38,20 +38,17 @@ from medsweep.search.space import trial_config
 from medsweep.trainables.loop import fit
 
 
-class _RayIO:
-    """TrialIO over the sweep's shared store; reports through Tune (local) or Train (DDP)."""
+class StoreBatches:
+    """The data side of a trial's IO: one worker's batches of the sweep's shared store in the epoch's order.
 
-    def __init__(self, data: StoreData, distributed: bool, seed: int) -> None:
+    Shared by a trial's :class:`_RayIO` and a cohort server's IO (:mod:`medsweep.search.cohorts`), so a
+    fused member reads exactly the batches its standalone trial would."""
+
+    def __init__(self, data: StoreData, seed: int, world_size: int = 1, rank: int = 0) -> None:
         self.data = data
         self.columns = data.columns
-        self.distributed = distributed
         self.seed = seed
-        if distributed:
-            context = ray.train.get_context()
-            self.world_size, self.rank = context.get_world_size(), context.get_world_rank()
-        else:
-            self.world_size, self.rank = 1, 0
-        self._restored: tempfile.TemporaryDirectory | None = None
+        self.world_size, self.rank = world_size, rank
 
     def num_rows(self, split: str) -> int:
         return self.data.num_rows(split)
@@ -65,6 +62,19 @@ class _RayIO:
         rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
         for batch in ordered_batches(self.data.tables(split, order.shards), order, batch_size, rank, world):
             yield table_to_numpy(batch)
+
+
+class _RayIO(StoreBatches):
+    """TrialIO over the sweep's shared store; reports through Tune (local) or Train (DDP)."""
+
+    def __init__(self, data: StoreData, distributed: bool, seed: int) -> None:
+        if distributed:
+            context = ray.train.get_context()
+            super().__init__(data, seed, context.get_world_size(), context.get_world_rank())
+        else:
+            super().__init__(data, seed)
+        self.distributed = distributed
+        self._restored: tempfile.TemporaryDirectory | None = None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, Cohorts, cohort_servers, fused_methods, run_trial_or_member
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
@@ -256,10 +257,17 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
     """Each method's GPU fraction per trial: ``--gpus-per-trial`` for every method when given;
     else 0 without GPUs in the cluster; else sized by :func:`gpu_fraction` from a probe of each
     method (one console line per method with the probed memory and the fraction chosen)."""
+    return gpu_plan(settings, spec, console)[0]
+
+
+def gpu_plan(
+    settings: SweepSettings, spec: DatasetSpec | None, console: SweepConsole | None = None
+) -> tuple[dict[str, float], dict[str, int], int]:
+    """:func:`method_gpu_fractions`, with what sized them: each probed method's step memory and the smallest GPU's bytes."""
     if settings.gpus_per_trial is not None:
-        return {method: float(settings.gpus_per_trial) for method in settings.methods}
+        return {method: float(settings.gpus_per_trial) for method in settings.methods}, {}, 0
     if ray.cluster_resources().get("GPU", 0) <= 0:
-        return {method: 0.0 for method in settings.methods}
+        return {method: 0.0 for method in settings.methods}, {}, 0
     if spec is None:
         spec = sweep_dataset(settings)
     gpu_total = smallest_gpu_bytes()
@@ -283,7 +291,26 @@ def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, cons
                 f"(micro-batch {probe['micro_batch_size']}, {probe['precision']}, {probe['device'].split(' ')[0]}) -> {fractions[method]:g} GPU per trial "
                 f"(smallest GPU {gpu_total / 2**30:.1f} GiB; x{GPU_SAFETY} + {CUDA_CONTEXT_BYTES // 2**20} MiB context)"
             )
-    return fractions
+    return fractions, {method: int(probe["peak_bytes"]) for method, probe in probes.items()}, int(gpu_total)
+
+
+def cohort_size_for(step_bytes: int | None, fraction: float, gpu_total_bytes: int) -> int:
+    """Members of one cohort (``--cohort-size`` auto): on a GPU, as many probed steps (x :data:`GPU_SAFETY`) as fit
+    in the method's fraction beside one CUDA context, at most :data:`MAX_COHORT_SIZE`; on CPUs (or unprobed), the CPU default."""
+    if not fraction or not step_bytes or not gpu_total_bytes:
+        return CPU_COHORT_SIZE
+    members = int((fraction * gpu_total_bytes - CUDA_CONTEXT_BYTES) // (step_bytes * GPU_SAFETY))
+    return max(1, min(MAX_COHORT_SIZE, members))
+
+
+def cohort_sizes(settings: SweepSettings, shared: SharedData, stores: dict[str, PreloadResult]) -> dict[str, int]:
+    """Each fusable method's cohort size: ``--cohort-size``, else :func:`cohort_size_for`; none with ``--cohort-size 1``."""
+    if settings.cohort_size == 1:
+        return {}
+    fused = fused_methods(settings, shared.stores, {method: result.store.key for method, result in stores.items()})
+    return {
+        method: settings.cohort_size or cohort_size_for(shared.step_bytes.get(method), shared.gpus[method], shared.gpu_bytes) for method in fused
+    }
 
 
 def concurrent_slots(settings: SweepSettings) -> int:
@@ -291,7 +318,7 @@ def concurrent_slots(settings: SweepSettings) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_trial))
 
 
-def start_trials_concurrently(settings: SweepSettings) -> None:
+def start_trials_concurrently(settings: SweepSettings, cohorts: Cohorts | None = None) -> None:
     """Let Tune start as many trials at once as the cluster holds (their processes are reused).
 
     Tune allows a searcher (OptunaSearch) only one *pending* trial at a time
@@ -303,15 +330,19 @@ def start_trials_concurrently(settings: SweepSettings) -> None:
     actor runs the next trial without a new process; the same AUCs to the last
     digit, as every trial seeds itself in the loop). More pending trials than
     slots would only make TPE suggest further ahead of its feedback. A user's
-    own ``TUNE_MAX_PENDING_TRIALS_PG`` wins.
+    own ``TUNE_MAX_PENDING_TRIALS_PG`` wins. With cohorts, a whole cohort's members may be pending at once.
     """
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(concurrent_slots(settings)))
+    pending = cohorts.max_concurrent_trials if cohorts else concurrent_slots(settings)
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
 
 
-def trial_resources(settings: SweepSettings, gpus: dict[str, float]):
-    """What a trial reserves: its CPU and its method's GPU fraction, or only a driver slot for DDP trials."""
+def trial_resources(settings: SweepSettings, gpus: dict[str, float], cohorts: Cohorts | None = None):
+    """What a trial reserves: its CPU and its method's GPU fraction, or only a driver slot for DDP trials;
+    a member of a cohort only a sliver of a CPU (its cohort server holds the resources)."""
 
     def resources(config: dict[str, Any]) -> PlacementGroupFactory:
+        if cohorts is not None and config.get("method") in cohorts.sizes:
+            return PlacementGroupFactory([{"CPU": cohorts.client_cpus}])
         if int(config.get("workers", 1)) > 1:
             # The Train worker group reserves its own CPUs/GPUs; the trial process only
             # waits for it, so it holds no CPU (even 0.01 CPU would leave a 2-CPU machine
@@ -428,6 +459,8 @@ class SharedData:
 
     stores: dict[str, StoreData]
     gpus: dict[str, float]
+    step_bytes: dict[str, int] = field(default_factory=dict)  # each probed method's step memory (GPU sizing)
+    gpu_bytes: int = 0  # the smallest GPU's memory, when probed
 
 
 def experiment_path(settings: SweepSettings) -> Path:
@@ -445,17 +478,30 @@ def share_data(
     method's GPU fraction (:func:`method_gpu_fractions`; ``spec`` is loaded only if a probe needs it)."""
     shared = share_stores(stores.values())
     console.data_ready({key: why for key, (_, why) in shared.items()})
-    gpus = method_gpu_fractions(settings, spec, console)
-    return SharedData({key: data for key, (data, _) in shared.items()}, gpus)
+    gpus, step_bytes, gpu_bytes = gpu_plan(settings, spec, console)
+    return SharedData({key: data for key, (data, _) in shared.items()}, gpus, step_bytes, gpu_bytes)
 
 
-def build_trainable(settings: SweepSettings, shared: SharedData):
-    """``run_trial`` bound to the shared datasets, reserving each trial's CPU and GPU fraction."""
+def build_trainable(settings: SweepSettings, shared: SharedData, cohorts: Cohorts | None = None):
+    """``run_trial`` bound to the shared datasets, reserving each trial's CPU and GPU fraction; with
+    ``cohorts``, trials of its fused methods are members of cohorts instead (:mod:`medsweep.search.cohorts`)."""
     out = Path(settings.out).resolve()
+    if cohorts is None:
+        return tune.with_resources(
+            tune.with_parameters(run_trial, stores=shared.stores, storage_path=str(out / TRAIN_DIR)),
+            trial_resources(settings, shared.gpus),
+        )
     return tune.with_resources(
-        tune.with_parameters(run_trial, stores=shared.stores, storage_path=str(out / TRAIN_DIR)),
-        trial_resources(settings, shared.gpus),
+        tune.with_parameters(run_trial_or_member, stores=shared.stores, storage_path=str(out / TRAIN_DIR), cohorts=cohorts),
+        trial_resources(settings, shared.gpus, cohorts),
     )
+
+
+def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str, PreloadResult]):
+    """The sweep's cohort servers (a context manager yielding :class:`Cohorts`, or None when every trial runs alone)."""
+    sizes = cohort_sizes(settings, shared, stores)
+    gpus = max((shared.gpus[method] for method in sizes), default=0.0)
+    return cohort_servers(settings, shared.stores, sizes, concurrent_slots(settings), gpus)
 
 
 def points_to_enqueue(storage: JournalStorage, points: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -610,30 +656,37 @@ def run_tuner(
     resume`` restores; ``medsweep extend`` runs each extension in its own); ``sampler_seed``: see
     :func:`build_searcher`."""
     shared = share_data(settings, stores, console, spec)
-    tuner = Tuner(
-        build_trainable(settings, shared),
-        tune_config=TuneConfig(
-            search_alg=build_searcher(settings, spec, stores, shared, sampler_seed),
-            scheduler=build_scheduler(settings),
-            num_samples=settings.trials if settings.trials is not None else -1,
-            time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,
-            trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
-            reuse_actors=True,  # see start_trials_concurrently
-        ),
-        run_config=RunConfig(
-            name=name or experiment_path(settings).name,
-            storage_path=str(experiment_path(settings).parent),
-            callbacks=build_callbacks(settings, spec, console),
-            failure_config=FailureConfig(max_failures=2),
-            # Two, not one: Tune deletes the checkpoint beyond num_to_keep as it registers a new one and
-            # only then rewrites its experiment snapshot, so a driver killed in between left a snapshot
-            # naming a deleted checkpoint, and `medsweep resume` failed that trial ("does not exist on
-            # storage anymore", seen in tests/test_faults.py). The snapshot's checkpoint now survives.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            verbose=0,
-        ),
-    )
-    start_trials_concurrently(settings)
+    with sweep_cohorts(settings, shared, stores) as cohorts:
+        tuner = Tuner(
+            build_trainable(settings, shared, cohorts),
+            tune_config=TuneConfig(
+                search_alg=build_searcher(settings, spec, stores, shared, sampler_seed),
+                scheduler=build_scheduler(settings),
+                num_samples=settings.trials if settings.trials is not None else -1,
+                time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+                reuse_actors=True,  # see start_trials_concurrently
+                max_concurrent_trials=cohorts.max_concurrent_trials if cohorts else None,  # members wait in a cohort, not in Tune's queue
+            ),
+            run_config=RunConfig(
+                name=name or experiment_path(settings).name,
+                storage_path=str(experiment_path(settings).parent),
+                callbacks=build_callbacks(settings, spec, console),
+                failure_config=FailureConfig(max_failures=2),
+                # Two, not one: Tune deletes the checkpoint beyond num_to_keep as it registers a new one and
+                # only then rewrites its experiment snapshot, so a driver killed in between left a snapshot
+                # naming a deleted checkpoint, and `medsweep resume` failed that trial ("does not exist on
+                # storage anymore", seen in tests/test_faults.py). The snapshot's checkpoint now survives.
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        )
+        return _fit(settings, console, cohorts, tuner)
+
+
+def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
+    """Run a built or restored Tuner, as many trials pending at once as the slots (or cohorts) take, under the live table."""
+    start_trials_concurrently(settings, cohorts)
     with console.live_trials(total=settings.trials):
         return tuner.fit()
 
@@ -660,12 +713,11 @@ def resume_tuner(
     ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
     sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
-    tuner = Tuner.restore(
-        str(experiment_path(settings)),
-        trainable=build_trainable(settings, shared),
-        resume_unfinished=True,
-        resume_errored=True,
-    )
-    start_trials_concurrently(settings)
-    with console.live_trials(total=settings.trials):
-        return tuner.fit()
+    with sweep_cohorts(settings, shared, stores) as cohorts:
+        tuner = Tuner.restore(
+            str(experiment_path(settings)),
+            trainable=build_trainable(settings, shared, cohorts),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+        return _fit(settings, console, cohorts, tuner)

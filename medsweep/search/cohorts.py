@@ -1,0 +1,400 @@
+"""Fused trial cohorts in a sweep: cohort server actors train, thin Tune trials relay.
+
+A trial of a method that trains on preloaded features (:func:`medsweep.trainables.cohort.fusable`)
+stays a Tune trial, so Optuna (ask and tell per trial), ASHA, the trackers, the
+leaderboard, ``final`` and ``medsweep resume`` see it as they see any trial. Its
+Tune function is only a client (:func:`run_member`): it joins a
+:class:`CohortServer` with its config (and, when restored, its checkpoint), then
+relays the per-epoch metrics and checkpoints the server publishes for it through
+``ray.tune.report``. The servers hold what a trial reserves today (``--cpus-per-trial``
+and the method's GPU fraction); a client reserves :data:`CLIENT_CPUS`, so K clients
+sit beside each server. A server groups waiting members by
+:func:`~medsweep.trainables.cohort.cohort_key` and start epoch and trains each
+group with :func:`~medsweep.trainables.cohort.fit_cohort` over the sweep's shared
+store, reading the batches a standalone trial reads (:class:`~medsweep.search.trial.StoreBatches`).
+
+Leaving. Tune reports synchronously: a client's ``ray.tune.report`` returns only
+when the driver asks the trial for its next result, and a trial stopped by ASHA
+(or ended by the time budget) never returns from it. So a client acknowledges
+each result by coming back for the next one, and before the next epoch a member
+whose last result is still unacknowledged :data:`LEAVE_GRACE_S` after it was
+published is dropped from the cohort (``wanted`` is False). A live client that
+was dropped only for being slow is told so and joins again from the checkpoint
+it reported last.
+
+Faults. Servers restart (``max_restarts=-1``) without their state; a client whose
+server died raises, and Tune restarts its trial from its last checkpoint (the
+sweep's ``FailureConfig``), which joins a server again.
+
+Checkpoints travel as bytes through Ray's object store (client to server on a
+restore, server to client every epoch), so a client and its server may run on
+different nodes; each side writes them to its own local temporary folder.
+
+Routing. One :class:`CohortRouter` actor takes every join in turn: a member
+goes to a server already forming a cohort of its group with room left, else to
+an idle server, else to the least loaded one, so members of one key meet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.exceptions import RayActorError
+from ray.train import Checkpoint
+
+from medsweep.search.data import StoreData
+from medsweep.search.settings import SweepSettings
+from medsweep.search.space import trial_config
+from medsweep.search.trial import StoreBatches, run_trial
+from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
+
+# Cohort size on CPUs when --cohort-size is not given: see BENCHMARKS.md (member-samples/s of a cohort step against K standalone steps).
+CPU_COHORT_SIZE = 8
+MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
+CLIENT_CPUS = 0.01  # a client only relays: what it reserves, taken from its slot's CPUs (see Cohorts.client_cpus)
+FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
+LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch: the member left
+POLL_S = 5.0  # a client's long poll for its next result
+COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
+
+Files = dict[str, bytes]
+Group = tuple[tuple, int]  # (cohort_key, start epoch)
+
+
+def pack(folder: Path) -> Files:
+    """A checkpoint folder as bytes per relative path (sent through the object store)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def unpack(files: Files, folder: Path) -> Path:
+    """Write :func:`pack`'s bytes under ``folder``; returns it."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def checkpoint_epoch(files: Files | None) -> int:
+    """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
+    if not files:
+        return 0
+    import io
+
+    import torch
+
+    from medsweep.trainables.loop import CHECKPOINT_FILE
+
+    return int(torch.load(io.BytesIO(files[CHECKPOINT_FILE]), map_location="cpu", weights_only=False)["state"].epoch)
+
+
+@dataclass
+class _Member:
+    """A member as its server sees it: what it was given, what it published, what its client took."""
+
+    config: dict[str, Any]
+    group: Group
+    checkpoint: Path | None
+    results: list[tuple[dict[str, Any], Files | None]] = field(default_factory=list)
+    fetched: int = 0  # results handed to the client
+    acked: int = 0  # results the client reported and came back after
+    published_at: float = 0.0
+    state: str = "waiting"  # waiting, running, done, left, error
+    error: str = ""
+
+
+class _ServerIO(StoreBatches):
+    """The :class:`~medsweep.trainables.cohort.CohortIO` of one cohort: shared batches, per-member reports."""
+
+    def __init__(self, server: CohortServer, data: StoreData, seed: int, trial_ids: list[str]) -> None:
+        super().__init__(data, seed)
+        self.server, self.trial_ids = server, trial_ids
+
+    def report(self, member: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.server.publish(self.trial_ids[member], metrics, pack(checkpoint_dir) if checkpoint_dir else None)
+
+    def wanted(self, member: int) -> bool:
+        return self.server.wanted(self.trial_ids[member])
+
+    def latest_checkpoint(self, member: int) -> Path | None:
+        return self.server.members[self.trial_ids[member]].checkpoint
+
+
+class CohortServer:
+    """A Ray actor (threaded) that trains cohorts of members one after another on one trial's resources."""
+
+    def __init__(self, stores: dict[str, StoreData], sizes: dict[str, int], cpus: float) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+        self.stores, self.sizes = stores, sizes
+        self.members: dict[str, _Member] = {}
+        self.queue: list[str] = []  # joined, not yet in a cohort, in arrival order
+        self.last_join = 0.0
+        self.ran: list[dict[str, Any]] = []  # one entry per cohort started: method, start epoch, trial ids
+        self.changed = threading.Condition()
+        self.scratch = Path(tempfile.mkdtemp(prefix="medsweep-cohort-"))
+        threading.Thread(target=self._serve, daemon=True, name="cohort-server").start()
+
+    # -- called by the router and the clients --------------------------------------
+    def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> None:
+        folder = unpack(checkpoint, self.scratch / f"restore-{trial_id}-{group[1]}") if checkpoint else None
+        with self.changed:
+            self.members[trial_id] = _Member(config, group, folder)
+            self.queue.append(trial_id)
+            self.last_join = time.monotonic()
+            self.changed.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        """Members waiting per group (the routing view) and whether a cohort is running."""
+        with self.changed:
+            waiting: dict[Group, int] = {}
+            for trial_id in self.queue:
+                group = self.members[trial_id].group
+                waiting[group] = waiting.get(group, 0) + 1
+            running = sum(m.state == "running" for m in self.members.values())
+            return {"waiting": list(waiting.items()), "running": running}
+
+    def next(self, trial_id: str, acked: int, timeout: float) -> tuple[str, dict[str, Any] | None, Files | None]:
+        """The member's next result: ("result", metrics, checkpoint), or ("wait" | "done" | "left" | "error" | "unknown", ...).
+
+        ``acked``: results the client has reported so far (each one returned from ``ray.tune.report``)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            member = self.members.get(trial_id)
+            if member is None:
+                return "unknown", None, None
+            if acked > member.acked:
+                member.acked = acked
+                self.changed.notify_all()
+            while member.fetched >= len(member.results) and member.state in ("waiting", "running"):
+                if not self.changed.wait(deadline - time.monotonic()):
+                    return "wait", None, None
+            if member.fetched < len(member.results):
+                metrics, files = member.results[member.fetched]
+                member.results[member.fetched] = (metrics, None)  # the client holds it now
+                member.fetched += 1
+                return "result", metrics, files
+            return member.state, {"error": member.error} if member.error else None, None
+
+    def cohorts(self) -> list[dict[str, Any]]:
+        """The cohorts this server started (since its last restart), with the members that left each early."""
+        with self.changed:
+            return [{**cohort, "left": [t for t in cohort["trials"] if self.members[t].state == "left"]} for cohort in self.ran]
+
+    # -- called by the cohort's IO, in the training thread ----------------------------
+    def publish(self, trial_id: str, metrics: dict[str, Any], checkpoint: Files | None) -> None:
+        with self.changed:
+            member = self.members[trial_id]
+            member.results.append((metrics, checkpoint))
+            member.published_at = time.monotonic()
+            self.changed.notify_all()
+
+    def wanted(self, trial_id: str) -> bool:
+        """Whether the member's client took and acknowledged its last result (waiting up to the grace period)."""
+        with self.changed:
+            member = self.members[trial_id]
+            deadline = member.published_at + LEAVE_GRACE_S
+            while member.state == "running" and member.acked < len(member.results):
+                if not self.changed.wait(deadline - time.monotonic()):
+                    member.state = "left"
+                    self.changed.notify_all()
+            return member.state == "running"
+
+    # -- the training thread --------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            trial_ids = self._next_cohort()
+            members = [self.members[t] for t in trial_ids]
+            configs = [m.config for m in members]
+            root = self.scratch / f"cohort-{len(self.ran)}"
+            io = _ServerIO(self, self.stores[configs[0]["store_key"]], int(configs[0].get("seed", 0)), trial_ids)
+            try:
+                fit_cohort(configs, io, root)
+                outcome, error = "done", ""
+            except Exception as failure:  # noqa: BLE001 - any failure ends the cohort: its clients raise it, Tune restarts them
+                outcome, error = "error", f"{type(failure).__name__}: {failure}"
+            shutil.rmtree(root, ignore_errors=True)
+            with self.changed:
+                for member in members:
+                    if member.state == "running":
+                        member.state, member.error = outcome, error
+                    if member.checkpoint is not None:
+                        shutil.rmtree(member.checkpoint, ignore_errors=True)
+                self.changed.notify_all()
+
+    def _next_cohort(self) -> list[str]:
+        """Wait for the oldest waiting group to fill up or to stop growing; take its members."""
+        with self.changed:
+            while True:
+                if self.queue:
+                    group = self.members[self.queue[0]].group
+                    ready = [t for t in self.queue if self.members[t].group == group]
+                    size = self.sizes.get(self.members[ready[0]].config["method"], 1)
+                    quiet = time.monotonic() - self.last_join
+                    if len(ready) >= size or quiet >= FORM_WAIT_S:
+                        taken = ready[:size]
+                        self.queue = [t for t in self.queue if t not in taken]
+                        for trial_id in taken:
+                            self.members[trial_id].state = "running"
+                        self.ran.append({"method": group[0][0], "start_epoch": group[1], "trials": taken})
+                        return taken
+                    self.changed.wait(FORM_WAIT_S - quiet)
+                else:
+                    self.changed.wait()
+
+
+class CohortRouter:
+    """A Ray actor that sends each joining member to a server, one join at a time (see the module docstring)."""
+
+    def __init__(self, servers: list[Any], sizes: dict[str, int]) -> None:
+        self.servers, self.sizes = servers, sizes
+
+    def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> int:
+        """The index of the server the member joined."""
+        size = self.sizes.get(config["method"], 1)
+        states: dict[int, dict[str, Any]] = {}
+        for index, server in enumerate(self.servers):
+            try:
+                states[index] = ray.get(server.status.remote())
+            except RayActorError:  # restarting: not a candidate now
+                continue
+        load = {i: s["running"] + sum(n for _, n in s["waiting"]) for i, s in states.items()}
+        forming = [i for i, s in states.items() if any(tuple(g) == group and n < size for g, n in s["waiting"])]
+        idle = [i for i in states if load[i] == 0]
+        candidates = forming or idle or sorted(states, key=load.__getitem__) or [0]
+        index = candidates[0]
+        ray.get(self.servers[index].join.remote(trial_id, group, config, checkpoint))
+        return index
+
+
+@dataclass
+class Cohorts:
+    """The sweep's cohort servers, their router, and which methods run fused at what cohort size."""
+
+    router: Any
+    servers: list[Any]
+    sizes: dict[str, int]  # fused method -> members per cohort
+    client_cpus: float  # what each member's Tune trial reserves
+
+    @property
+    def max_concurrent_trials(self) -> int:
+        return len(self.servers) * max(self.sizes.values())
+
+
+def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
+    """A trial slot's CPUs split into (server, each of ``size`` clients): the clients' share is taken
+    from the slot, so servers and their members fit where the slots' trials did (else servers holding
+    every CPU would leave no room to place a single client). :data:`CLIENT_CPUS` each, less for tiny slots."""
+    client = min(CLIENT_CPUS, cpus_per_trial / (2 * size))
+    return cpus_per_trial - size * client, client
+
+
+def fused_methods(settings: SweepSettings, stores: dict[str, StoreData], store_keys: dict[str, str]) -> list[str]:
+    """The sweep's methods whose trials a server may fuse: preloadable, with their features in their store."""
+    fused = []
+    for method in settings.methods:
+        config = {"method": method, "backbone": settings.backbone, "image_size": settings.image_size}
+        if fusable(config, stores[store_keys[method]].columns):
+            fused.append(method)
+    return fused
+
+
+@contextmanager
+def cohort_servers(
+    settings: SweepSettings, stores: dict[str, StoreData], sizes: dict[str, int], slots: int, gpus: float
+) -> Iterator[Cohorts | None]:
+    """Start the cohort servers for ``sizes`` (fused method -> cohort size) before the search, stop them after.
+
+    None (no servers; every trial runs alone) when no method fuses with more than one member.
+    One server per concurrent slot when every method of the sweep fuses; half the slots
+    otherwise, so trials that run alone keep slots of their own. Each server reserves
+    ``--cpus-per-trial`` less its clients' share (:func:`slot_split`) and ``gpus`` (the largest GPU
+    fraction of the fused methods).
+    At the end the cohorts the servers ran are added to ``<out>/ray/cohorts.json``.
+    """
+    sizes = {method: size for method, size in sizes.items() if size > 1}
+    count = slots if set(sizes) == set(settings.methods) else slots // 2
+    if not sizes or count < 1:
+        yield None
+        return
+    server_cpus, client_cpus = slot_split(settings.cpus_per_trial, max(sizes.values()))
+    # Threaded (max_concurrency): clients' long polls wait beside the training thread.
+    server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
+    servers: list[Any] = [server.remote(stores, sizes, settings.cpus_per_trial) for _ in range(count)]
+    router: Any = ray.remote(CohortRouter).options(max_restarts=-1, num_cpus=0).remote(servers, sizes)
+    try:
+        yield Cohorts(router, servers, sizes, client_cpus)
+    finally:
+        ran = []
+        for handle in servers:
+            try:
+                ran.extend(ray.get(handle.cohorts.remote(), timeout=30))
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                continue
+            finally:
+                ray.kill(handle)
+        ray.kill(router)
+        _record(Path(settings.out) / "ray" / COHORTS_FILE, ran)
+
+
+def _record(path: Path, ran: list[dict[str, Any]]) -> None:
+    """Append the cohorts of this run (a resumed sweep adds to the file)."""
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(earlier + ran, indent=2))
+
+
+def run_member(config: dict[str, Any], *, cohorts: Cohorts) -> None:
+    """The Tune function of a fused trial: join a server, relay its results until the member ends.
+
+    Raises when the server died or its cohort failed, so Tune restarts the trial from its checkpoint."""
+    config = trial_config(config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    restored = ray.tune.get_checkpoint()
+    files: Files | None = None
+    if restored is not None:
+        with restored.as_directory() as folder:
+            files = pack(Path(folder))
+    epochs = int(config["epochs"])
+    with tempfile.TemporaryDirectory(prefix="medsweep-member-") as scratch:
+        while True:  # once, or again after the server dropped this (live) member for being slow
+            group: Group = (cohort_key(config), checkpoint_epoch(files))
+            server = cohorts.servers[ray.get(cohorts.router.join.remote(trial_id, group, config, files))]
+            acked = 0
+            while True:
+                kind, metrics, checkpoint = ray.get(server.next.remote(trial_id, acked, POLL_S))
+                if kind == "wait":
+                    continue
+                if kind != "result":
+                    break
+                assert metrics is not None
+                report = Checkpoint.from_directory(str(unpack(checkpoint, Path(scratch) / f"epoch-{metrics['epoch']}"))) if checkpoint else None
+                ray.tune.report(metrics, checkpoint=report)
+                acked += 1
+                files = checkpoint or files
+                if metrics.get("status") == "diverged" or int(metrics["epoch"]) >= epochs:
+                    return
+            if kind == "done":
+                return
+            if kind != "left":
+                why = f"{kind}: {metrics['error']}" if metrics else kind
+                raise RuntimeError(f"the cohort server lost trial {trial_id} ({why}); Tune restarts it from its checkpoint")
+
+
+def run_trial_or_member(config: dict[str, Any], *, stores: dict[str, StoreData], storage_path: str, cohorts: Cohorts) -> None:
+    """The sweep's Tune function when cohorts are on: a fused method's trial is a member, any other a :func:`run_trial`."""
+    if config.get("method") in cohorts.sizes:
+        run_member(config, cohorts=cohorts)
+    else:
+        run_trial(config, stores=stores, storage_path=storage_path)

@@ -1,0 +1,164 @@
+"""Fused trial cohorts in real sweeps: members stay trials (board, study, ASHA, resume) and really share a server.
+
+The fault tests reuse tests/test_faults.py's process helpers: the driver is killed with SIGKILL,
+a cohort server (the ``ray::CohortServer`` actor process) too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_faults import (
+    RAN_TO_THE_END,
+    _checkpointed_early,
+    _restored_from_checkpoint,
+    _results,
+    _tiny_settings,
+    _trial_processes,
+    killed_driver_resumes,
+    sweep_with_fault,
+)
+
+from medsweep.search.cohorts import COHORTS_FILE, Cohorts, cohort_servers, slot_split
+from medsweep.search.console import SweepConsole
+from medsweep.search.settings import SweepSettings, load_settings
+from medsweep.search.study import load_study
+from medsweep.search.sweep import run_sweep
+from medsweep.search.tuning import cohort_size_for, trial_resources
+
+EPOCHS = 3
+
+
+def _settings(root: Path, out: Path, cache: Path, trials: int, epochs: int = EPOCHS, **extra) -> SweepSettings:
+    return _tiny_settings(root, out, cache, ["linear"], trials, epochs, **extra)
+
+
+def _cohorts(out: Path) -> list[dict]:
+    return json.loads((out / "ray" / COHORTS_FILE).read_text())
+
+
+def _board(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cohort-cache")
+
+
+@pytest.fixture(scope="module")
+def fused_sweep(ray_session, synthetic_root, cache_dir, tmp_path_factory) -> Path:
+    """Four linear trials, cohorts of four (the module's one fused sweep without faults)."""
+    settings = _settings(synthetic_root, tmp_path_factory.mktemp("fused"), cache_dir, trials=4, cohort_size=4)
+    run_sweep(settings, SweepConsole(quiet=True))
+    return settings.out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fused_members_are_trials_on_the_board_and_in_the_study(fused_sweep):
+    board = _board(fused_sweep)
+    assert len(board) == 4 and board["trial_id"].is_unique
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == EPOCHS).all()
+    study = load_study(fused_sweep)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    # Each Optuna trial was told its own member's value: the study's values are the board's, one each.
+    told = sorted(t.value for t in study.trials)
+    assert told == pytest.approx(sorted(board["best_val_auc"]), nan_ok=True)
+    cohorts = _cohorts(fused_sweep)
+    assert any(len(cohort["trials"]) > 1 for cohort in cohorts), cohorts  # really fused
+    assert sorted(t for cohort in cohorts for t in cohort["trials"]) == sorted(board["trial_id"])
+
+
+def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_session, tmp_path):
+    """``--cohort-size 1`` (no size above one): no server, so ``build_trainable`` binds ``run_trial`` as before cohorts."""
+    settings = SweepSettings(methods=["linear"], trials=2, out=tmp_path, cohort_size=1)
+    with cohort_servers(settings, {}, {"linear": 1}, slots=2, gpus=0.0) as cohorts:
+        assert cohorts is None
+    assert not (tmp_path / "ray" / COHORTS_FILE).exists()
+    resources = trial_resources(settings, {"linear": 0.0})({"method": "linear"})
+    assert resources.bundles == [{"CPU": 1.0}]
+    cohorts = Cohorts(router=None, servers=[None, None], sizes={"linear": 4}, client_cpus=0.01)
+    assert trial_resources(settings, {"linear": 0.0}, cohorts)({"method": "linear"}).bundles == [{"CPU": 0.01}]
+    # A slot's CPUs hold its server and its clients: 2 slots x (0.96 + 4 x 0.01) on 2 CPUs.
+    assert slot_split(1.0, 4) == pytest.approx((0.96, 0.01))
+    assert slot_split(0.1, 16)[0] == pytest.approx(0.05)
+
+
+def test_auto_cohort_size_fills_the_method_gpu_fraction():
+    gib = 2**30
+    assert cohort_size_for(None, 0.0, 0) == 8  # CPUs: the benchmark's default
+    # A quarter of 80 GiB less a 500 MiB context, steps of 1 GiB x 1.5: 13 members.
+    assert cohort_size_for(gib, 0.25, 80 * gib) == 13
+    assert cohort_size_for(10 * 2**20, 1.0, 80 * gib) == 16  # capped
+    assert cohort_size_for(20 * gib, 0.25, 80 * gib) == 1  # one member at least
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_member_stopped_by_asha_leaves_while_the_others_finish(ray_session, synthetic_root, cache_dir, tmp_path):
+    """ASHA (grace 1, halving) on members whose learning rates differ by orders of magnitude: some stop early
+    while the others of their cohort run every epoch; every member is one finished trial of the study."""
+    epochs, trials = 4, 6
+    settings = _settings(
+        synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
+        early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0},
+    )  # fmt: skip
+    run_sweep(settings, SweepConsole(quiet=True))
+    board = _board(settings.out)
+    assert len(board) == trials and board["trial_id"].is_unique
+    stopped = set(board.loc[board["epochs_run"] < epochs, "trial_id"])
+    assert stopped, "ASHA stopped no trial: the test's learning rates no longer separate the members"
+    assert (board.loc[~board["trial_id"].isin(stopped), "epochs_run"] == epochs).all()
+    assert [t.state.name for t in load_study(settings.out).trials].count("COMPLETE") == trials
+    cohorts = _cohorts(settings.out)
+    assert any(len(cohort["trials"]) > 1 for cohort in cohorts)
+    left = {t for cohort in cohorts for t in cohort["left"]}
+    assert left <= stopped  # only a stopped member leaves its cohort
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_driver_of_a_fused_sweep_resumes_with_every_member_once(ray_session, synthetic_root, cache_dir, tmp_path, monkeypatch):
+    """SIGKILL the driver while members hold checkpoints; ``medsweep resume`` starts new servers and ends
+    with exactly the planned trials, the interrupted ones continued from their checkpoints."""
+    out = killed_driver_resumes(synthetic_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "2", need_finished=False, trials=3)
+    # The killed driver recorded nothing; the resume's servers ran every member it continued.
+    assert _cohorts(out)
+    assert load_settings(out).cohort_size == 2  # sweep.json kept it, and the resume ran with it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_session, synthetic_root, cache_dir, tmp_path):
+    """Every cohort server process is SIGKILLed once a member holds a checkpoint with epochs left: Ray
+    restarts the servers, the members' trials fail and Tune restarts them from their checkpoints."""
+    epochs, trials = 6, 3
+    settings = _settings(synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs)
+    killed: list[int] = []
+
+    def kill_servers_mid_cohort() -> bool:
+        servers = _trial_processes(os.getpid(), actor="CohortServer")
+        if not (servers and _checkpointed_early(settings.out, epochs)):
+            return False
+        for pid, process in servers.items():
+            process.kill()
+            killed.append(pid)
+        return True
+
+    sweep_with_fault(settings, kill_servers_mid_cohort)
+
+    assert killed, "no member was caught between its first checkpoint and its end"
+    board = _board(settings.out)
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == epochs).all()
+    restored = [t for t in board["trial_id"] if _restored_from_checkpoint(_results(settings.out / "ray" / "tune" / f"trial-{t}"))]
+    assert restored  # continued from a checkpoint, not from scratch
+    for trial_id in board["trial_id"]:
+        epochs_seen = sorted({r["epoch"] for r in _results(settings.out / "ray" / "tune" / f"trial-{trial_id}")})
+        assert epochs_seen == list(range(1, epochs + 1))
+    assert [t.state.name for t in load_study(settings.out).trials].count("COMPLETE") == trials
