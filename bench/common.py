@@ -104,18 +104,34 @@ def sweep_flops(record: dict[str, Any]) -> dict[str, float]:
     return {"preload_flops": float(preload), "train_flops": float(train), "total_flops": float(preload + train)}
 
 
+def slot_runs(record: dict[str, Any]) -> list[tuple[float, float]]:
+    """(Tune seconds, training-step seconds) of each run that held a trial slot: a trial, or a fused cohort.
+
+    A fused member reports its cohort's step seconds (its steps ran with its cohort's), so a cohort
+    counts once: its longest member's time in Tune and steps. Trials in no cohort count alone."""
+    trials = {str(t["trial_id"]): t for t in record["trials"]}
+    runs, fused = [], set()
+    for cohort in record.get("cohorts", []):
+        members = [trials[t] for t in cohort["trials"] if t in trials]
+        fused.update(cohort["trials"])
+        if members:
+            runs.append((max(m["trial_seconds"] for m in members), max(m["train_step_seconds"] for m in members)))
+    runs += [(t["trial_seconds"], t["train_step_seconds"]) for trial_id, t in trials.items() if trial_id not in fused]
+    return runs
+
+
 def trial_overheads(record: dict[str, Any]) -> list[float]:
-    """Per trial: Tune's wall time of the trial minus the seconds inside its training steps."""
-    return [t["trial_seconds"] - t["train_step_seconds"] for t in record["trials"]]
+    """Per slot run (a trial, or a fused cohort): Tune's wall time of it minus the seconds inside its training steps."""
+    return [seconds - steps for seconds, steps in slot_runs(record)]
 
 
 def tune_breakdown(record: dict[str, Any]) -> dict[str, float]:
     """Split the Tune phase's wall time into training steps, in-trial overhead and idle slots.
 
-    With ``RAY_CPUS`` one-CPU trials at once, slot-seconds / ``RAY_CPUS`` is
-    wall time; idle slots are Tune's own scheduling, trial start and teardown.
+    With ``RAY_CPUS`` one-CPU slots at once (trials, or cohort servers), slot-seconds / ``RAY_CPUS``
+    is wall time; idle slots are Tune's own scheduling, trial start and teardown.
     """
-    steps = sum(t["train_step_seconds"] for t in record["trials"]) / RAY_CPUS
+    steps = sum(steps for _, steps in slot_runs(record)) / RAY_CPUS
     in_trial = sum(trial_overheads(record)) / RAY_CPUS
     return {"train_steps_s": steps, "in_trial_overhead_s": in_trial, "idle_slots_s": record["phases"]["tune_s"] - steps - in_trial}
 

@@ -11,6 +11,7 @@ once by the context, before the clock starts, and reported separately.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -122,6 +123,7 @@ def timed_sweep(
     exactly these configs, through the unchanged searcher, Tuner and trial.
     """
     from medsweep.search import tuning
+    from medsweep.search.cohorts import COHORTS_FILE
     from medsweep.search.settings import SweepSettings
     from medsweep.search.sweep import run_sweep
 
@@ -145,7 +147,7 @@ def timed_sweep(
         run_sweep(settings, console)
     end = time.perf_counter()
     marks = console.marks
-    board = pd.read_csv(out / "leaderboard.csv")
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     return {
         "name": name,
         "settings": {k: v for k, v in overrides.items()},
@@ -166,6 +168,7 @@ def timed_sweep(
             "total_s": end - start,
         },
         "trials": board[[c for c in TRIAL_COLUMNS if c in board]].to_dict(orient="records"),
+        "cohorts": json.loads(cohorts.read_text()) if (cohorts := out / "ray" / COHORTS_FILE).is_file() else [],
         "events": [{**e, "t": e["t"] - marks["materialize"]} for e in console.events],
     }
 

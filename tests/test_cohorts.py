@@ -23,8 +23,9 @@ from test_faults import (
     sweep_with_fault,
 )
 
-from medsweep.search.cohorts import COHORTS_FILE, Cohorts, cohort_servers, slot_split
+from medsweep.search.cohorts import COHORTS_FILE, cohort_servers, slot_split
 from medsweep.search.console import SweepConsole
+from medsweep.search.members import Cohorts
 from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import load_study
 from medsweep.search.sweep import run_sweep

@@ -154,7 +154,8 @@ def _trial_processes(root_pid: int, actor: str = "ImplicitFunc") -> dict[int, ps
     found = {}
     for proc in psutil.Process(root_pid).children(recursive=True):
         try:
-            if proc.cmdline()[:1] and proc.cmdline()[0].startswith(f"ray::{actor}"):
+            command = proc.cmdline()  # once: a process that exits in between has none
+            if command and command[0].startswith(f"ray::{actor}"):
                 found[proc.pid] = proc
         except psutil.Error:  # exited while we looked
             continue

@@ -51,38 +51,21 @@ from typing import Any
 import ray
 import ray.tune
 from ray.exceptions import RayActorError
-from ray.train import Checkpoint
 
 from medsweep.search.data import StoreData
+from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, pack, run_member, unpack
 from medsweep.search.settings import SweepSettings
-from medsweep.search.space import trial_config
 from medsweep.search.trial import StoreBatches, run_trial
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
 
 # Cohort size on CPUs when --cohort-size is not given: see BENCHMARKS.md (member-samples/s of a cohort step against K standalone steps).
 CPU_COHORT_SIZE = 8
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
-CLIENT_CPUS = 0.01  # a client only relays: what it reserves, taken from its slot's CPUs (see Cohorts.client_cpus)
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
 LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch: the member left
-POLL_S = 5.0  # a client's long poll for its next result
 COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
 
-Files = dict[str, bytes]
 Group = tuple[tuple, int]  # (cohort_key, start epoch)
-
-
-def pack(folder: Path) -> Files:
-    """A checkpoint folder as bytes per relative path (sent through the object store)."""
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def unpack(files: Files, folder: Path) -> Path:
-    """Write :func:`pack`'s bytes under ``folder``; returns it."""
-    for name, data in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
-    return folder
 
 
 def checkpoint_epoch(files: Files | None) -> int:
@@ -260,8 +243,10 @@ class CohortRouter:
     def __init__(self, servers: list[Any], sizes: dict[str, int]) -> None:
         self.servers, self.sizes = servers, sizes
 
-    def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> int:
-        """The index of the server the member joined."""
+    def join(self, trial_id: str, config: dict[str, Any], checkpoint: Files | None) -> int:
+        """The index of the server the member joined. Its group (cohort key, start epoch) is worked out
+        here, so a client (:func:`~medsweep.search.members.run_member`) never imports torch."""
+        group: Group = (cohort_key(config), checkpoint_epoch(checkpoint))
         size = self.sizes.get(config["method"], 1)
         states: dict[int, dict[str, Any]] = {}
         for index, server in enumerate(self.servers):
@@ -276,20 +261,6 @@ class CohortRouter:
         index = candidates[0]
         ray.get(self.servers[index].join.remote(trial_id, group, config, checkpoint))
         return index
-
-
-@dataclass
-class Cohorts:
-    """The sweep's cohort servers, their router, and which methods run fused at what cohort size."""
-
-    router: Any
-    servers: list[Any]
-    sizes: dict[str, int]  # fused method -> members per cohort
-    client_cpus: float  # what each member's Tune trial reserves
-
-    @property
-    def max_concurrent_trials(self) -> int:
-        return len(self.servers) * max(self.sizes.values())
 
 
 def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
@@ -353,43 +324,6 @@ def _record(path: Path, ran: list[dict[str, Any]]) -> None:
     earlier = json.loads(path.read_text()) if path.is_file() else []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(earlier + ran, indent=2))
-
-
-def run_member(config: dict[str, Any], *, cohorts: Cohorts) -> None:
-    """The Tune function of a fused trial: join a server, relay its results until the member ends.
-
-    Raises when the server died or its cohort failed, so Tune restarts the trial from its checkpoint."""
-    config = trial_config(config)
-    trial_id = ray.tune.get_context().get_trial_id()
-    restored = ray.tune.get_checkpoint()
-    files: Files | None = None
-    if restored is not None:
-        with restored.as_directory() as folder:
-            files = pack(Path(folder))
-    epochs = int(config["epochs"])
-    with tempfile.TemporaryDirectory(prefix="medsweep-member-") as scratch:
-        while True:  # once, or again after the server dropped this (live) member for being slow
-            group: Group = (cohort_key(config), checkpoint_epoch(files))
-            server = cohorts.servers[ray.get(cohorts.router.join.remote(trial_id, group, config, files))]
-            acked = 0
-            while True:
-                kind, metrics, checkpoint = ray.get(server.next.remote(trial_id, acked, POLL_S))
-                if kind == "wait":
-                    continue
-                if kind != "result":
-                    break
-                assert metrics is not None
-                report = Checkpoint.from_directory(str(unpack(checkpoint, Path(scratch) / f"epoch-{metrics['epoch']}"))) if checkpoint else None
-                ray.tune.report(metrics, checkpoint=report)
-                acked += 1
-                files = checkpoint or files
-                if metrics.get("status") == "diverged" or int(metrics["epoch"]) >= epochs:
-                    return
-            if kind == "done":
-                return
-            if kind != "left":
-                why = f"{kind}: {metrics['error']}" if metrics else kind
-                raise RuntimeError(f"the cohort server lost trial {trial_id} ({why}); Tune restarts it from its checkpoint")
 
 
 def run_trial_or_member(config: dict[str, Any], *, stores: dict[str, StoreData], storage_path: str, cohorts: Cohorts) -> None:

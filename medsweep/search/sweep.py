@@ -188,6 +188,12 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
     board = export.leaderboard(grid, settings)
     export.write_outputs(board, settings, spec, settings.out)
     console.leaderboard(board, settings.out)
+    if board.empty:  # e.g. a --budget-hours that ended before any trial reported an epoch
+        console.console.print(
+            f"[bold]no trial reported a result[/]: nothing to retrain or report; give the search more time with "
+            f"`medsweep extend {settings.out} --trials N` (or --budget-hours H)"
+        )
+        return
     if settings.final_seeds and not board.empty and board["status"].isin(export.UNUSABLE).all():
         console.console.print(
             "[bold]final[/] skipped: no trial ended usable (each failed, diverged or predicted one class for every "

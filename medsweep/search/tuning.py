@@ -36,9 +36,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, Cohorts, cohort_servers, fused_methods, run_trial_or_member
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods, run_trial_or_member
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
+from medsweep.search.members import Cohorts, run_member
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
 from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
@@ -491,10 +492,11 @@ def build_trainable(settings: SweepSettings, shared: SharedData, cohorts: Cohort
             tune.with_parameters(run_trial, stores=shared.stores, storage_path=str(out / TRAIN_DIR)),
             trial_resources(settings, shared.gpus),
         )
-    return tune.with_resources(
-        tune.with_parameters(run_trial_or_member, stores=shared.stores, storage_path=str(out / TRAIN_DIR), cohorts=cohorts),
-        trial_resources(settings, shared.gpus, cohorts),
-    )
+    if set(cohorts.sizes) == set(settings.methods):  # every trial a member: clients that never load the stores (nor torch)
+        trainable = tune.with_parameters(run_member, cohorts=cohorts)
+    else:
+        trainable = tune.with_parameters(run_trial_or_member, stores=shared.stores, storage_path=str(out / TRAIN_DIR), cohorts=cohorts)
+    return tune.with_resources(trainable, trial_resources(settings, shared.gpus, cohorts))
 
 
 def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str, PreloadResult]):
