@@ -58,8 +58,10 @@ from medsweep.search.settings import SweepSettings
 from medsweep.search.trial import StoreBatches, run_trial
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
 
-# Cohort size on CPUs when --cohort-size is not given: see BENCHMARKS.md (member-samples/s of a cohort step against K standalone steps).
-CPU_COHORT_SIZE = 8
+# Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. BENCHMARKS.md figure 11 measured figure 1's
+# sweep 4x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, less than
+# the servers' forming and leave waits cost); on GPUs the probe sizes cohorts (cohort_size_for).
+CPU_COHORT_SIZE = 1
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
 LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch: the member left
