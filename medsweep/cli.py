@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--cohort-size",
         type=int,
         default=setting_default("cohort_size"),
-        help="trials of a method on preloaded features trained together as one cohort; 1: each trial alone; default auto (as many as fit in the method's GPU fraction; 1 on CPUs, where fusing measured slower)",
+        help=(
+            "trials of a method on preloaded features trained together as one cohort; 1: each trial alone; "
+            "default auto (fill the method's GPU fraction; 1 on CPUs, measured faster)"
+        ),
     )
     sweep.add_argument(
         "--wandb",
