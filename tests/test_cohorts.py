@@ -54,14 +54,14 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthetic_root, cache_dir, tmp_path):
-    """Six linear trials in cohorts of six, ASHA (grace 1, halving) on learning rates drawn at random over
-    orders of magnitude. Every member is one trial of the board and of the study, told its own value;
+    """Six linear trials (one batch size) in cohorts of six, ASHA (grace 1, halving) on learning rates drawn at
+    random over orders of magnitude. Every member is one trial of the board and of the study, told its own value;
     they really shared a server; the members ASHA stopped left their cohort while the others ran every epoch."""
     epochs, trials = 4, 6
     settings = _settings(
         synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
-        early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0},
-    )  # fmt: skip
+        early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0, "batch_size": 16},
+    )  # fmt: skip  # one batch size: the linear probe searches it, and members of different batch sizes never fuse
     run_sweep(settings, SweepConsole(quiet=True))
     board = _board(settings.out)
     assert len(board) == trials and board["trial_id"].is_unique
