@@ -58,12 +58,12 @@ def test_gpu_fraction_packs_the_fpt_plus_paper_memory_figures_on_an_80_gb_gpu():
 
 def test_gpu_fractions_are_probed_per_method_and_zero_without_gpus(ray_session, synthetic_root, tmp_path):
     from medsweep.datasets import load_imagefolder
-    from medsweep.search.tuning import gpu_fraction, method_gpu_fractions, probe_methods, trial_resources
+    from medsweep.search.tuning import gpu_fraction, gpu_plan, probe_methods, trial_resources
 
     assert ray_session.cluster_resources().get("GPU", 0) == 0
     settings = _tiny_settings(synthetic_root, tmp_path / "out", tmp_path / "cache")
     spec = load_imagefolder(synthetic_root, name="synthetic")
-    assert method_gpu_fractions(settings, spec) == {"fpt_plus": 0.0, "linear": 0.0}
+    assert gpu_plan(settings, spec)[0] == {"fpt_plus": 0.0, "linear": 0.0}
     # The probe itself (a Ray task, the CPU proxy here) at each method's largest searched batch.
     probes = probe_methods(settings, spec)
     assert {m: p["batch_size"] for m, p in probes.items()} == {"fpt_plus": 32, "linear": 64}
@@ -78,7 +78,7 @@ def test_gpu_fractions_are_probed_per_method_and_zero_without_gpus(ray_session, 
     assert trial_resources(settings, {"fpt_plus": 0.0, "linear": 0.0})({"method": "linear"}).bundles == [{"CPU": 1.0}]
     # --gpus-per-trial overrides every method.
     settings.gpus_per_trial = 0.25
-    assert method_gpu_fractions(settings, spec) == {"fpt_plus": 0.25, "linear": 0.25}
+    assert gpu_plan(settings, spec)[0] == {"fpt_plus": 0.25, "linear": 0.25}
 
 
 # ------------------------------------------------------------------ validation

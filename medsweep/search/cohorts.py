@@ -37,6 +37,7 @@ an idle server, else to the least loaded one, so members of one key meet.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.tune
+import torch
 from ray.exceptions import RayActorError
 
 from medsweep.search.data import StoreData
@@ -57,6 +58,7 @@ from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, pack, run_membe
 from medsweep.search.settings import SweepSettings
 from medsweep.search.trial import StoreBatches, run_trial
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
+from medsweep.trainables.loop import CHECKPOINT_FILE
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. BENCHMARKS.md figure 11 measured figure 1's
 # sweep 4x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, less than
@@ -74,12 +76,6 @@ def checkpoint_epoch(files: Files | None) -> int:
     """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
     if not files:
         return 0
-    import io
-
-    import torch
-
-    from medsweep.trainables.loop import CHECKPOINT_FILE
-
     return int(torch.load(io.BytesIO(files[CHECKPOINT_FILE]), map_location="cpu", weights_only=False)["state"].epoch)
 
 

@@ -254,17 +254,13 @@ def smallest_gpu_bytes() -> int | None:
     return min(sizes) if sizes else None
 
 
-def method_gpu_fractions(settings: SweepSettings, spec: DatasetSpec | None, console: SweepConsole | None = None) -> dict[str, float]:
-    """Each method's GPU fraction per trial: ``--gpus-per-trial`` for every method when given;
-    else 0 without GPUs in the cluster; else sized by :func:`gpu_fraction` from a probe of each
-    method (one console line per method with the probed memory and the fraction chosen)."""
-    return gpu_plan(settings, spec, console)[0]
-
-
 def gpu_plan(
     settings: SweepSettings, spec: DatasetSpec | None, console: SweepConsole | None = None
 ) -> tuple[dict[str, float], dict[str, int], int]:
-    """:func:`method_gpu_fractions`, with what sized them: each probed method's step memory and the smallest GPU's bytes."""
+    """Each method's GPU fraction per trial, with what sized them (each probed method's step memory, the
+    smallest GPU's bytes: cohorts are sized from them). The fraction is ``--gpus-per-trial`` for every method
+    when given; else 0 without GPUs in the cluster; else sized by :func:`gpu_fraction` from a probe of each
+    method (one console line per method with the probed memory and the fraction chosen)."""
     if settings.gpus_per_trial is not None:
         return {method: float(settings.gpus_per_trial) for method in settings.methods}, {}, 0
     if ray.cluster_resources().get("GPU", 0) <= 0:
@@ -476,7 +472,7 @@ def share_data(
     spec: DatasetSpec | None = None,
 ) -> SharedData:
     """Share every method's store once (materialized, or streamed when too large); decide each
-    method's GPU fraction (:func:`method_gpu_fractions`; ``spec`` is loaded only if a probe needs it)."""
+    method's GPU fraction (:func:`gpu_plan`; ``spec`` is loaded only if a probe needs it)."""
     shared = share_stores(stores.values())
     console.data_ready({key: why for key, (_, why) in shared.items()})
     gpus, step_bytes, gpu_bytes = gpu_plan(settings, spec, console)
