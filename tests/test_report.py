@@ -167,3 +167,7 @@ def test_report_errors_name_the_fix(tmp_path):
         write_report(tmp_path)
     with pytest.raises(ConfigError, match="--format must be md or html"):
         write_report(tmp_path, "pdf")
+    # The leaderboard a sweep in which no trial reported writes (an empty frame: no columns at all).
+    pd.DataFrame().to_csv(tmp_path / "leaderboard.csv", index=False)
+    with pytest.raises(ConfigError, match="has no trials; the sweep ran none to report on"):
+        write_report(tmp_path)

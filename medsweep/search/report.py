@@ -541,7 +541,10 @@ def write_report(out: Path, fmt: str = "md") -> Path:
         raise ConfigError(
             f"{out} has no {LEADERBOARD_CSV}; pass the output folder of a finished sweep (see `medsweep sweep --out`)"
         )
-    board = pd.read_csv(board_path, dtype={"trial_id": str})  # an all-digit id is still an id
+    try:
+        board = pd.read_csv(board_path, dtype={"trial_id": str})  # an all-digit id is still an id
+    except pd.errors.EmptyDataError:  # the leaderboard of a sweep in which no trial reported has no columns
+        board = pd.DataFrame()
     if board.empty:
         raise ConfigError(f"{board_path} has no trials; the sweep ran none to report on")
     folder = out / REPORT_DIR
