@@ -56,7 +56,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthetic_root, cache_dir, tmp_path):
     """Six linear trials (one batch size) in cohorts of six, ASHA (grace 1, halving) on learning rates drawn at
     random over orders of magnitude. Every member is one trial of the board and of the study, told its own value;
-    they really shared a server; the members ASHA stopped left their cohort while the others ran every epoch."""
+    they really shared a server; only members ASHA stopped left their cohort, and the others ran every epoch."""
     epochs, trials = 4, 6
     settings = _settings(
         synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
@@ -78,7 +78,9 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
     assert stopped, "ASHA stopped no trial: the test's learning rates no longer separate the members"
     assert (board.loc[~board["trial_id"].isin(stopped), "epochs_run"] == epochs).all()
     left = {t for cohort in cohorts for t in cohort["left"]}
-    assert left == stopped  # each member ASHA stopped left its cohort (its server saw it go), and no other did
+    # Only a stopped member leaves its cohort. Not every stopped one need be seen leaving: the server notices a
+    # leave when the member's grace runs out before the next epoch, and the sweep may end inside that grace.
+    assert left <= stopped
 
 
 def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_session, tmp_path):
