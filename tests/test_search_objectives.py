@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -123,7 +124,13 @@ def _non_dominated(rows: list[tuple[float, float]]) -> list[bool]:
 
 
 @pytest.fixture(scope="module")
-def multi_sweep(tmp_path_factory, ray_session, synthetic_root):
+def cache(tmp_path_factory) -> Path:
+    """One preload cache for the module's sweeps: the FPT+ and linear stores are written once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def multi_sweep(tmp_path_factory, ray_session, synthetic_root, cache):
     from medsweep.search.console import SweepConsole
     from medsweep.search.sweep import run_sweep
 
@@ -131,7 +138,7 @@ def multi_sweep(tmp_path_factory, ray_session, synthetic_root):
     # Two epochs at lr 0.01: with one epoch at the published rates every trial predicts one class
     # (collapsed, never on the front), and the front would be empty.
     settings = _tiny_settings(
-        synthetic_root, out, tmp_path_factory.mktemp("cache"), objective="auc,memory",
+        synthetic_root, out, cache, objective="auc,memory",
         max_epochs=2, fixed={"side_reduction": 2, "lr": 0.01, "warmup_epochs": 0},
     )  # fmt: skip
     console = SweepConsole(record=True)
@@ -192,13 +199,13 @@ def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
 
 
 @pytest.mark.slow
-def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthetic_root, tmp_path):
+def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthetic_root, cache, tmp_path):
     from medsweep.search.console import SweepConsole
     from medsweep.search.settings import load_settings
     from medsweep.search.sweep import run_sweep
 
     out = tmp_path / "budget"
-    settings = _tiny_settings(synthetic_root, out, tmp_path / "cache", trials=None, budget_hours=0.01)  # 36 s
+    settings = _tiny_settings(synthetic_root, out, cache, trials=None, budget_hours=0.005)  # 18 s
     console = SweepConsole(record=True)
     run_sweep(settings, console)
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
@@ -208,7 +215,7 @@ def test_a_time_budget_without_a_trial_count_ends_the_search(ray_session, synthe
     text = console.text()
     assert re.search(r"\(1( done)?\)", text) and "(1/" not in text and "/None" not in text  # counted without a total
     saved = load_settings(out)
-    assert saved.budget_hours == 0.01 and saved.trials is None
+    assert saved.budget_hours == 0.005 and saved.trials is None
 
 
 # ------------------------------------------------------------------ TPE start-up
