@@ -16,9 +16,13 @@ store, reading the batches a standalone trial reads (:class:`~medsweep.search.tr
 Leaving. Tune reports synchronously: a client's ``ray.tune.report`` returns only
 when the driver asks the trial for its next result, and a trial stopped by ASHA
 (or ended by the time budget) never returns from it. So a client acknowledges
-each result by coming back for the next one, and before the next epoch a member
-whose last result is still unacknowledged :data:`LEAVE_GRACE_S` after it was
-published is dropped from the cohort (``wanted`` is False). A live client that
+each result by coming back for the next one, and before its next epoch a member
+trains only once its last result is acknowledged. A member Tune ends leaves at
+once: the driver's :class:`~medsweep.search.tuning.CohortLeaves` callback tells
+the router (found by its name, :func:`router_name`, so a resumed driver's
+restored callback finds the new router), which tells the member's server. A
+result still unacknowledged :data:`LEAVE_GRACE_S` after it was published
+(a lost message, a driver that died) drops the member too; a live client that
 was dropped only for being slow is told so and joins again from the checkpoint
 it reported last.
 
@@ -37,6 +41,8 @@ an idle server, else to the least loaded one, so members of one key meet.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -66,10 +72,15 @@ from medsweep.trainables.loop import CHECKPOINT_FILE
 CPU_COHORT_SIZE = 1
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
-LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch: the member left
+LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch, and no word from Tune: dropped
 COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
 
 Group = tuple[tuple, int]  # (cohort_key, start epoch)
+
+
+def router_name(out: str | Path) -> str:
+    """The name of a sweep's cohort router actor: the same for the sweep's folder in every driver that runs it."""
+    return "medsweep-cohorts-" + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
 
 def checkpoint_epoch(files: Files | None) -> int:
@@ -91,6 +102,7 @@ class _Member:
     acked: int = 0  # results the client reported and came back after
     published_at: float = 0.0
     state: str = "waiting"  # waiting, running, done, left, error
+    dropped: bool = False  # left because its result went unacknowledged past the grace, not because Tune ended it
     error: str = ""
 
 
@@ -168,10 +180,31 @@ class CohortServer:
                 return "result", metrics, files
             return member.state, {"error": member.error} if member.error else None, None
 
-    def cohorts(self) -> list[dict[str, Any]]:
-        """The cohorts this server started (since its last restart), with the members that left each early."""
+    def leave(self, trial_id: str) -> None:
+        """Tune ended the member's trial (ASHA's stop, the time budget): it leaves its cohort or queue now."""
         with self.changed:
-            return [{**cohort, "left": [t for t in cohort["trials"] if self.members[t].state == "left"]} for cohort in self.ran]
+            member = self.members.get(trial_id)
+            if member is None or member.state not in ("waiting", "running"):
+                return
+            if member.state == "waiting":
+                self.queue.remove(trial_id)
+                if member.checkpoint is not None:
+                    shutil.rmtree(member.checkpoint, ignore_errors=True)
+            member.state = "left"
+            self.changed.notify_all()
+
+    def cohorts(self) -> list[dict[str, Any]]:
+        """The cohorts this server started (since its last restart), with the members that left each early
+        (``dropped``: those of them that left by the grace, unacknowledged, rather than told by Tune)."""
+        with self.changed:
+            return [
+                {
+                    **cohort,
+                    "left": [t for t in cohort["trials"] if self.members[t].state == "left"],
+                    "dropped": [t for t in cohort["trials"] if self.members[t].dropped],
+                }
+                for cohort in self.ran
+            ]
 
     # -- called by the cohort's IO, in the training thread ----------------------------
     def publish(self, trial_id: str, metrics: dict[str, Any], checkpoint: Files | None) -> None:
@@ -188,7 +221,7 @@ class CohortServer:
             deadline = member.published_at + LEAVE_GRACE_S
             while member.state == "running" and member.acked < len(member.results):
                 if not self.changed.wait(deadline - time.monotonic()):
-                    member.state = "left"
+                    member.state, member.dropped = "left", True
                     self.changed.notify_all()
             return member.state == "running"
 
@@ -240,6 +273,7 @@ class CohortRouter:
 
     def __init__(self, servers: list[Any], sizes: dict[str, int]) -> None:
         self.servers, self.sizes = servers, sizes
+        self.placed: dict[str, int] = {}  # trial id -> the server it joined last
 
     def join(self, trial_id: str, config: dict[str, Any], checkpoint: Files | None) -> int:
         """The index of the server the member joined. Its group (cohort key, start epoch) is worked out
@@ -258,7 +292,15 @@ class CohortRouter:
         candidates = forming or idle or sorted(states, key=load.__getitem__) or [0]
         index = candidates[0]
         ray.get(self.servers[index].join.remote(trial_id, group, config, checkpoint))
+        self.placed[trial_id] = index
         return index
+
+    def leave(self, trial_id: str) -> None:
+        """Tune ended this trial: its member leaves the server it joined (no member of that id: nothing)."""
+        index = self.placed.pop(trial_id, None)
+        if index is not None:
+            with contextlib.suppress(RayActorError):  # the server died: its members are gone with it
+                ray.get(self.servers[index].leave.remote(trial_id))
 
 
 def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
@@ -301,7 +343,7 @@ def cohort_servers(
     # Threaded (max_concurrency): clients' long polls wait beside the training thread.
     server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
     servers: list[Any] = [server.remote(stores, sizes, settings.cpus_per_trial) for _ in range(count)]
-    router: Any = ray.remote(CohortRouter).options(max_restarts=-1, num_cpus=0).remote(servers, sizes)
+    router: Any = ray.remote(CohortRouter).options(name=router_name(settings.out), max_restarts=-1, num_cpus=0).remote(servers, sizes)
     try:
         yield Cohorts(router, servers, sizes, client_cpus)
     finally:

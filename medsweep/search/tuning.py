@@ -36,7 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods, run_trial_or_member
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods, router_name, run_trial_or_member
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.members import Cohorts, run_member
@@ -386,6 +386,28 @@ class ConsoleCallback(Callback):
         self.console.trial_error(trial.trial_id, trial.config, str(trial.error_file))
 
 
+LEAVE_TIMEOUT_S = 10.0  # CohortLeaves waits this long at most for a member's leave
+
+
+class CohortLeaves(Callback):
+    """Tells the sweep's cohort router when Tune ends a trial (ASHA's stop, the time budget, its last epoch),
+    so a fused member leaves its cohort at once instead of after the servers' grace
+    (:data:`~medsweep.search.cohorts.LEAVE_GRACE_S`). The router is looked up by name at each event: a
+    resumed driver unpickles this callback from ``tuner.pkl`` and must reach that driver's new router. It waits
+    for the leave (milliseconds), so the cohorts the sweep records at its end show every member Tune ended."""
+
+    def __init__(self, router: str) -> None:
+        self.router = router
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        try:
+            router = ray.get_actor(self.router)
+        except ValueError:  # no router (the sweep is ending): nothing waits on this member
+            return
+        with contextlib.suppress(ray.exceptions.RayError):  # a router restarting: the grace drops the member
+            ray.get(router.leave.remote(trial.trial_id), timeout=LEAVE_TIMEOUT_S)
+
+
 class SweepWandbCallback(WandbLoggerCallback):
     """One W&B run per trial, tagged with the dataset and the trial's method, named ``<method>-<trial id>``.
 
@@ -613,11 +635,14 @@ def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
     )
 
 
-def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> list[Callback]:
+def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepConsole, cohorts: Cohorts | None = None) -> list[Callback]:
     """Console lines per trial event and one run per trial in ``--tracker``: W&B (under ``<out>/wandb``,
-    unless ``--wandb disabled``), MLflow (:mod:`medsweep.search.tracking`) or none."""
+    unless ``--wandb disabled``), MLflow (:mod:`medsweep.search.tracking`) or none; with ``cohorts``,
+    :class:`CohortLeaves`."""
     out = Path(settings.out).resolve()
     callbacks: list[Callback] = [ConsoleCallback(console, settings.trials)]  # None: no total (time budget)
+    if cohorts is not None:
+        callbacks.append(CohortLeaves(router_name(out)))
     if settings.tracker == "mlflow":
         callbacks.append(SweepMlflowCallback(dataset=spec.name, tracking_uri=mlflow_uri(out), experiment_name=mlflow_experiment(out)))
     mode = wandb_mode(settings.wandb)
@@ -669,7 +694,7 @@ def run_tuner(
             run_config=RunConfig(
                 name=name or experiment_path(settings).name,
                 storage_path=str(experiment_path(settings).parent),
-                callbacks=build_callbacks(settings, spec, console),
+                callbacks=build_callbacks(settings, spec, console, cohorts),
                 failure_config=FailureConfig(max_failures=2),
                 # Two, not one: Tune deletes the checkpoint beyond num_to_keep as it registers a new one and
                 # only then rewrites its experiment snapshot, so a driver killed in between left a snapshot
