@@ -25,8 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -430,32 +428,38 @@ def _last_line(log: Path) -> str:
 
 
 ANSWER = ("leaderboard.csv", "leaderboard.parquet", "best.yaml", "final.yaml", "final.json", "final", "report")
-INTERRUPTED_TRIALS = 3
 
 
-@dataclass
-class Interrupted:
-    """One ``medsweep sweep`` process interrupted by signals once a trial had reported, then resumed:
-    what it left at its exit, and the ``medsweep resume`` process that finished it."""
+def _assert_interrupted_and_resumable(out: Path, log: Path, returncode: int, expected: int, trials: int) -> None:
+    """Exit code and one line; no answer written, no study trial failed; then a real ``medsweep resume``
+    process finishes the sweep with exactly ``trials`` trials."""
+    assert returncode == expected, log.read_text()[-3000:]
+    assert _last_line(log) == f"medsweep: interrupted: `medsweep resume {out}` continues"
+    assert "Traceback" not in log.read_text()
+    assert not [name for name in ANSWER if (out / name).exists()]
+    assert "FAIL" not in {t.state.name for t in load_study(out).trials}
+    resumed = subprocess.run([sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"], capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == EPOCHS).all()
+    states = [t.state.name for t in load_study(out).trials]
+    assert states.count("COMPLETE") == trials and "RUNNING" not in states
 
-    out: Path
-    returncode: int
-    log: str
-    last_line: str
-    answer_left: list[str]
-    study_states: list[str]
-    resumed: subprocess.CompletedProcess
 
-
-def _interrupt_and_resume(root: Path, cache: Path, folder: Path, signals: tuple[signal.Signals, ...]) -> Interrupted:
-    out, log = folder / "sweep", folder / "driver.log"
-    driver = _start_driver(_sweep_argv(root, out, cache, INTERRUPTED_TRIALS, "--final-seeds", "0"), log)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_an_interrupted_sweep_writes_no_answer_and_resumes_to_its_trial_count(tiny_root, cache_dir, tmp_path, signum, expected):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) to the ``medsweep sweep`` process once a trial has
+    reported: Tune stops and saves, the process exits 128 + signal with one line, and resume finishes."""
+    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
 
     def signal_once_a_trial_reported() -> bool:
         if not any(_results(t) for t in _trial_dirs(out)):
             return False
-        for signum in signals:  # back to back: a second SIGINT must not wait for the first's graceful stop
-            driver.send_signal(signum)
+        driver.send_signal(signum)
         return True
 
     try:
@@ -464,58 +468,31 @@ def _interrupt_and_resume(root: Path, cache: Path, folder: Path, signals: tuple[
     finally:
         if driver.poll() is None:
             kill_process_group(driver)
-    left = [name for name in ANSWER if (out / name).exists()]
-    states = [t.state.name for t in load_study(out).trials]
-    resumed = subprocess.run([sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"], capture_output=True, text=True, timeout=400)
-    return Interrupted(out, driver.returncode, log.read_text(), _last_line(log), left, states, resumed)
-
-
-INTERRUPTIONS = {"sigint": (signal.SIGINT,), "sigterm": (signal.SIGTERM,), "second-ctrl-c": (signal.SIGINT, signal.SIGINT)}
-
-
-@pytest.fixture(scope="module")
-def interrupted(tiny_root, cache_dir, tmp_path_factory) -> dict[str, Future[Interrupted]]:
-    """Every interruption of :data:`INTERRUPTIONS`, each its own sweep process (and Ray) and its resume, all
-    at once: such a process spends most of its time starting Python and Ray and waiting on its trials, so
-    three side by side take little longer than one. A failure is raised by the test that reads it."""
-    with ThreadPoolExecutor(len(INTERRUPTIONS)) as pool:
-        return {
-            name: pool.submit(_interrupt_and_resume, tiny_root, cache_dir, tmp_path_factory.mktemp(name), signals)
-            for name, signals in INTERRUPTIONS.items()
-        }
-
-
-def _assert_interrupted_and_resumable(run: Interrupted, expected: int) -> None:
-    """Exit code and one line; no answer written, no study trial failed; then the ``medsweep resume``
-    process finished the sweep with exactly its trials."""
-    assert run.returncode == expected, run.log[-3000:]
-    assert run.last_line == f"medsweep: interrupted: `medsweep resume {run.out}` continues"
-    assert "Traceback" not in run.log
-    assert not run.answer_left
-    assert "FAIL" not in run.study_states
-    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
-    board = pd.read_csv(run.out / "leaderboard.csv", dtype={"trial_id": str})
-    assert len(board) == INTERRUPTED_TRIALS and board["trial_id"].is_unique
-    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == EPOCHS).all()
-    states = [t.state.name for t in load_study(run.out).trials]
-    assert states.count("COMPLETE") == INTERRUPTED_TRIALS and "RUNNING" not in states
+    _assert_interrupted_and_resumable(out, log, driver.returncode, expected, trials)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(("name", "expected"), [("sigint", 130), ("sigterm", 143)])
-def test_an_interrupted_sweep_writes_no_answer_and_resumes_to_its_trial_count(interrupted, name, expected):
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) to the ``medsweep sweep`` process once a trial has
-    reported: Tune stops and saves, the process exits 128 + signal with one line, and resume finishes."""
-    _assert_interrupted_and_resumable(interrupted[name].result(), expected)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_second_ctrl_c_aborts_at_once_and_the_sweep_still_resumes(interrupted):
+def test_a_second_ctrl_c_aborts_at_once_and_the_sweep_still_resumes(tiny_root, cache_dir, tmp_path):
     """Two SIGINTs back to back: the second does not wait for Tune's graceful stop; still one line,
     exit 130, no answer, and resumable."""
-    _assert_interrupted_and_resumable(interrupted["second-ctrl-c"].result(), 130)
+    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
+    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
+
+    def signal_twice_once_a_trial_reported() -> bool:
+        if not any(_results(t) for t in _trial_dirs(out)):
+            return False
+        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signal.SIGINT)
+        return True
+
+    try:
+        _wait_for(signal_twice_once_a_trial_reported, 400, driver, log)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            kill_process_group(driver)
+    _assert_interrupted_and_resumable(out, log, driver.returncode, 130, trials)
 
 
 def _free_port() -> int:
