@@ -148,3 +148,50 @@ def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_
         epochs_seen = sorted({r["epoch"] for r in _results(settings.out / "ray" / "tune" / f"trial-{trial_id}")})
         assert epochs_seen == list(range(1, epochs + 1))
     assert [t.state.name for t in load_study(settings.out).trials].count("COMPLETE") == trials
+
+
+def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(monkeypatch):
+    """A server's oldest group starts FORM_WAIT_S after its own last member joined, even while members of
+    another group keep arriving (as they do while a busy cluster starts many member trials): a wait on the
+    server's last join of any group held every group back until all joins stopped."""
+    import threading
+    import time
+
+    from medsweep.search import cohorts as cohorts_module
+    from medsweep.search.cohorts import CohortServer, _Member
+
+    monkeypatch.setattr(cohorts_module, "FORM_WAIT_S", 0.3)
+    server = CohortServer.__new__(CohortServer)  # its state only: no training thread, no stores
+    server.sizes, server.members, server.queue, server.last_join, server.ran = {"linear": 4}, {}, [], {}, []
+    server.changed = threading.Condition()
+
+    def join(trial_id: str, group) -> None:
+        with server.changed:
+            server.members[trial_id] = _Member({"method": "linear"}, group, None)
+            server.queue.append(trial_id)
+            server.last_join[group] = time.monotonic()
+            server.changed.notify_all()
+
+    lone, busy = ((("linear", "a"), 0), (("linear", "b"), 0))
+    join("a0", lone)
+    stop = threading.Event()
+
+    def keep_joining() -> None:
+        for i in range(40):  # a member of the other group every 50 ms for 2 s, never filling it for long
+            if stop.is_set():
+                return
+            join(f"b{i}", busy)
+            with server.changed:  # keep the busy group below its size so only quiet could start it
+                server.queue = [t for t in server.queue if t.startswith("a") or t == f"b{i}"]
+            time.sleep(0.05)
+
+    joiner = threading.Thread(target=keep_joining)
+    joiner.start()
+    started = time.monotonic()
+    try:
+        assert server._next_cohort() == ["a0"]
+        assert time.monotonic() - started < 1.5  # its own quiet time, not the end of the other group's joins
+    finally:
+        stop.set()
+        joiner.join()
+    assert server.ran == [{"method": "linear", "start_epoch": 0, "trials": ["a0"]}]

@@ -133,7 +133,7 @@ class CohortServer:
         self.stores, self.sizes = stores, sizes
         self.members: dict[str, _Member] = {}
         self.queue: list[str] = []  # joined, not yet in a cohort, in arrival order
-        self.last_join = 0.0
+        self.last_join: dict[Group, float] = {}  # per group: when its latest member joined
         self.ran: list[dict[str, Any]] = []  # one entry per cohort started: method, start epoch, trial ids
         self.changed = threading.Condition()
         self.scratch = Path(tempfile.mkdtemp(prefix="medsweep-cohort-"))
@@ -145,7 +145,7 @@ class CohortServer:
         with self.changed:
             self.members[trial_id] = _Member(config, group, folder)
             self.queue.append(trial_id)
-            self.last_join = time.monotonic()
+            self.last_join[group] = time.monotonic()
             self.changed.notify_all()
 
     def status(self) -> dict[str, Any]:
@@ -248,14 +248,16 @@ class CohortServer:
                 self.changed.notify_all()
 
     def _next_cohort(self) -> list[str]:
-        """Wait for the oldest waiting group to fill up or to stop growing; take its members."""
+        """Take the oldest waiting group that is full or has had no new member for :data:`FORM_WAIT_S`
+        (counted per group: members of other groups still arriving, as on a busy start, hold no group back);
+        wait for one."""
         with self.changed:
             while True:
-                if self.queue:
-                    group = self.members[self.queue[0]].group
+                now, wait = time.monotonic(), None
+                for group in dict.fromkeys(self.members[t].group for t in self.queue):  # oldest first
                     ready = [t for t in self.queue if self.members[t].group == group]
                     size = self.sizes.get(self.members[ready[0]].config["method"], 1)
-                    quiet = time.monotonic() - self.last_join
+                    quiet = now - self.last_join[group]
                     if len(ready) >= size or quiet >= FORM_WAIT_S:
                         taken = ready[:size]
                         self.queue = [t for t in self.queue if t not in taken]
@@ -263,9 +265,8 @@ class CohortServer:
                             self.members[trial_id].state = "running"
                         self.ran.append({"method": group[0][0], "start_epoch": group[1], "trials": taken})
                         return taken
-                    self.changed.wait(FORM_WAIT_S - quiet)
-                else:
-                    self.changed.wait()
+                    wait = min(wait if wait is not None else FORM_WAIT_S, FORM_WAIT_S - quiet)
+                self.changed.wait(wait)  # None (nothing queued): until a member joins
 
 
 class CohortRouter:
