@@ -194,7 +194,7 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
             f"`medsweep extend {settings.out} --trials N` (or --budget-hours H)"
         )
         return
-    if settings.final_seeds and not board.empty and board["status"].isin(export.UNUSABLE).all():
+    if settings.final_seeds and board["status"].isin(export.UNUSABLE).all():
         console.console.print(
             "[bold]final[/] skipped: no trial ended usable (each failed, diverged or predicted one class for every "
             "validation image); see the report, then sweep again with more epochs or other learning rates"
