@@ -158,7 +158,7 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
     import time
 
     from medsweep.search import cohorts as cohorts_module
-    from medsweep.search.cohorts import CohortServer, _Member
+    from medsweep.search.cohorts import CohortServer
 
     monkeypatch.setattr(cohorts_module, "FORM_WAIT_S", 0.3)
     server = CohortServer.__new__(CohortServer)  # its state only: no training thread, no stores
@@ -166,11 +166,7 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
     server.changed = threading.Condition()
 
     def join(trial_id: str, group) -> None:
-        with server.changed:
-            server.members[trial_id] = _Member({"method": "linear"}, group, None)
-            server.queue.append(trial_id)
-            server.last_join[group] = time.monotonic()
-            server.changed.notify_all()
+        server.join(trial_id, group, {"method": "linear"}, None)
 
     lone, busy = ((("linear", "a"), 0), (("linear", "b"), 0))
     join("a0", lone)
