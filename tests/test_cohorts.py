@@ -173,7 +173,7 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
     stop = threading.Event()
 
     def keep_joining() -> None:
-        for i in range(40):  # a member of the other group every 50 ms for 2 s, never filling it for long
+        for i in range(200):  # a member of the other group every 50 ms for up to 10 s, never filling it for long
             if stop.is_set():
                 return
             join(f"b{i}", busy)
@@ -183,10 +183,9 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
 
     joiner = threading.Thread(target=keep_joining)
     joiner.start()
-    started = time.monotonic()
     try:
         assert server._next_cohort() == ["a0"]
-        assert time.monotonic() - started < 1.5  # its own quiet time, not the end of the other group's joins
+        assert joiner.is_alive()  # taken on its own quiet time, while the other group was still joining
     finally:
         stop.set()
         joiner.join()
