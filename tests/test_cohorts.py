@@ -150,6 +150,35 @@ def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_
     assert [t.state.name for t in load_study(settings.out).trials].count("COMPLETE") == trials
 
 
+def _bare_server(size: int = 4):
+    """A CohortServer's state only: no training thread, no stores (its join, forming and leave logic)."""
+    import threading
+
+    from medsweep.search.cohorts import CohortServer
+
+    server = CohortServer.__new__(CohortServer)
+    server.sizes, server.members, server.queue, server.last_join, server.ran = {"linear": size}, {}, [], {}, []
+    server.changed = threading.Condition()
+    return server
+
+
+def test_a_member_whose_last_result_is_out_is_done_and_tunes_end_of_it_is_no_leave():
+    """ASHA stops a trial on its result at max_t, so Tune may end a member right after its last epoch while the
+    cohort still reports the others' epochs: that member is done, not left. A member ended mid-run does leave."""
+    server = _bare_server(size=2)
+    group = (("linear", "a"), 0)
+    for trial_id in ("last", "mid"):
+        server.join(trial_id, group, {"method": "linear", "epochs": 2}, None)
+    assert server._next_cohort() == ["last", "mid"]
+    for epoch in (1, 2):
+        server.publish("last", {"epoch": epoch, "status": "running"}, None)
+    server.publish("mid", {"epoch": 1, "status": "running"}, None)
+    server.leave("last")
+    server.leave("mid")
+    assert [server.members[t].state for t in ("last", "mid")] == ["done", "left"]
+    assert [(c["left"], c["dropped"]) for c in server.cohorts()] == [(["mid"], [])]
+
+
 def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(monkeypatch):
     """A server's oldest group starts FORM_WAIT_S after its own last member joined, even while members of
     another group keep arriving (as they do while a busy cluster starts many member trials): a wait on the
@@ -158,12 +187,9 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
     import time
 
     from medsweep.search import cohorts as cohorts_module
-    from medsweep.search.cohorts import CohortServer
 
     monkeypatch.setattr(cohorts_module, "FORM_WAIT_S", 0.3)
-    server = CohortServer.__new__(CohortServer)  # its state only: no training thread, no stores
-    server.sizes, server.members, server.queue, server.last_join, server.ran = {"linear": 4}, {}, [], {}, []
-    server.changed = threading.Condition()
+    server = _bare_server()
 
     def join(trial_id: str, group) -> None:
         server.join(trial_id, group, {"method": "linear"}, None)

@@ -60,7 +60,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from medsweep.search.data import StoreData
-from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, pack, run_member, unpack
+from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, run_member, unpack
 from medsweep.search.settings import SweepSettings
 from medsweep.search.trial import StoreBatches, run_trial
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
@@ -212,6 +212,10 @@ class CohortServer:
             member = self.members[trial_id]
             member.results.append((metrics, checkpoint))
             member.published_at = time.monotonic()
+            if member.state == "running" and is_last_result(member.config, metrics):
+                # Ended now, not when the whole cohort's epoch is over: Tune may end the trial on this result (ASHA
+                # stops a trial at max_t) before the cohort's other members have reported, and that is no leave.
+                member.state = "done"
             self.changed.notify_all()
 
     def wanted(self, trial_id: str) -> bool:

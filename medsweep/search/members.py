@@ -40,6 +40,11 @@ def unpack(files: Files, folder: Path) -> Path:
     return folder
 
 
+def is_last_result(config: dict[str, Any], metrics: dict[str, Any]) -> bool:
+    """Whether ``metrics`` end the member's trial: its last epoch, or a diverged one (no epoch follows either)."""
+    return metrics.get("status") == "diverged" or int(metrics["epoch"]) >= int(config["epochs"])
+
+
 @dataclass
 class Cohorts:
     """The sweep's cohort servers, their router, and which methods run fused at what cohort size."""
@@ -65,7 +70,6 @@ def run_member(config: dict[str, Any], *, cohorts: Cohorts) -> None:
     if restored is not None:
         with restored.as_directory() as folder:
             files = pack(Path(folder))
-    epochs = int(config["epochs"])
     with tempfile.TemporaryDirectory(prefix="medsweep-member-") as scratch:
         while True:  # once, or again after the server dropped this (live) member for being slow
             server = cohorts.servers[ray.get(cohorts.router.join.remote(trial_id, config, files))]
@@ -81,7 +85,7 @@ def run_member(config: dict[str, Any], *, cohorts: Cohorts) -> None:
                 ray.tune.report(metrics, checkpoint=report)
                 acked += 1
                 files = checkpoint or files
-                if metrics.get("status") == "diverged" or int(metrics["epoch"]) >= epochs:
+                if is_last_result(config, metrics):
                     return
             if kind == "done":
                 return
