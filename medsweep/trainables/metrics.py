@@ -8,6 +8,12 @@ Multi-label: mean AUC over the labels that have both outcomes in the split
 final answer's bootstrap resamples. The FPT paper's efficiency scores PPE and PME are
 here too because the leaderboard ranks by them.
 
+The scores are computed in numpy, equal to scikit-learn's (``roc_auc_score``,
+``f1_score``/``precision_score``/``recall_score`` with ``average="macro",
+zero_division=0``, ``cohen_kappa_score(weights="quadratic")``; the tests compare
+them): every trial process computes metrics, and importing scikit-learn (with
+SciPy) cost each of them about a second of CPU at start-up.
+
 ``collapsed`` (1.0 or 0.0) flags a model that tells no image from another: a
 multi-class model whose predictions all fall in one class, or a multi-label
 model whose score of every label is the same for every image. Its AUC may
@@ -18,12 +24,10 @@ never selects such a trial (see :mod:`medsweep.search.export`).
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from medsweep.trainables.statistics import probabilities
+from medsweep.trainables.statistics import probabilities, resampled_auc
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
@@ -59,43 +63,62 @@ def prediction_collapsed(logits: np.ndarray, task: str) -> bool:
 
 
 def _multiclass(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    num_classes = logits.shape[1]
     probs = probabilities(logits, "multiclass")
     preds = probs.argmax(axis=1)
-    present = np.unique(labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if len(present) < 2:
-            auc = float("nan")
-        elif num_classes == 2:
-            auc = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            # One-vs-rest per class present in this split, averaged (macro).
-            aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
-            auc = float(np.mean(aucs))
-        return {
-            "auc": auc,
-            "accuracy": float(accuracy_score(labels, preds)),
-            "f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-            "precision": float(precision_score(labels, preds, average="macro", zero_division=0)),
-            "recall": float(recall_score(labels, preds, average="macro", zero_division=0)),
-            "kappa": float(cohen_kappa_score(labels, preds, weights="quadratic")) if len(present) > 1 else 0.0,
-        }
+    classes = np.union1d(labels, preds)  # scikit-learn's labels: those in either
+    truth, predicted = labels[:, None] == classes, preds[:, None] == classes
+    precision, recall, f1 = _per_class_scores(truth, predicted)
+    return {
+        "auc": _macro_auc(probs, labels, "multiclass"),
+        "accuracy": float((preds == labels).mean()),
+        "f1": float(f1.mean()),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "kappa": quadratic_kappa(labels, preds) if len(np.unique(labels)) > 1 else 0.0,
+    }
 
 
 def _multilabel(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     probs = probabilities(logits, "multilabel")
-    aucs = [
-        roc_auc_score(labels[:, c], probs[:, c])
-        for c in range(labels.shape[1])
-        if 0 < labels[:, c].sum() < len(labels)
-    ]
     preds = (probs >= 0.5).astype(np.int64)
+    _, _, f1 = _per_class_scores(labels == 1, preds == 1)
     return {
-        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "auc": _macro_auc(probs, labels, "multilabel"),
         "accuracy": float((preds == labels).mean()),
-        "f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+        "f1": float(f1.mean()),
     }
+
+
+def _macro_auc(probs: np.ndarray, labels: np.ndarray, task: str) -> float:
+    """Mean one-vs-rest (multi-class) or per-label AUC over the classes with both outcomes (NaN when none has),
+    ties counted half: the bootstrap's own AUC (:func:`~medsweep.trainables.statistics.resampled_auc`) of the
+    images drawn once each, so the reported metric and its confidence interval are one computation."""
+    return float(resampled_auc(probs, labels, task, np.ones((1, len(labels)), dtype=np.int64))[0])
+
+
+def _per_class_scores(truth: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of the boolean [N, C] ``truth`` and ``predicted``: precision, recall and F1, 0 where undefined."""
+    tp = (truth & predicted).sum(axis=0).astype(np.float64)
+    fp = (~truth & predicted).sum(axis=0)
+    fn = (truth & ~predicted).sum(axis=0)
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+    return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def quadratic_kappa(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Cohen's kappa with quadratic weights over the classes in either array, weighted by their index
+    among those classes (as scikit-learn weighs them); NaN when the expected disagreement is zero."""
+    classes, index = np.unique(np.concatenate([labels, preds]), return_inverse=True)
+    k = len(classes)
+    observed = np.zeros((k, k))
+    np.add.at(observed, (index[: len(labels)], index[len(labels) :]), 1)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
+    weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2
+    disagreement = (weights * expected).sum()
+    return float(1 - (weights * observed).sum() / disagreement) if disagreement else float("nan")
 
 
 def ppe(score: float, learnable_pct: float) -> float:
