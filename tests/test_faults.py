@@ -430,69 +430,58 @@ def _last_line(log: Path) -> str:
 ANSWER = ("leaderboard.csv", "leaderboard.parquet", "best.yaml", "final.yaml", "final.json", "final", "report")
 
 
-def _assert_interrupted_and_resumable(out: Path, log: Path, returncode: int, expected: int, trials: int) -> None:
-    """Exit code and one line; no answer written, no study trial failed; then a real ``medsweep resume``
-    process finishes the sweep with exactly ``trials`` trials."""
+def _assert_interrupted(out: Path, log: Path, returncode: int, expected: int) -> None:
+    """Exit code and one line; no answer written, no study trial failed."""
     assert returncode == expected, log.read_text()[-3000:]
     assert _last_line(log) == f"medsweep: interrupted: `medsweep resume {out}` continues"
     assert "Traceback" not in log.read_text()
     assert not [name for name in ANSWER if (out / name).exists()]
     assert "FAIL" not in {t.state.name for t in load_study(out).trials}
-    resumed = subprocess.run([sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"], capture_output=True, text=True, timeout=400)
+
+
+def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: signal.Signals) -> int:
+    """Run ``argv`` (a sweep or a resume of ``out``); once it has reported a result of its own, send it
+    ``signals`` back to back; return its exit code."""
+    before = sum(len(_results(t)) for t in _trial_dirs(out))
+    driver = _start_driver(argv, log)
+
+    def signal_once_it_reported() -> bool:
+        if sum(len(_results(t)) for t in _trial_dirs(out)) <= before:
+            return False
+        for signum in signals:
+            driver.send_signal(signum)
+        return True
+
+    try:
+        _wait_for(signal_once_it_reported, 400, driver, log)
+        return driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            kill_process_group(driver)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(tiny_root, cache_dir, tmp_path):
+    """One sweep stopped three times, each after it reported: SIGTERM (a scheduler) to ``medsweep sweep``,
+    SIGINT (Ctrl-C) to its ``medsweep resume``, and two SIGINTs back to back (the second does not wait for
+    Tune's graceful stop) to the next resume. Each time: exit 128 + signal, one line, no answer, no study trial
+    failed. A last resume finishes with exactly the planned trials, each run to its last epoch. (One chain
+    instead of one sweep per signal: each ``medsweep`` process costs the suite ~25 s of start-up on 2 cores.)"""
+    out, trials, epochs = tmp_path / "sweep", 4, 8  # 8 epochs: a resume still has epochs left when it is stopped
+    resume = [sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"]
+    sweep = _sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0", epochs=epochs)
+    stops = [(sweep, (signal.SIGTERM,), 143), (resume, (signal.SIGINT,), 130), (resume, (signal.SIGINT, signal.SIGINT), 130)]
+    for index, (argv, signals, expected) in enumerate(stops):
+        log = tmp_path / f"driver-{index}.log"
+        _assert_interrupted(out, log, _interrupt_once_it_reports(argv, out, log, *signals), expected)
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
-    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == EPOCHS).all()
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == epochs).all()
     states = [t.state.name for t in load_study(out).trials]
     assert states.count("COMPLETE") == trials and "RUNNING" not in states
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
-def test_an_interrupted_sweep_writes_no_answer_and_resumes_to_its_trial_count(tiny_root, cache_dir, tmp_path, signum, expected):
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) to the ``medsweep sweep`` process once a trial has
-    reported: Tune stops and saves, the process exits 128 + signal with one line, and resume finishes."""
-    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
-    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
-
-    def signal_once_a_trial_reported() -> bool:
-        if not any(_results(t) for t in _trial_dirs(out)):
-            return False
-        driver.send_signal(signum)
-        return True
-
-    try:
-        _wait_for(signal_once_a_trial_reported, 400, driver, log)
-        driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            kill_process_group(driver)
-    _assert_interrupted_and_resumable(out, log, driver.returncode, expected, trials)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_second_ctrl_c_aborts_at_once_and_the_sweep_still_resumes(tiny_root, cache_dir, tmp_path):
-    """Two SIGINTs back to back: the second does not wait for Tune's graceful stop; still one line,
-    exit 130, no answer, and resumable."""
-    out, trials, log = tmp_path / "sweep", 3, tmp_path / "driver.log"
-    driver = _start_driver(_sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0"), log)
-
-    def signal_twice_once_a_trial_reported() -> bool:
-        if not any(_results(t) for t in _trial_dirs(out)):
-            return False
-        driver.send_signal(signal.SIGINT)
-        driver.send_signal(signal.SIGINT)
-        return True
-
-    try:
-        _wait_for(signal_twice_once_a_trial_reported, 400, driver, log)
-        driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            kill_process_group(driver)
-    _assert_interrupted_and_resumable(out, log, driver.returncode, 130, trials)
 
 
 def _free_port() -> int:

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import ViTModel
 
@@ -64,6 +61,11 @@ class LoRATuning(Method):
     config: LoRAConfig
 
     def __init__(self, config: LoRAConfig) -> None:
+        # peft is imported where LoRA is built, not with the method registry: every trial process imports the
+        # registry, and peft (with accelerate) costs each a few tenths of a second of CPU it only needs for LoRA.
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
         super().__init__(config)
         self.backbone = build_frozen_vit(config, "lora")
         peft_config = PeftLoraConfig(
@@ -77,12 +79,16 @@ class LoRATuning(Method):
         self.head = nn.Linear(self.encoder.config.hidden_size, config.num_classes)
 
     def frozen_modules(self) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
         return frozen_subtrees(self.encoder, added=(LoraLayer,))
 
     def merge_adapters(self) -> None:
         """Fold every LoRA update into its projection (``W + (alpha / rank) B A``) and drop peft's wrappers:
         the encoder is a plain ViT again, with the same outputs and no adapter overhead (what an export
         ships unless the adapter is kept). No LoRA parameter is left to train afterwards."""
+        from peft.tuners.lora import LoraLayer
+
         for name, module in list(self.encoder.named_modules()):
             if isinstance(module, LoraLayer):
                 module.merge()
