@@ -34,15 +34,13 @@ Checkpoints travel as bytes through Ray's object store (client to server on a
 restore, server to client every epoch), so a client and its server may run on
 different nodes; each side writes them to its own local temporary folder.
 
-Routing. One :class:`CohortRouter` actor takes every join in turn: a member
-goes to a server already forming a cohort of its group with room left, else to
-an idle server, else to the least loaded one, so members of one key meet.
+Routing. One :class:`~medsweep.search.router.CohortRouter` actor takes every
+join in turn and sends the member to a server (see :mod:`medsweep.search.router`);
+a server works out the member's group for it (:meth:`CohortServer.group`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import shutil
@@ -61,6 +59,7 @@ from ray.exceptions import RayActorError
 
 from medsweep.search.data import StoreData
 from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, run_member, unpack
+from medsweep.search.router import CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
 from medsweep.search.trial import StoreBatches, run_trial
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
@@ -74,14 +73,6 @@ MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at 
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
 LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch, and no word from Tune: dropped
 COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
-
-Group = tuple[tuple, int]  # (cohort_key, start epoch)
-
-
-def router_name(out: str | Path) -> str:
-    """The name of a sweep's cohort router actor: the same for the sweep's folder in every driver that runs it."""
-    return "medsweep-cohorts-" + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
-
 
 def checkpoint_epoch(files: Files | None) -> int:
     """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
@@ -140,6 +131,11 @@ class CohortServer:
         threading.Thread(target=self._serve, daemon=True, name="cohort-server").start()
 
     # -- called by the router and the clients --------------------------------------
+    def group(self, config: dict[str, Any], checkpoint: Files | None) -> Group:
+        """A joining member's group, for the router (which loads no model code): its cohort key and the
+        epoch its checkpoint resumes from."""
+        return cohort_key(config), checkpoint_epoch(checkpoint)
+
     def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> None:
         folder = unpack(checkpoint, self.scratch / f"restore-{trial_id}-{group[1]}") if checkpoint else None
         with self.changed:
@@ -271,41 +267,6 @@ class CohortServer:
                         return taken
                     wait = min(wait if wait is not None else FORM_WAIT_S, FORM_WAIT_S - quiet)
                 self.changed.wait(wait)  # None (nothing queued): until a member joins
-
-
-class CohortRouter:
-    """A Ray actor that sends each joining member to a server, one join at a time (see the module docstring)."""
-
-    def __init__(self, servers: list[Any], sizes: dict[str, int]) -> None:
-        self.servers, self.sizes = servers, sizes
-        self.placed: dict[str, int] = {}  # trial id -> the server it joined last
-
-    def join(self, trial_id: str, config: dict[str, Any], checkpoint: Files | None) -> int:
-        """The index of the server the member joined. Its group (cohort key, start epoch) is worked out
-        here, so a client (:func:`~medsweep.search.members.run_member`) never imports torch."""
-        group: Group = (cohort_key(config), checkpoint_epoch(checkpoint))
-        size = self.sizes.get(config["method"], 1)
-        states: dict[int, dict[str, Any]] = {}
-        for index, server in enumerate(self.servers):
-            try:
-                states[index] = ray.get(server.status.remote())
-            except RayActorError:  # restarting: not a candidate now
-                continue
-        load = {i: s["running"] + sum(n for _, n in s["waiting"]) for i, s in states.items()}
-        forming = [i for i, s in states.items() if any(tuple(g) == group and n < size for g, n in s["waiting"])]
-        idle = [i for i in states if load[i] == 0]
-        candidates = forming or idle or sorted(states, key=load.__getitem__) or [0]
-        index = candidates[0]
-        ray.get(self.servers[index].join.remote(trial_id, group, config, checkpoint))
-        self.placed[trial_id] = index
-        return index
-
-    def leave(self, trial_id: str) -> None:
-        """Tune ended this trial: its member leaves the server it joined (no member of that id: nothing)."""
-        index = self.placed.pop(trial_id, None)
-        if index is not None:
-            with contextlib.suppress(RayActorError):  # the server died: its members are gone with it
-                ray.get(self.servers[index].leave.remote(trial_id))
 
 
 def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
