@@ -12,7 +12,7 @@ from medsweep.search.sweep import run_sweep
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_full_fine_tuning_trial_runs_on_two_ddp_workers(ray_session, synthetic_root, tmp_path):
+def test_full_fine_tuning_trial_runs_on_two_ddp_workers(ray_session, synthetic_root, feature_cache, tmp_path):
     settings = SweepSettings(
         dataset=str(synthetic_root),
         methods=["full"],
@@ -23,7 +23,7 @@ def test_full_fine_tuning_trial_runs_on_two_ddp_workers(ray_session, synthetic_r
         image_size=32,
         wandb="disabled",
         out=tmp_path / "sweep",
-        cache_dir=tmp_path / "cache",
+        cache_dir=feature_cache,
         early_stopping=False,
         final_seeds=0,
     )

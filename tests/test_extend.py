@@ -50,8 +50,8 @@ def _settings(root: Path, out: Path, cache: Path, **extra) -> SweepSettings:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(feature_cache) -> Path:
+    return feature_cache
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ LINEAR = {"method": "linear", "backbone": "vit-tiny", "image_size": 64, "seed": 
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One preload cache for this module: the linear store is built once, then reused."""
-    return tmp_path_factory.mktemp("cache")
+def cache(feature_cache) -> Path:
+    """The session's preload cache: the linear store is built once, then reused."""
+    return feature_cache
 
 
 def _hand_made_sweep(folder: Path, spec, cache: Path, **config) -> SweepSettings:

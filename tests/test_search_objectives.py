@@ -124,9 +124,9 @@ def _non_dominated(rows: list[tuple[float, float]]) -> list[bool]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One preload cache for the module's sweeps: the FPT+ and linear stores are written once."""
-    return tmp_path_factory.mktemp("cache")
+def cache(feature_cache) -> Path:
+    """The session's preload cache: the FPT+ and linear stores are written once."""
+    return feature_cache
 
 
 @pytest.fixture(scope="module")

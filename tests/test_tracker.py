@@ -45,7 +45,7 @@ def test_a_bad_tracker_is_one_line_and_exit_code_2(capsys):
 
 
 @pytest.fixture(scope="module")
-def mlflow_sweep(tmp_path_factory, ray_session, synthetic_root):
+def mlflow_sweep(tmp_path_factory, ray_session, synthetic_root, feature_cache):
     """A tiny real sweep logged to MLflow: linear on vit-tiny, 2 trials x 2 epochs."""
     from medsweep.search.sweep import run_sweep
 
@@ -59,7 +59,7 @@ def mlflow_sweep(tmp_path_factory, ray_session, synthetic_root):
         image_size=32,
         tracker="mlflow",
         out=out,
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=feature_cache,
         fixed={"lr": 0.01, "warmup_epochs": 0},
         final_seeds=0,
         early_stopping=False,
