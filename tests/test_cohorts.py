@@ -49,8 +49,8 @@ def _board(out: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cohort-cache")
+def cache_dir(feature_cache) -> Path:
+    return feature_cache  # the linear store of the session's other sweeps over synthetic_root
 
 
 @pytest.mark.slow
