@@ -126,11 +126,11 @@ def test_dependencies_point_one_way() -> None:
 
 @pytest.mark.parametrize(
     ("module", "allowed"),
-    [("medsweep.search.frozen_decode", set()), ("medsweep.search.members", {"ray"})],
+    [("medsweep.search.frozen_decode", set()), ("medsweep.search.members", {"ray"}), ("medsweep.search.router", {"ray"})],
 )
 def test_modules_that_many_ray_workers_import_leave_torch_out(module: str, allowed: set[str]) -> None:
     """Ray imports a task's (or Tune function's) module tree in each worker that runs it: the frozen pass's
-    decode tasks and a fused sweep's member clients must start without torch and the model code
+    decode tasks and a fused sweep's member clients and router must start without torch and the model code
     (seconds of CPU and hundreds of MB per worker, and a sweep runs many of them)."""
     graph = import_graph()
     seen, todo = set(), [module]
@@ -139,3 +139,10 @@ def test_modules_that_many_ray_workers_import_leave_torch_out(module: str, allow
             seen.add(target)
             todo.append(target)
     assert not seen & ({"torch", "transformers", "peft", "ray"} - allowed), sorted(seen)
+
+
+def test_the_package_imports_no_scikit_learn() -> None:
+    """Every trial process computes metrics: scikit-learn's (with ``scipy.stats``) cost each most of a second of
+    CPU at start-up, so the metrics are numpy (tested equal to scikit-learn's in ``test_metrics.py``)."""
+    graph = import_graph()
+    assert not sorted(name for name, targets in graph.items() if {"sklearn", "scipy"} & targets)

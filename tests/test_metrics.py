@@ -1,9 +1,7 @@
-"""The validation and test metrics, computed in numpy, equal scikit-learn's (which trial processes no longer import)."""
+"""The validation and test metrics, computed in numpy, equal scikit-learn's (which the package no longer imports:
+``test_layering.py``)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -79,16 +77,3 @@ def test_quadratic_kappa_weighs_by_class_index_among_the_classes_seen():
     labels, preds = np.array([0, 2, 4, 4, 2, 0]), np.array([0, 4, 4, 2, 2, 2])
     assert quadratic_kappa(labels, preds) == pytest.approx(cohen_kappa_score(labels, preds, weights="quadratic"), abs=1e-12)
     assert quadratic_kappa(labels, labels) == 1.0
-
-
-def test_trial_code_imports_no_scikit_learn():
-    """Each trial process imports the training loop; scikit-learn's metrics (with ``scipy.stats``) cost it most
-    of a second of CPU. (transformers imports ``scipy.optimize`` itself where SciPy is installed, as it is for
-    these tests: a user's install, without scikit-learn, has no SciPy.)"""
-    code = (
-        "import sys; import medsweep.trainables.loop, medsweep.search.trial; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn' or m.startswith('scipy.stats')); "
-        "print(heavy); sys.exit(bool(heavy))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
