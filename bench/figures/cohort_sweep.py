@@ -68,10 +68,12 @@ def render(result: dict[str, Any]) -> str:
             "every structural key agrees (keep ratio is masked; num_prompts, batch size and the other shape keys are "
             "grouped), and TPE draws those keys per trial, so the members split into small groups. On 2 cores the fused "
             "sweep is bound by starting its processes: every member is a Tune trial actor of its own (16 at once, where "
-            "one process per trial reuses 2), beside the servers and the router, which import torch; a server timing "
-            "log of this run (2026-12-06) showed 90 s from the search's start to the first member joining a server, "
-            "then 30 s of training for all 16 members on the 2 servers. On CPUs, where a fused step saves only the "
-            "batch making (figure 10), the default therefore runs trials alone.",
+            "one process per trial reuses 2), beside the servers, which import torch; a server timing log of a run of "
+            "2026-12-06 showed 90 s from the search's start to the first member joining a server, then 30 s of "
+            "training for all 16 members on the 2 servers. The router no longer imports torch (a server works out a "
+            "member's group for it), which did not move this figure beyond run-to-run noise (142 s before, 150 s "
+            "after): the member actors' start-up dominates. On CPUs, where a fused step saves only the batch making "
+            "(figure 10), the default therefore runs trials alone.",
         ]
     )
 
