@@ -43,9 +43,10 @@ def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
 def resampled_auc(probs: np.ndarray, labels: np.ndarray, task: str, counts: np.ndarray) -> np.ndarray:
     """Macro AUC of each bootstrap resample, given as ``counts`` [B, N]: how often each test image was drawn.
 
-    Matches :func:`~medsweep.trainables.metrics.classification_metrics`: the
-    mean of one-vs-rest (multi-class) or per-label AUCs over the classes with
-    both outcomes in the resample (NaN when none has), ties counted half.
+    The AUC :func:`~medsweep.trainables.metrics.classification_metrics` reports
+    (which calls this with every image drawn once): the mean of one-vs-rest
+    (multi-class) or per-label AUCs over the classes with both outcomes in the
+    resample (NaN when none has), ties counted half.
     Each class's scores are sorted once; a resample only reweights them
     (Mann-Whitney U with multiplicities), O(B x N) per class instead of a sort
     per resample. Measured on the shared 2-core host, 3 seeds x 1000
