@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import RandomSampler, TPESampler
@@ -31,6 +32,7 @@ from optuna.storages import JournalStorage
 from ray import tune
 from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune import Callback, CheckpointConfig, FailureConfig, PlacementGroupFactory, RunConfig, TuneConfig, Tuner
+from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -387,6 +389,23 @@ class ConsoleCallback(Callback):
         self.console.trial_error(trial.trial_id, trial.config, str(trial.error_file))
 
 
+class CurvesSurviveRestarts(Callback):
+    """Keeps every epoch of a trial that Tune restarts after a fault in its ``result.json`` and ``progress.csv``.
+
+    Tune writes those files in the driver's staging folder and copies them to the sweep's folder at each
+    experiment snapshot; a restarted trial's loggers first copy the sweep's copy back over the staging one
+    (``LoggerCallback._restore_from_remote``), so the epochs reported since the last snapshot vanished from
+    the curves the report and the leaderboard read (seen: a trial killed after epoch 3 restored its epoch-3
+    checkpoint and logged 1, 2, 4, 5, 6). Before the restart, this copies the staging files up first."""
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        storage = trial.storage
+        for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
+            staged, kept = Path(trial.local_path, name), Path(storage.trial_fs_path, name)
+            if staged.is_file() and staged.resolve() != kept.resolve():
+                pyarrow.fs.copy_files(str(staged), kept.as_posix(), destination_filesystem=storage.storage_filesystem)
+
+
 LEAVE_TIMEOUT_S = 10.0  # CohortLeaves waits this long at most for a member's leave
 
 
@@ -637,11 +656,12 @@ def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
 
 
 def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepConsole, cohorts: Cohorts | None = None) -> list[Callback]:
-    """Console lines per trial event and one run per trial in ``--tracker``: W&B (under ``<out>/wandb``,
+    """Console lines per trial event, curves kept whole across a trial's restart (:class:`CurvesSurviveRestarts`),
+    and one run per trial in ``--tracker``: W&B (under ``<out>/wandb``,
     unless ``--wandb disabled``), MLflow (:mod:`medsweep.search.tracking`) or none; with ``cohorts``,
     :class:`CohortLeaves`."""
     out = Path(settings.out).resolve()
-    callbacks: list[Callback] = [ConsoleCallback(console, settings.trials)]  # None: no total (time budget)
+    callbacks: list[Callback] = [ConsoleCallback(console, settings.trials), CurvesSurviveRestarts()]  # None: no total (time budget)
     if cohorts is not None:
         callbacks.append(CohortLeaves(router_name(out)))
     if settings.tracker == "mlflow":
