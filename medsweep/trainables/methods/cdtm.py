@@ -73,7 +73,7 @@ def strip_unused_pooling(backbone: Backbone) -> Backbone:
     backbone trains (``staged``), keeps DDP from waiting on unused parameters.
     """
     if backbone.family == "vit":
-        backbone.model.pooler = None  # type: ignore[assignment]  # what ViTModel(add_pooling_layer=False) holds; torch types module attributes Tensor | Module
+        backbone.model.pooler = None  # what ViTModel(add_pooling_layer=False) holds
     elif backbone.family == "convnext":
         backbone.model.layernorm = nn.Identity()
     return backbone
