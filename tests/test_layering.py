@@ -26,13 +26,31 @@ def _modules() -> dict[str, Path]:
     return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
-    """Every name an ``import`` / ``from ... import`` in ``tree`` brings in, relative imports resolved.
+def _at_import_time(tree: ast.Module) -> list[ast.AST]:
+    """The nodes a module runs when it is imported: its statements, class bodies included, but neither
+    function bodies (they run when called) nor ``if TYPE_CHECKING:`` blocks (never run)."""
+    nodes: list[ast.AST] = []
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        nodes.append(node)
+        todo.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def _imported(tree: ast.Module, module: str, is_package: bool, import_time_only: bool = False) -> set[str]:
+    """Every name an ``import`` / ``from ... import`` in ``tree`` brings in, relative imports resolved
+    (with ``import_time_only``, only those that importing the module runs: :func:`_at_import_time`).
 
     ``from a.b import c`` yields ``a.b`` and ``a.b.c`` (``c`` may be a submodule; the caller keeps
     only names that are modules)."""
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _at_import_time(tree) if import_time_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -48,12 +66,13 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """{medsweep module: the medsweep modules it imports} (external imports kept under their top-level name)."""
+def import_graph(import_time_only: bool = False) -> dict[str, set[str]]:
+    """{medsweep module: the medsweep modules it imports} (external imports kept under their top-level name);
+    with ``import_time_only``, only the imports that importing it runs."""
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        found = _imported(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py")
+        found = _imported(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", import_time_only)
         graph[name] = {
             target if target in modules else target.split(".")[0]
             for target in found
@@ -88,6 +107,10 @@ def test_the_graph_sees_function_level_imports() -> None:
     graph = import_graph()
     assert "medsweep.search.console" in graph["medsweep.cli"]  # imported inside cmd_sweep
     assert "ray" in graph["medsweep.search.tuning"]
+    at_import = import_graph(import_time_only=True)
+    assert "medsweep.search.console" not in at_import["medsweep.cli"]
+    assert "medsweep.search.trial" in graph["medsweep.search.members"] - at_import["medsweep.search.members"]
+    assert "medsweep.trainables.preload" in graph["medsweep.search.data"] - at_import["medsweep.search.data"]  # TYPE_CHECKING
 
 
 def test_no_import_cycle_in_the_package() -> None:
@@ -126,13 +149,20 @@ def test_dependencies_point_one_way() -> None:
 
 @pytest.mark.parametrize(
     ("module", "allowed"),
-    [("medsweep.search.frozen_decode", set()), ("medsweep.search.members", {"ray"}), ("medsweep.search.router", {"ray"})],
+    [
+        ("medsweep.search.frozen_decode", set()),
+        ("medsweep.search.members", {"ray"}),
+        ("medsweep.search.router", {"ray"}),
+        ("medsweep.search.data", {"ray"}),
+    ],
 )
 def test_modules_that_many_ray_workers_import_leave_torch_out(module: str, allowed: set[str]) -> None:
     """Ray imports a task's (or Tune function's) module tree in each worker that runs it: the frozen pass's
-    decode tasks and a fused sweep's member clients and router must start without torch and the model code
-    (seconds of CPU and hundreds of MB per worker, and a sweep runs many of them)."""
-    graph = import_graph()
+    decode tasks and a fused sweep's member clients (which unpickle the stores' ``StoreData``) and router must start without torch and the model code
+    (seconds of CPU and hundreds of MB per worker, and a sweep runs many of them). What importing the module
+    runs counts; the Tune function of a sweep whose methods are not all fused imports the trial code inside,
+    only for a trial that trains in its own process."""
+    graph = import_graph(import_time_only=True)
     seen, todo = set(), [module]
     while todo:
         for target in graph.get(todo.pop(), set()) - seen:

@@ -58,10 +58,10 @@ import torch
 from ray.exceptions import RayActorError
 
 from medsweep.search.data import StoreData
-from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, run_member, unpack
+from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, unpack
 from medsweep.search.router import CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
-from medsweep.search.trial import StoreBatches, run_trial
+from medsweep.search.trial import StoreBatches
 from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
 from medsweep.trainables.loop import CHECKPOINT_FILE
 
@@ -330,11 +330,3 @@ def _record(path: Path, ran: list[dict[str, Any]]) -> None:
     earlier = json.loads(path.read_text()) if path.is_file() else []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(earlier + ran, indent=2))
-
-
-def run_trial_or_member(config: dict[str, Any], *, stores: dict[str, StoreData], storage_path: str, cohorts: Cohorts) -> None:
-    """The sweep's Tune function when cohorts are on: a fused method's trial is a member, any other a :func:`run_trial`."""
-    if config.get("method") in cohorts.sizes:
-        run_member(config, cohorts=cohorts)
-    else:
-        run_trial(config, stores=stores, storage_path=storage_path)

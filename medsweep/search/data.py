@@ -42,12 +42,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import ray
 
 from medsweep.datasets.store import ColumnSpec, PreloadStore, read_shard_batch
-from medsweep.trainables.preload import PreloadResult
+
+if TYPE_CHECKING:  # trials unpickle StoreData: a fused member must not import the model code for a type
+    from medsweep.trainables.preload import PreloadResult
 
 MATERIALIZE_FRACTION = 0.5
 STREAM_READS = 2

@@ -3,9 +3,10 @@
 Every member of a cohort is a Tune trial, so a sweep runs as many of these
 clients as members train at once. A client only relays (joins a server, then
 hands each result the server publishes for it to ``ray.tune.report``), so this
-module imports Ray and nothing of torch or the model code: each client process
-starts in about a second instead of importing torch and transformers (several
-seconds of CPU each, which on a small machine delayed every member's start).
+module, home of the sweep's Tune function (:func:`run_trial_or_member`), imports
+Ray and nothing of torch or the model code: each client process starts in about
+a second instead of importing torch and transformers (~6 s of CPU each: 16
+members starting at once kept a 2-core machine busy for a minute).
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.tune
 from ray.train import Checkpoint
 
 from medsweep.search.space import trial_config
+
+if TYPE_CHECKING:
+    from medsweep.search.data import StoreData
 
 CLIENT_CPUS = 0.01  # a client only relays: what it reserves, taken from its slot's CPUs (see Cohorts.client_cpus)
 POLL_S = 5.0  # a client's long poll for its next result
@@ -92,3 +96,14 @@ def run_member(config: dict[str, Any], *, cohorts: Cohorts) -> None:
             if kind != "left":
                 why = f"{kind}: {metrics['error']}" if metrics else kind
                 raise RuntimeError(f"the cohort server lost trial {trial_id} ({why}); Tune restarts it from its checkpoint")
+
+
+def run_trial_or_member(config: dict[str, Any], *, stores: dict[str, StoreData], storage_path: str, cohorts: Cohorts) -> None:
+    """The sweep's Tune function when cohorts are on: a fused method's trial is a member (its process never
+    imports torch), any other a :func:`~medsweep.search.trial.run_trial`, imported only in a process that trains."""
+    if config.get("method") in cohorts.sizes:
+        run_member(config, cohorts=cohorts)
+        return
+    from medsweep.search.trial import run_trial
+
+    run_trial(config, stores=stores, storage_path=storage_path)

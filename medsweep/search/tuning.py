@@ -38,10 +38,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods, run_trial_or_member
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
-from medsweep.search.members import Cohorts, run_member
+from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
