@@ -12,28 +12,37 @@ from medsweep.search.export import read_best
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import LEADERBOARD_CSV, MLFLOW_DB, SWEEP_OUTPUTS, WANDB_DIR
 from medsweep.search.tracking import SweepMlflowCallback
-from medsweep.search.tuning import ConsoleCallback, build_callbacks
+from medsweep.search.tuning import ConsoleCallback, CurvesSurviveRestarts, build_callbacks
+
+ALWAYS = [ConsoleCallback, CurvesSurviveRestarts]  # every sweep's callbacks, whatever its tracker
 
 
 def _callbacks(tmp_path, synthetic_spec, **settings):
     return build_callbacks(SweepSettings(methods=["linear"], out=tmp_path, **settings), synthetic_spec, SweepConsole(quiet=True))
 
 
+def _trackers(tmp_path, synthetic_spec, **settings):
+    """The callbacks besides those every sweep has."""
+    callbacks = _callbacks(tmp_path, synthetic_spec, **settings)
+    assert [type(c) for c in callbacks[: len(ALWAYS)]] == ALWAYS
+    return callbacks[len(ALWAYS) :]
+
+
 def test_tracker_none_and_disabled_wandb_log_only_to_the_console(tmp_path, synthetic_spec):
     for settings in ({"tracker": "none"}, {"tracker": "none", "wandb": "online"}, {"tracker": "wandb", "wandb": "disabled"}):
-        assert [type(c) for c in _callbacks(tmp_path, synthetic_spec, **settings)] == [ConsoleCallback], settings
+        assert [type(c) for c in _callbacks(tmp_path, synthetic_spec, **settings)] == ALWAYS, settings
     assert list(tmp_path.iterdir()) == []  # no wandb folder, no mlflow.db
 
 
 def test_tracker_picks_one_callback(tmp_path, synthetic_spec, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (wandb,) = _callbacks(tmp_path, synthetic_spec, tracker="wandb", wandb="offline")[1:]
+    (wandb,) = _trackers(tmp_path, synthetic_spec, tracker="wandb", wandb="offline")
     assert isinstance(wandb, WandbLoggerCallback)
-    (mlflow,) = _callbacks(tmp_path, synthetic_spec, tracker="mlflow", wandb="offline")[1:]  # --wandb is W&B's mode only
+    (mlflow,) = _trackers(tmp_path, synthetic_spec, tracker="mlflow", wandb="offline")  # --wandb is W&B's mode only
     assert isinstance(mlflow, SweepMlflowCallback)
     assert mlflow.tracking_uri == f"sqlite:///{tmp_path.resolve() / MLFLOW_DB}" and mlflow.experiment_name == f"medsweep-{tmp_path.name}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.hospital:5000")
-    (server,) = _callbacks(tmp_path, synthetic_spec, tracker="mlflow")[1:]
+    (server,) = _trackers(tmp_path, synthetic_spec, tracker="mlflow")
     assert server.tracking_uri == "http://mlflow.hospital:5000"
     assert MLFLOW_DB in SWEEP_OUTPUTS  # --overwrite deletes an earlier sweep's store
 
@@ -102,7 +111,7 @@ def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = []
     for epochs in ([1], [2]):  # the first driver, then the resumed one
-        (callback,) = _callbacks(tmp_path, synthetic_spec, tracker="mlflow")[1:]
+        (callback,) = _trackers(tmp_path, synthetic_spec, tracker="mlflow")
         callback.setup()
         trial = Trial("run_trial", config={"method": "linear", "lr": 0.01}, trial_id="abc00001", stub=True)
         callback.log_trial_start(trial)
