@@ -154,11 +154,13 @@ def test_dependencies_point_one_way() -> None:
         ("medsweep.search.members", {"ray"}),
         ("medsweep.search.router", {"ray"}),
         ("medsweep.search.data", {"ray"}),
+        ("medsweep.search.cohorts", {"ray"}),
     ],
 )
 def test_modules_that_many_ray_workers_import_leave_torch_out(module: str, allowed: set[str]) -> None:
     """Ray imports a task's (or Tune function's) module tree in each worker that runs it: the frozen pass's
-    decode tasks and a fused sweep's member clients (which unpickle the stores' ``StoreData``) and router must start without torch and the model code
+    decode tasks and a fused sweep's member clients (which unpickle the stores' ``StoreData``) and router must start without torch
+    (both hold handles to the cohort servers, and Ray imports the module of a handle's actor class) and the model code
     (seconds of CPU and hundreds of MB per worker, and a sweep runs many of them). What importing the module
     runs counts; the Tune function of a sweep whose methods are not all fused imports the trial code inside,
     only for a trial that trains in its own process."""

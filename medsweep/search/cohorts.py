@@ -37,6 +37,15 @@ different nodes; each side writes them to its own local temporary folder.
 Routing. One :class:`~medsweep.search.router.CohortRouter` actor takes every
 join in turn and sends the member to a server (see :mod:`medsweep.search.router`);
 a server works out the member's group for it (:meth:`CohortServer.group`).
+
+Imports. Ray makes every process handed an actor handle import the module of
+the actor's class (measured: a task given a handle to an actor whose module
+imports torch loads torch). The router and every member client hold handles
+to the servers, so this module imports neither torch nor the model code at
+import time (``test_layering``): the server loads them in its own process
+(``__init__``; ``checkpoint_epoch``), and the driver where it needs
+``fusable``. Before, each of 16 members of figure 11 imported them (~6 s of
+CPU each), which kept a 2-core machine busy for a minute before any trained.
 """
 
 from __future__ import annotations
@@ -54,16 +63,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import RayActorError
 
-from medsweep.search.data import StoreData
+from medsweep.search.data import StoreBatches, StoreData
 from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, unpack
 from medsweep.search.router import CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
-from medsweep.search.trial import StoreBatches
-from medsweep.trainables.cohort import cohort_key, fit_cohort, fusable
-from medsweep.trainables.loop import CHECKPOINT_FILE
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. BENCHMARKS.md figure 11 measured figure 1's
 # sweep 4x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, less than
@@ -78,6 +83,10 @@ def checkpoint_epoch(files: Files | None) -> int:
     """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
     if not files:
         return 0
+    import torch
+
+    from medsweep.trainables.loop import CHECKPOINT_FILE
+
     return int(torch.load(io.BytesIO(files[CHECKPOINT_FILE]), map_location="cpu", weights_only=False)["state"].epoch)
 
 
@@ -120,7 +129,10 @@ class CohortServer:
     def __init__(self, stores: dict[str, StoreData], sizes: dict[str, int], cpus: float) -> None:
         import torch
 
+        from medsweep.trainables import cohort  # the model code: only a server's own process loads it
+
         torch.set_num_threads(max(1, int(cpus)))
+        self.engine = cohort
         self.stores, self.sizes = stores, sizes
         self.members: dict[str, _Member] = {}
         self.queue: list[str] = []  # joined, not yet in a cohort, in arrival order
@@ -134,7 +146,7 @@ class CohortServer:
     def group(self, config: dict[str, Any], checkpoint: Files | None) -> Group:
         """A joining member's group, for the router (which loads no model code): its cohort key and the
         epoch its checkpoint resumes from."""
-        return cohort_key(config), checkpoint_epoch(checkpoint)
+        return self.engine.cohort_key(config), checkpoint_epoch(checkpoint)
 
     def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> None:
         folder = unpack(checkpoint, self.scratch / f"restore-{trial_id}-{group[1]}") if checkpoint else None
@@ -234,7 +246,7 @@ class CohortServer:
             root = self.scratch / f"cohort-{len(self.ran)}"
             io = _ServerIO(self, self.stores[configs[0]["store_key"]], int(configs[0].get("seed", 0)), trial_ids)
             try:
-                fit_cohort(configs, io, root)
+                self.engine.fit_cohort(configs, io, root)
                 outcome, error = "done", ""
             except Exception as failure:  # noqa: BLE001 - any failure ends the cohort: its clients raise it, Tune restarts them
                 outcome, error = "error", f"{type(failure).__name__}: {failure}"
@@ -279,6 +291,8 @@ def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
 
 def fused_methods(settings: SweepSettings, stores: dict[str, StoreData], store_keys: dict[str, str]) -> list[str]:
     """The sweep's methods whose trials a server may fuse: preloadable, with their features in their store."""
+    from medsweep.trainables.cohort import fusable
+
     fused = []
     for method in settings.methods:
         config = {"method": method, "backbone": settings.backbone, "image_size": settings.image_size}

@@ -44,10 +44,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import ray
 
-from medsweep.datasets.store import ColumnSpec, PreloadStore, read_shard_batch
+from medsweep.datasets.order import epoch_order, ordered_batches
+from medsweep.datasets.store import ColumnSpec, PreloadStore, read_shard_batch, table_to_numpy
 
 if TYPE_CHECKING:  # trials unpickle StoreData: a fused member must not import the model code for a type
     from medsweep.trainables.preload import PreloadResult
@@ -190,3 +192,29 @@ def _size(size: int) -> str:
 
 def _pinned(pinned_bytes: int) -> str:
     return f" beside {_size(pinned_bytes)} of stores already pinned" if pinned_bytes else ""
+
+
+class StoreBatches:
+    """The data side of a trial's IO: one worker's batches of the sweep's shared store in the epoch's order.
+
+    Shared by a trial's IO (:mod:`medsweep.search.trial`) and a cohort server's IO (:mod:`medsweep.search.cohorts`), so a
+    fused member reads exactly the batches its standalone trial would."""
+
+    def __init__(self, data: StoreData, seed: int, world_size: int = 1, rank: int = 0) -> None:
+        self.data = data
+        self.columns = data.columns
+        self.seed = seed
+        self.world_size, self.rank = world_size, rank
+
+    def num_rows(self, split: str) -> int:
+        return self.data.num_rows(split)
+
+    def label_counts(self, split: str) -> list[int]:
+        return self.data.label_counts(split)
+
+    def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
+        """Training: this worker's stride of the epoch's order; validation: every row, in store order, on every worker."""
+        order = epoch_order(self.data.shard_rows[split], self.data.row_bytes, self.seed, epoch, shuffle)
+        rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
+        for batch in ordered_batches(self.data.tables(split, order.shards), order, batch_size, rank, world):
+            yield table_to_numpy(batch)

@@ -18,11 +18,9 @@ DDP worker takes its stride of the same sequence.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.tune
 import torch
@@ -31,37 +29,9 @@ from ray.train.torch import TorchTrainer, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 
-from medsweep.datasets.order import epoch_order, ordered_batches
-from medsweep.datasets.store import table_to_numpy
-from medsweep.search.data import StoreData
+from medsweep.search.data import StoreBatches, StoreData
 from medsweep.search.space import trial_config
 from medsweep.trainables.loop import fit
-
-
-class StoreBatches:
-    """The data side of a trial's IO: one worker's batches of the sweep's shared store in the epoch's order.
-
-    Shared by a trial's :class:`_RayIO` and a cohort server's IO (:mod:`medsweep.search.cohorts`), so a
-    fused member reads exactly the batches its standalone trial would."""
-
-    def __init__(self, data: StoreData, seed: int, world_size: int = 1, rank: int = 0) -> None:
-        self.data = data
-        self.columns = data.columns
-        self.seed = seed
-        self.world_size, self.rank = world_size, rank
-
-    def num_rows(self, split: str) -> int:
-        return self.data.num_rows(split)
-
-    def label_counts(self, split: str) -> list[int]:
-        return self.data.label_counts(split)
-
-    def batches(self, split: str, batch_size: int, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
-        """Training: this worker's stride of the epoch's order; validation: every row, in store order, on every worker."""
-        order = epoch_order(self.data.shard_rows[split], self.data.row_bytes, self.seed, epoch, shuffle)
-        rank, world = (self.rank, self.world_size) if shuffle else (0, 1)
-        for batch in ordered_batches(self.data.tables(split, order.shards), order, batch_size, rank, world):
-            yield table_to_numpy(batch)
 
 
 class _RayIO(StoreBatches):
