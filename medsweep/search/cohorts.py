@@ -71,8 +71,8 @@ from medsweep.search.router import CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. BENCHMARKS.md figure 11 measured figure 1's
-# sweep 4x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, less than
-# the servers' forming and leave waits cost); on GPUs the probe sizes cohorts (cohort_size_for).
+# sweep 2x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, and each
+# member is a Tune trial actor of its own to start); on GPUs the probe sizes cohorts (cohort_size_for).
 CPU_COHORT_SIZE = 1
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined

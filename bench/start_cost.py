@@ -1,0 +1,52 @@
+"""What starting K Tune trials costs on this Ray, apart from medsweep (figure 11's bound on CPUs).
+
+This module imports nothing but the standard library at import time: each Tune
+trial's process imports the module of its function (:func:`_report_time`), and
+the measurement is of Tune's own start, not of what a figure module imports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+STARTED = 16  # trivial trials and actors started at once (figure 1's trial count)
+
+
+def _report_time(config: dict[str, Any]) -> None:
+    """A trial that does nothing but report when it began."""
+    from ray import tune
+
+    tune.report({"began": time.time()})
+
+
+def start_cost(ctx, count: int = STARTED) -> dict[str, float]:
+    """Seconds from asking to the last of ``count`` trivial Tune trials (one slot each: 0.01 CPU) reporting, and
+    to the last of ``count`` plain actors of 0.01 CPU running ``__init__``, on the sweeps' Ray."""
+    import ray
+    from ray import tune
+
+    ctx.ray()
+
+    @ray.remote(num_cpus=0.01)
+    class Began:
+        def __init__(self) -> None:
+            self.began = time.time()
+
+        def when(self) -> float:
+            return self.began
+
+    asked = time.time()
+    actors = [Began.remote() for _ in range(count)]
+    actors_s = max(ray.get([actor.when.remote() for actor in actors])) - asked
+    for actor in actors:
+        ray.kill(actor)
+    asked = time.time()
+    grid = tune.Tuner(
+        tune.with_resources(_report_time, tune.PlacementGroupFactory([{"CPU": 0.01}])),
+        param_space={"index": tune.grid_search(list(range(count)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=count),
+        run_config=tune.RunConfig(storage_path=str(ctx.work / "start-cost"), name=f"start-{time.time_ns()}", verbose=0),
+    ).fit()
+    began = sorted(result.metrics["began"] for result in grid)
+    return {"actors_s": actors_s, "tune_first_s": began[0] - asked, "tune_last_s": began[-1] - asked, "count": count}
