@@ -158,12 +158,12 @@ def test_dependencies_point_one_way() -> None:
     ],
 )
 def test_modules_that_many_ray_workers_import_leave_torch_out(module: str, allowed: set[str]) -> None:
-    """Ray imports a task's (or Tune function's) module tree in each worker that runs it: the frozen pass's
-    decode tasks and a fused sweep's member clients (which unpickle the stores' ``StoreData``) and router must start without torch
-    (both hold handles to the cohort servers, and Ray imports the module of a handle's actor class) and the model code
-    (seconds of CPU and hundreds of MB per worker, and a sweep runs many of them). What importing the module
-    runs counts; the Tune function of a sweep whose methods are not all fused imports the trial code inside,
-    only for a trial that trains in its own process."""
+    """Ray imports a task's (or Tune function's) module tree in each worker that runs it, and the module of an
+    actor's class in each process handed a handle to it. So the frozen pass's decode tasks, a fused sweep's member
+    clients (which unpickle the stores' ``StoreData``) and its router (both hold cohort-server handles) must start
+    without torch and the model code: seconds of CPU and hundreds of MB per worker, and a sweep runs many of them.
+    What importing the module runs counts; the Tune function of a sweep whose methods are not all fused imports
+    the trial code inside, only for a trial that trains in its own process."""
     graph = import_graph(import_time_only=True)
     seen, todo = set(), [module]
     while todo:

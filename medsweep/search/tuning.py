@@ -661,7 +661,8 @@ def build_callbacks(settings: SweepSettings, spec: DatasetSpec, console: SweepCo
     unless ``--wandb disabled``), MLflow (:mod:`medsweep.search.tracking`) or none; with ``cohorts``,
     :class:`CohortLeaves`."""
     out = Path(settings.out).resolve()
-    callbacks: list[Callback] = [ConsoleCallback(console, settings.trials), CurvesSurviveRestarts()]  # None: no total (time budget)
+    total = settings.trials  # None: no total (time budget)
+    callbacks: list[Callback] = [ConsoleCallback(console, total), CurvesSurviveRestarts()]
     if cohorts is not None:
         callbacks.append(CohortLeaves(router_name(out)))
     if settings.tracker == "mlflow":
