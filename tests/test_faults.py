@@ -462,21 +462,21 @@ def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(tiny_root, cache_dir, tmp_path):
+def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(ray_session, tiny_root, cache_dir, tmp_path):
     """One sweep stopped three times, each after it reported: SIGTERM (a scheduler) to ``medsweep sweep``,
     SIGINT (Ctrl-C) to its ``medsweep resume``, and two SIGINTs back to back (the second does not wait for
     Tune's graceful stop) to the next resume. Each time: exit 128 + signal, one line, no answer, no study trial
-    failed. A last resume finishes with exactly the planned trials, each run to its last epoch. (One chain
-    instead of one sweep per signal: each ``medsweep`` process costs the suite ~25 s of start-up on 2 cores.)"""
+    failed. A last resume, in this process, finishes with exactly the planned trials, each run to its last
+    epoch. (One chain instead of one sweep per signal, and the last resume on the session's Ray: each
+    ``medsweep`` process costs the suite ~25 s of start-up on 2 cores.)"""
     out, trials, epochs = tmp_path / "sweep", 4, 8  # 8 epochs: a resume still has epochs left when it is stopped
-    resume = [sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"]
+    resume_argv = [sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"]
     sweep = _sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0", epochs=epochs)
-    stops = [(sweep, (signal.SIGTERM,), 143), (resume, (signal.SIGINT,), 130), (resume, (signal.SIGINT, signal.SIGINT), 130)]
+    stops = [(sweep, (signal.SIGTERM,), 143), (resume_argv, (signal.SIGINT,), 130), (resume_argv, (signal.SIGINT, signal.SIGINT), 130)]
     for index, (argv, signals, expected) in enumerate(stops):
         log = tmp_path / f"driver-{index}.log"
         _assert_interrupted(out, log, _interrupt_once_it_reports(argv, out, log, *signals), expected)
-    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resume.run(_resume_args(out)) == 0
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == epochs).all()
