@@ -60,3 +60,20 @@ def run_child(script: str, *args: str, out: Path, timeout: float) -> dict:
     child = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def hold_cluster(conn) -> None:
+    """In its own process (Cluster changes Ray's process-wide state): a head without CPUs, so every
+    trial runs on a worker, and two one-CPU workers; removes, without grace, the worker it is told to.
+
+    It lives here, not in a test file: a spawned process imports the module of its target, and a test
+    file's imports (torch, the model code) would cost the cluster ~9 s of start-up on 2 cores (0.1 s for this module)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20) for _ in range(2)]
+    conn.send((cluster.address, [node.all_processes["raylet"][0].process.pid for node in workers]))
+    while (message := conn.recv()) != "shutdown":
+        cluster.remove_node(workers[message], allow_graceful=False)
+        conn.send("removed")
+    cluster.shutdown()

@@ -40,10 +40,9 @@ from medsweep.search.study import load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.spaces import points_to_evaluate
 
-from processes import kill_process_group
+from processes import hold_cluster, kill_process_group
 
 EPOCHS = 3
-MB = 2**20
 # At the published rates (linear 1e-4 after 2 warm-up epochs, for 100 epochs) these tiny trials
 # predict one class for every validation image after three epochs (collapsed, never a best): the
 # sweeps here train at lr 0.01 without warm-up, which learns the grades within two. How a trial that
@@ -355,20 +354,6 @@ def test_nan_trials_are_recorded_diverged_and_the_sweep_goes_on(ray_session, tin
     assert yaml.safe_load((settings.out / "best.yaml").read_text())[tiny_root.name]["best_method"] is None
 
 
-def _hold_cluster(conn) -> None:
-    """In its own process (Cluster changes Ray's process-wide state): a head without CPUs, so every
-    trial runs on a worker, and two one-CPU workers; removes, without grace, the worker it is told to."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * MB})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * MB) for _ in range(2)]
-    conn.send((cluster.address, [node.all_processes["raylet"][0].process.pid for node in workers]))
-    while (message := conn.recv()) != "shutdown":
-        cluster.remove_node(workers[message], allow_graceful=False)
-        conn.send("removed")
-    cluster.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
@@ -377,7 +362,7 @@ def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root
     checkpointed is removed mid-trial; the trial restarts from that checkpoint on the other worker."""
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
-    keeper = context.Process(target=_hold_cluster, args=(child_conn,), daemon=True)
+    keeper = context.Process(target=hold_cluster, args=(child_conn,), daemon=True)
     keeper.start()
     driver = None
     removed: list[str] = []
