@@ -201,12 +201,16 @@ def assert_same_tensors(store: PreloadStore, clean: PreloadStore) -> None:
                     np.testing.assert_allclose(a, b, rtol=2**-10, atol=2**-24)
 
 
-def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_path) -> None:
-    """SIGKILL a ``medsweep preload`` process (and its local Ray) mid-pass; the same command then writes only
-    the missing shards and the store equals the clean build."""
+def test_a_killed_preload_command_resumes_to_the_clean_store(ray_session, many_shards, tmp_path, capsys) -> None:
+    """SIGKILL a ``medsweep preload`` process (and its local Ray) mid-pass; the same command, run again (in
+    this process, on the session's Ray: a second process would cost ~15 s of start-up), writes the missing
+    shards and the store equals the clean build."""
+    from medsweep.cli import main
+
     root, _target, clean = many_shards
     rows_cli = ["--method", "fpt_plus", "--backbone", "vit-tiny", "--image-size", "32", "--set", "side_reduction=2"]
-    argv = [sys.executable, "-m", "medsweep.cli", "preload", "--dataset", str(root), *rows_cli, "--cache-dir", str(tmp_path)]
+    command = ["preload", "--dataset", str(root), *rows_cli, "--cache-dir", str(tmp_path)]
+    argv = [sys.executable, "-m", "medsweep.cli", *command]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # The CLI has no shard-size flag: a store started with small shards keeps them (layout.json), so the
     # first run is seeded with the clean build's layout.
@@ -223,9 +227,9 @@ def test_a_killed_preload_command_resumes_to_the_clean_store(many_shards, tmp_pa
     store = PreloadStore(tmp_path / "stores" / key)
     assert not store.is_complete() and 5 <= done < 60
 
-    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "written in" in rerun.stdout, rerun.stdout
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "written in" in printed, printed
     assert store.verify() == [] and store.meta["rows_per_shard"] == 1
     assert_same_tensors(store, clean)
 
