@@ -128,16 +128,10 @@ def test_a_full_disk_is_one_line_and_the_next_run_with_space_resumes(spec, refer
     assert store.is_complete() and store.verify() == [] and checksums(store) == checksums(reference)
 
 
-def test_a_read_only_cache_is_one_line_naming_the_fix(root, tmpfs) -> None:
+def test_a_read_only_cache_is_one_line_naming_the_fix(root, tmpfs, capsys) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "medsweep.cli", "preload", "--dataset", str(root), *CLI_TINY, "--cache-dir", str(tmpfs)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    error = result.stderr.strip().splitlines()
+    assert main(["preload", "--dataset", str(root), *CLI_TINY, "--cache-dir", str(tmpfs)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "Read-only file system" in error[0] and "a --cache-dir you can write to" in error[0], error
 
 
@@ -196,18 +190,10 @@ def test_two_preloads_of_one_store_at_once_end_with_one_valid_store(spec, root, 
     assert store.verify() == [] and checksums(store) == checksums(reference) and leftovers(cache) == []
 
 
-def test_an_output_folder_on_a_read_only_disk_is_one_line(root, tmpfs) -> None:
+def test_an_output_folder_on_a_read_only_disk_is_one_line(root, tmpfs, capsys) -> None:
     """``medsweep train --out`` on a read-only mount: the command's own files, not the store, fail to write."""
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "medsweep.cli", "train", "--dataset", str(root), *CLI_TINY,
-            "--epochs", "1", "--out", str(tmpfs / "run"), "--cache-dir", str(tmpfs.parent / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = result.stderr.strip().splitlines()
+    argv = ["train", "--dataset", str(root), *CLI_TINY, "--epochs", "1", "--out", str(tmpfs / "run"), "--cache-dir", str(tmpfs.parent / "cache")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "Read-only file system" in error[0] and "choose a folder you can write to" in error[0], error
