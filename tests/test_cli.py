@@ -85,11 +85,6 @@ def test_best_prints_each_method_of_a_finished_sweep(tiny_sweep, capsys):
     assert dataset == out.parent.name or dataset.startswith("synthetic")
 
 
-def _medsweep(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """A real ``medsweep`` process; ``timeout`` is only a no-hang deadline."""
-    return subprocess.run([sys.executable, "-m", "medsweep.cli", *argv], capture_output=True, text=True, timeout=timeout)
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
