@@ -47,12 +47,13 @@ def synthetic_spec(synthetic_root):
 def feature_cache(tmp_path_factory) -> Path:
     """One preload cache for the sweeps over ``synthetic_root`` that need a store, not a fresh one: each store
     (method x backbone x size) is built once per session, where each sweep's own cache paid the Ray Data frozen
-    pass (~12 s of actor start-up on 2 cores) again. Tests about building stores keep caches of their own."""
+    pass (~12 s of actor start-up on 2 cores) again. Tests about building stores (and ``tiny_sweep``, whose console
+    must show its stores written) keep caches of their own."""
     return tmp_path_factory.mktemp("feature-cache")
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory, ray_session, synthetic_root, feature_cache):
+def tiny_sweep(tmp_path_factory, ray_session, synthetic_root):
     """One real sweep (FPT+ and linear on vit-tiny, 4 trials x 4 epochs, W&B offline), shared by tests.
 
     Returns (output folder, settings, console text).
@@ -77,7 +78,7 @@ def tiny_sweep(tmp_path_factory, ray_session, synthetic_root, feature_cache):
         image_size=64,
         wandb="offline",
         out=out,
-        cache_dir=feature_cache,  # its FPT+ and linear stores are the ones later sweeps over synthetic_root reuse
+        cache_dir=tmp_path_factory.mktemp("cache"),  # its own: the console it records shows the stores written
         fixed={"side_reduction": 2, "lr": 0.01, "warmup_epochs": 0},
         final_seeds=0,
     )
