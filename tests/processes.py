@@ -28,14 +28,9 @@ def kill_process_group(proc: subprocess.Popen) -> None:
             child.kill()
 
 
-@contextmanager
-def local_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: int) -> Iterator[tuple]:
-    """A ``ray.cluster_utils.Cluster`` (head + one worker node per entry of ``worker_cpus``), this driver connected.
-
-    Yields ``(cluster, worker nodes)``; shuts Ray and the cluster down after. Run it in a child process:
-    a driver is connected to one Ray at a time, and the test session keeps its own.
-    """
-    import ray
+def start_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: int) -> tuple:
+    """A ``ray.cluster_utils.Cluster``: a head offering ``head_cpus`` and one worker node per entry of ``worker_cpus``,
+    all up; returns ``(cluster, worker nodes)``. No driver is connected."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -44,6 +39,19 @@ def local_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: in
     )
     workers = [cluster.add_node(num_cpus=cpus, object_store_memory=object_store_bytes) for cpus in worker_cpus]
     cluster.wait_for_nodes()
+    return cluster, workers
+
+
+@contextmanager
+def local_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: int) -> Iterator[tuple]:
+    """A ``ray.cluster_utils.Cluster`` (head + one worker node per entry of ``worker_cpus``), this driver connected.
+
+    Yields ``(cluster, worker nodes)``; shuts Ray and the cluster down after. Run it in a child process:
+    a driver is connected to one Ray at a time, and the test session keeps its own.
+    """
+    import ray
+
+    cluster, workers = start_cluster(head_cpus, worker_cpus, object_store_bytes)
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -68,10 +76,7 @@ def hold_cluster(conn) -> None:
 
     It lives here, not in a test file: a spawned process imports the module of its target, and a test
     file's imports (torch, the model code) would cost the cluster ~9 s of start-up on 2 cores (0.1 s for this module)."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20) for _ in range(2)]
+    cluster, workers = start_cluster(0, [1, 1], 150 * 2**20)
     conn.send((cluster.address, [node.all_processes["raylet"][0].process.pid for node in workers]))
     while (message := conn.recv()) != "shutdown":
         cluster.remove_node(workers[message], allow_graceful=False)
