@@ -11,7 +11,7 @@ cluster's compute is, never in the driver:
 2. a CPU task per shard decodes and resizes its images
    (:func:`~medsweep.search.frozen_decode.decode_task`, torch-free);
 3. an actor pool, one frozen backbone per actor (one actor per GPU on GPU
-   nodes, else one per spare CPU), runs the frozen forward over the shard
+   nodes, else about one per node with CPUs: :func:`frozen_pass_pool`), runs the frozen forward over the shard
    (:func:`~medsweep.trainables.preload.shard_features`) and writes it with its
    checksum, as the in-process preload does; only a few numbers come back;
 4. the driver writes ``store.json`` once every shard is there.
