@@ -38,7 +38,7 @@ def start_cluster(head_cpus: int, worker_cpus: list[int], object_store_bytes: in
     Each node keeps up to :data:`IDLE_WORKERS` worker processes, as a node of several cores would: Ray keeps as
     many as a node has CPUs and ends any idle one beyond that within a second, so on a one-CPU node whose CPU a
     Train worker holds, every zero-CPU shard read started a new process (~5 s each here; the multi-node data test
-    took 76 s instead of 98 s with this). It changes where reads run, not what any test checks."""
+    took 76 s instead of 98 s with this). It changes how many processes Ray keeps, not what any test checks."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
