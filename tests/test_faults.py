@@ -202,6 +202,16 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
     killed_driver_resumes(tiny_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "1", need_finished=True)
 
 
+def _assert_snapshot_whole(experiment: Path) -> None:
+    """Every file of Tune's experiment snapshot loads, however the kill fell: a driver killed while
+    Tune copied a snapshot into the sweep's folder once left zero-byte files there, and the resume
+    restarted the whole search (medsweep.search.atomic_storage)."""
+    saved = [path for path in experiment.iterdir() if path.suffix in {".json", ".pkl"}]
+    assert any(path.name.startswith("search_gen_state-") for path in saved)
+    for path in saved:  # experiment_state-*.json is JSON; the rest (search_gen_state-*.json too) are pickles
+        json.loads(path.read_text()) if path.name.startswith("experiment_state-") else pickle.loads(path.read_bytes())
+
+
 def killed_driver_resumes(
     tiny_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch, *extra: str, need_finished: bool, trials: int = 3, epochs: int = 6
 ) -> Path:
@@ -234,6 +244,7 @@ def killed_driver_resumes(
         if driver.poll() is None:
             kill_process_group(driver)
     assert driver.returncode == -signal.SIGKILL
+    _assert_snapshot_whole(out / "ray" / "tune")
 
     monkeypatch.chdir(resumed_in)
     assert resume.run(_resume_args(out)) == 0

@@ -38,6 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
+from medsweep.search.atomic_storage import atomic_local_filesystem
 from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
@@ -460,10 +461,11 @@ class SweepSearch(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         """OptunaSearch's save, written atomically: a temporary file renamed over the old one.
 
-        Tune rewrites this file at every experiment snapshot and OptunaSearch writes it in place,
-        so a driver killed mid-write left a truncated pickle; Tune's restore then failed on it
-        ("Ran out of input") and restarted the whole experiment, forgetting every finished trial
-        (seen in tests/test_faults.py with a snapshot at every step)."""
+        Tune rewrites this file in its staging folder at every experiment snapshot, and OptunaSearch
+        writes it in place, while the copy of the previous snapshot to the sweep's folder may still be
+        reading it. A truncated pickle there makes Tune's restore fail ("Ran out of input") and restart
+        the whole experiment, forgetting every finished trial. The copy itself writes whole files
+        (:mod:`medsweep.search.atomic_storage`)."""
         partial = f"{checkpoint_path}.partial"
         super().save(partial)
         os.replace(partial, checkpoint_path)
@@ -716,6 +718,7 @@ def run_tuner(
             run_config=RunConfig(
                 name=name or experiment_path(settings).name,
                 storage_path=str(experiment_path(settings).parent),
+                storage_filesystem=atomic_local_filesystem(),  # a killed driver leaves no half-written snapshot
                 callbacks=build_callbacks(settings, spec, console, cohorts),
                 failure_config=FailureConfig(max_failures=2),
                 # Two, not one: Tune deletes the checkpoint beyond num_to_keep as it registers a new one and
@@ -764,5 +767,6 @@ def resume_tuner(
             trainable=build_trainable(settings, shared, cohorts),
             resume_unfinished=True,
             resume_errored=True,
+            storage_filesystem=atomic_local_filesystem(),
         )
         return _fit(settings, console, cohorts, tuner)
