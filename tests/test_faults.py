@@ -183,6 +183,31 @@ def test_resume_names_the_fix_when_the_folder_holds_no_sweep(tmp_path):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "saved", "damage"),
+    [
+        ("search_gen_state-2026-12-07_07-49-19.json", b"", "an empty file"),  # what a driver killed mid-copy left (before atomic_storage)
+        ("searcher-state-2026-12-07_07-49-19.pkl", pickle.dumps({"study": list(range(50))})[:40], "pickle exhausted"),
+        ("experiment_state-2026-12-07_07-49-19.json", b'{"trial_data": [', "Expecting value"),
+    ],
+)
+def test_resume_refuses_a_damaged_snapshot_in_one_line_before_anything_starts(tmp_path, name, saved, damage):
+    """Tune's restore meets a damaged snapshot file inside a try that restarts the whole search without
+    its finished trials; resume names the file and the fix instead, and leaves the folder as it was."""
+    (tmp_path / "sweep.json").write_text(SweepSettings(methods=["linear"], out=tmp_path).to_json())
+    experiment = tmp_path / "ray" / "tune"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-12-07_07-49-19.json").write_text("{}")
+    (experiment / "search_gen_state-2026-12-07_07-40-00.json").write_bytes(pickle.dumps({"counter": 2}))  # older, whole
+    (experiment / name).write_bytes(saved)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    with pytest.raises(ConfigError, match=rf"{name} is damaged \({damage}.*; start it again with `medsweep sweep` and --overwrite") as error:
+        resume.run(_resume_args(tmp_path))
+    assert "\n" not in str(error.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from typing import Any
 
 from medsweep.errors import ConfigError
 from medsweep.search.settings import load_settings
-from medsweep.search.study import BEST_YAML, FINAL_JSON, RAY_DIR, SETTINGS_FILE
+from medsweep.search.study import BEST_YAML, FINAL_JSON, SETTINGS_FILE, experiment_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +81,7 @@ def from_best_trial(sweep: Path, method: str | None) -> dict[str, Any]:
     dataset, entry = _single_dataset(read_best(sweep), file)
     name = _pick_method(entry, entry["per_method"], method, file)
     item = entry["per_method"][name]
-    trial_dir = sweep / RAY_DIR / "tune" / f"trial-{item['trial_id']}"
+    trial_dir = experiment_dir(sweep) / f"trial-{item['trial_id']}"
     checkpoints = sorted(trial_dir.glob("checkpoint_*"))
     if not checkpoints:
         raise ConfigError(f"trial {item['trial_id']} of {sweep} has no checkpoint under {trial_dir}; run `medsweep final {sweep}` and export again")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
-from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE
+from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE, experiment_dir
 
 if TYPE_CHECKING:
     from medsweep.search.console import SweepConsole
@@ -65,7 +65,7 @@ def experiment_dirs(out: Path) -> list[Path]:
     """The sweep's Tune experiments, in the order they ran: ``ray/tune``, then each extension."""
     ray_dir = Path(out).resolve() / RAY_DIR
     extensions = sorted(ray_dir.glob(f"{EXTENSION_PREFIX}*"), key=lambda p: int(p.name.removeprefix(EXTENSION_PREFIX)))
-    return [p for p in [ray_dir / "tune", *extensions] if p.is_dir()]
+    return [p for p in [experiment_dir(out), *extensions] if p.is_dir()]
 
 
 def next_extension(out: Path) -> str:

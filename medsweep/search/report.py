@@ -41,9 +41,9 @@ from medsweep.search.study import (
     LEADERBOARD_CSV,
     MANIFEST_JSON,
     PARETO_CSV,
-    RAY_DIR,
     REPORT_DIR,
     STUDY_FILE,
+    experiment_dir,
     load_study,
 )
 from medsweep.trainables.config import NOT_HYPERPARAMETERS
@@ -82,7 +82,7 @@ def learning_curves(out: Path) -> pd.DataFrame:
     A restored trial may log an epoch twice; the later row wins.
     """
     frames = []
-    for path in sorted((out / RAY_DIR / "tune").glob("trial-*/progress.csv")):
+    for path in sorted(experiment_dir(out).glob("trial-*/progress.csv")):
         try:
             frame = pd.read_csv(path, usecols=["trial_id", "epoch", "val_auc"], dtype={"trial_id": str})
         except (pd.errors.EmptyDataError, ValueError):  # a trial that died before its first epoch

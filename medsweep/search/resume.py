@@ -17,6 +17,10 @@ What a resume reuses and what it redoes:
 * if the driver died before Tune saved its experiment, the search starts
   afresh on the same study, whose recommended points are already waiting in
   its journal and are not enqueued a second time.
+* a damaged snapshot (an empty or truncated file that Tune's restore would
+  meet, log, and answer by running the whole search again without its
+  finished trials) is refused in one line before anything starts
+  (:func:`check_snapshot`).
 
 A sweep stopped by Ctrl-C or SIGTERM (:mod:`medsweep.search.interrupts`) is
 resumed the same way; Tune saved its experiment as it stopped, and the Optuna
@@ -39,11 +43,16 @@ not a moved or copied one.
 from __future__ import annotations
 
 import argparse
+import json
+import pickletools
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.settings import load_settings, sweep_dataset
+from medsweep.search.study import experiment_dir
 
 if TYPE_CHECKING:
     from medsweep.search.console import SweepConsole
@@ -52,9 +61,48 @@ if TYPE_CHECKING:
 # functions: `medsweep --help` builds this module's parser and must not pay for them.
 
 
+# What Tune's restore reads (the newest file of each name) inside a ``try`` that, on any error, logs
+# "Restarting experiment" and runs the whole search again without its finished trials. Tune names its
+# search generator's pickle ``.json``.
+SNAPSHOT_FILES = {
+    "experiment_state-*.json": "json",
+    "search_gen_state-*.json": "pickle",
+    "searcher-state-*.pkl": "pickle",
+    "callback-states-*.pkl": "pickle",
+}
+
+
+def check_snapshot(experiment: Path) -> None:
+    """Refuse to resume from a damaged experiment snapshot rather than let Tune silently start the search
+    over. Read only, nothing unpickled: a pickle is whole when its opcodes run to STOP. Today's sweeps write
+    their snapshots whole (:mod:`medsweep.search.atomic_storage`); a disk that filled up, or an older
+    medsweep killed at the wrong moment, can still leave a truncated one."""
+    for pattern, kind in SNAPSHOT_FILES.items():
+        saved = sorted(experiment.glob(pattern))
+        if not saved:
+            continue
+        newest, damage = saved[-1], None
+        data = newest.read_bytes()
+        try:
+            if not data:
+                damage = "an empty file"
+            elif kind == "json":
+                json.loads(data)
+            else:
+                deque(pickletools.genops(data), maxlen=0)  # raises unless the opcodes run to STOP
+        except ValueError as error:
+            damage = str(error).splitlines()[0]
+        if damage:
+            raise ConfigError(
+                f"{newest} is damaged ({damage}), so Tune cannot restore this sweep's search; "
+                "start it again with `medsweep sweep` and --overwrite (or another --out)"
+            )
+
+
 def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     """Continue the sweep in ``out`` to its planned number of trials, then write its answer."""
     settings = load_settings(out)
+    check_snapshot(experiment_dir(out))
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
     from medsweep.search.extend import all_results, experiment_dirs

@@ -35,6 +35,7 @@ TEST_PREDICTIONS_CSV = "final/test_predictions.csv"  # each tested seed's probab
 MANIFEST_JSON = "manifest.json"  # versions, devices, data, stores, seeds, command line (medsweep.search.manifest)
 REPORT_DIR = "report"
 RAY_DIR = "ray"  # Tune's experiment (ray/tune), which `medsweep resume` restores
+TUNE_DIR = "tune"  # under RAY_DIR: the sweep's own Tune experiment (extensions have their own, medsweep.search.extend)
 TRAIN_DIR = "train"  # the trials' Ray Train storage (checkpoints)
 WANDB_DIR = "wandb"  # W&B's run folders (offline runs for `medsweep sync`)
 MLFLOW_DB = "mlflow.db"  # --tracker mlflow: the SQLite MLflow store (medsweep.search.tracking)
@@ -52,6 +53,11 @@ def study_storage(out: Path) -> optuna.storages.JournalStorage:
     from optuna.storages.journal import JournalFileBackend
 
     return JournalStorage(JournalFileBackend(str(Path(out).resolve() / STUDY_FILE)))
+
+
+def experiment_dir(out: Path) -> Path:
+    """Where Tune keeps the sweep's experiment (``tuner.pkl``, its snapshots, the trial folders)."""
+    return Path(out).resolve() / RAY_DIR / TUNE_DIR
 
 
 def load_study(out: Path) -> optuna.Study:

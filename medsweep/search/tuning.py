@@ -46,7 +46,7 @@ from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
-from medsweep.search.study import RAY_DIR, STUDY_NAME, TRAIN_DIR, study_storage
+from medsweep.search.study import STUDY_NAME, TRAIN_DIR, experiment_dir, study_storage
 from medsweep.search.tracking import SweepMlflowCallback, check_tracker, mlflow_experiment, mlflow_uri
 from medsweep.search.trial import run_trial
 from medsweep.search.warm import WARM_START_ATTR
@@ -506,7 +506,7 @@ class SharedData:
 
 def experiment_path(settings: SweepSettings) -> Path:
     """Where Tune keeps the sweep's experiment state (``tuner.pkl``, trial folders, checkpoints)."""
-    return Path(settings.out).resolve() / RAY_DIR / "tune"
+    return experiment_dir(settings.out)
 
 
 def share_data(
