@@ -124,6 +124,7 @@ BAD_SWEEP_INPUTS = [
     (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
     (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
     (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
+    (["--method", "full", "--workers", "2", "--gpus-per-trial", "0.5"], "gives each DDP worker of full 0.25 GPU; DDP needs one whole GPU per worker"),
     (["--warm-start", "{root}/empty"], "empty has no sweep.json"),
 ]
 

@@ -147,6 +147,14 @@ class SweepSettings:
             raise ConfigError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        ddp = [method for method in self.methods if get_method(method).model_cls.ddp]
+        if ddp and self.workers > 1 and self.gpus_per_trial and self.gpus_per_trial != self.workers:
+            # Ray would pack fractional workers onto one GPU, and NCCL refuses two ranks on one device.
+            raise ConfigError(
+                f"--gpus-per-trial {self.gpus_per_trial:g} over --workers {self.workers} gives each DDP worker of {ddp[0]} "
+                f"{self.gpus_per_trial / self.workers:g} GPU; DDP needs one whole GPU per worker: pass --gpus-per-trial {self.workers}, "
+                "or leave it out (DDP methods then get whole GPUs)"
+            )
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
         if self.tracker not in TRACKERS:
