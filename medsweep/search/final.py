@@ -56,7 +56,7 @@ from medsweep.search.console import SweepConsole
 from medsweep.search.export import UNUSABLE, board_entry, read_best
 from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
 from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML, LEADERBOARD_PARQUET, TEST_PREDICTIONS_CSV
-from medsweep.trainables.loop import fit, load_trained, predict
+from medsweep.trainables.loop import device_for_trial, fit, load_trained, predict
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.statistics import BOOTSTRAP_RESAMPLES, CI_LEVEL, bootstrap_auc_ci, probabilities
@@ -305,7 +305,7 @@ def _retrain(
     name = config["method"]
     result = preload(
         spec,
-        build_method(name, config),
+        build_method(name, config).to_device(device_for_trial()),  # a store not built yet is built on this machine's GPU if any
         settings.cache_dir,
         progress=console.progress,
         with_features=settings.preload_features,

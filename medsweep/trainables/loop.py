@@ -156,6 +156,8 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
     model = io.prepare_model(method)
     if trainee.rng is not None:
         torch.set_rng_state(trainee.rng)
+    if trainee.cuda_rng is not None and device.type == "cuda":  # dropout on a GPU draws from the CUDA generator
+        torch.cuda.set_rng_state(trainee.cuda_rng, device)
     per_worker_batch = max(1, cfg.batch_size // io.world_size)
     micro_batch = cfg.micro_batch_size(io.world_size)
     generator = torch.Generator()  # augmentation draws, reseeded per epoch (see seed_epoch)
@@ -184,7 +186,8 @@ def fit(config: dict[str, Any], io: TrialIO, checkpoint_root: Path) -> dict[str,
         metrics = trainee.end_epoch(epoch, losses, val, memory_bytes, epoch_start)
         checkpoint_dir = None
         if io.rank == 0 and metrics["status"] != "diverged":
-            checkpoint_dir = trainee.save(checkpoint_root / epoch_folder(epoch), torch.get_rng_state())
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            checkpoint_dir = trainee.save(checkpoint_root / epoch_folder(epoch), torch.get_rng_state(), cuda_rng)
         io.report(metrics, checkpoint_dir)
         if metrics["status"] == "diverged":
             break
@@ -287,6 +290,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rng: torch.Tensor | None  # the global random state a restored checkpoint holds (None: a fresh start)
+    cuda_rng: torch.Tensor | None = None  # and the CUDA generator's, when it was saved on a GPU
 
     @property
     def task(self) -> str:
@@ -330,7 +334,8 @@ class Trainee:
             if "scaler" in blob:
                 scaler.load_state_dict(blob["scaler"])
         rng = blob["rng"] if blob is not None else None
-        return cls(cfg, method, precision, steps, scaler, weight, state, optimizer, scheduler, rng)
+        cuda_rng = blob.get("cuda_rng") if blob is not None else None
+        return cls(cfg, method, precision, steps, scaler, weight, state, optimizer, scheduler, rng, cuda_rng)
 
     def begin_epoch(self, epoch: int) -> None:
         """The method's stage hook: a new stage restarts from the best weights at a scaled lr."""
@@ -345,7 +350,11 @@ class Trainee:
     def memory_bytes(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, device: torch.device) -> int:
         """Peak memory of one training step of ``model`` (this trial's model, wrapped or not) on a batch; no trace left."""
         measured = step_memory_bytes(
-            model, lambda: precise_loss(model, inputs, labels, self.task, self.precision, self.weight), self.cfg.optimizer, device
+            model,
+            lambda: precise_loss(model, inputs, labels, self.task, self.precision, self.weight),
+            self.cfg.optimizer,
+            device,
+            optimizer_state_allocated=bool(self.optimizer.state),  # a restored trial's state is on the device already
         )
         self.optimizer.zero_grad(set_to_none=True)
         return measured
@@ -386,8 +395,9 @@ class Trainee:
             "status": "diverged" if diverged else "running",
         }
 
-    def save(self, folder: Path, rng: torch.Tensor) -> Path:
-        """Write the checkpoint ``fit`` resumes from into ``folder``; ``rng``: the global random state to restore."""
+    def save(self, folder: Path, rng: torch.Tensor, cuda_rng: torch.Tensor | None = None) -> Path:
+        """Write the checkpoint ``fit`` resumes from into ``folder``; ``rng``: the global random state to restore
+        (``cuda_rng``: the CUDA generator's, on a GPU, so dropout masks go on as in an uninterrupted run)."""
         folder.mkdir(parents=True, exist_ok=True)
         # Cloned: a fused cohort's members hold views into one stacked tensor, whose whole storage torch.save would write.
         model = {k: v.clone() for k, v in self.method.trainable_state_dict().items()}
@@ -399,6 +409,7 @@ class Trainee:
                 "scaler": self.scaler.state_dict(),
                 "state": self.state,
                 "rng": rng,
+                **({"cuda_rng": cuda_rng} if cuda_rng is not None else {}),
             },
             folder / CHECKPOINT_FILE,
         )

@@ -2,6 +2,9 @@
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated`` over one full
 training step (forward, backward, optimizer step), as the FPT paper reports.
+The measuring step runs forward and backward only (it must leave no trace), so
+an optimizer whose state is not allocated yet (a fresh trial's first step) is
+counted from its parameters, as on CPU.
 
 On CPU there is no allocator high-water mark worth trusting, so the proxy
 counts the bytes a step must hold at its peak: every parameter, plus
@@ -39,6 +42,12 @@ def parameter_bytes(model: nn.Module, optimizer: str) -> int:
     return total
 
 
+def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
+    """What ``optimizer`` allocates at its first step: its state tensors for every learnable parameter."""
+    learnable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and not p.is_meta)
+    return learnable * OPTIMIZER_KINDS[optimizer].states
+
+
 def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -> int:
     """Bytes autograd keeps for backward while running ``step`` (returns the loss).
 
@@ -63,8 +72,12 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -
     return total
 
 
-def step_memory_bytes(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device) -> int:
+def step_memory_bytes(
+    model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device, optimizer_state_allocated: bool = False
+) -> int:
     """Peak memory of one training step; ``step`` runs forward and returns the loss (backward is done here).
+    ``optimizer_state_allocated``: on CUDA, whether the optimizer's state already lies on the device (a
+    restored trial's), and so is in the allocator's reading; else it is added.
 
     The measuring step leaves no trace: the model's buffers (BatchNorm running
     statistics) and the random state (dropout) are as they were, so a trial
@@ -74,7 +87,7 @@ def step_memory_bytes(model: nn.Module, step: Callable[[], torch.Tensor], optimi
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers() if not buffer.is_meta}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        measured = _measure(model, step, optimizer, device)
+        measured = _measure(model, step, optimizer, device, optimizer_state_allocated)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:
@@ -82,13 +95,13 @@ def step_memory_bytes(model: nn.Module, step: Callable[[], torch.Tensor], optimi
     return measured
 
 
-def _measure(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device) -> int:
+def _measure(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device, state_allocated: bool) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step().backward()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
+        return int(torch.cuda.max_memory_allocated(device)) + (0 if state_allocated else optimizer_state_bytes(model, optimizer))
     return parameter_bytes(model, optimizer) + saved_activation_bytes(model, step)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.datasets.spec import DatasetSpec
-from medsweep.trainables.loop import fit
+from medsweep.trainables.loop import device_for_trial, fit
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import PreloadResult, preload
 from medsweep.trainables.store_io import StoreIO
@@ -43,9 +43,12 @@ def train_once(
 ) -> list[dict[str, Any]]:
     """Train ``config`` on ``spec``; writes ``config.json``, ``metrics.jsonl`` and checkpoints under ``out``."""
     config = {**config, "num_classes": spec.num_classes, "task": spec.task}
-    method = build_method(config["method"], config)
-    precision = config.get("precision", "auto")  # the frozen pass runs at the trial's precision
-    result = preload(spec, method, cache_dir, progress=progress, skip_bad_images=skip_bad_images, precision=precision)
+    # The frozen pass on the device the trial trains on (a GPU when there is one), at the trial's precision;
+    # the backbone built for it is dropped before training builds the trial's own model.
+    frozen = build_method(config["method"], config).to_device(device_for_trial())
+    precision = config.get("precision", "auto")
+    result = preload(spec, frozen, cache_dir, progress=progress, skip_bad_images=skip_bad_images, precision=precision)
+    del frozen
     if on_store:
         on_store(result)
     out.mkdir(parents=True, exist_ok=True)
