@@ -53,6 +53,21 @@ def side_forward_flops_per_sample(method: Method, batch: int = 16) -> int:
     return count_flops(lambda: method(inputs)) // batch
 
 
+def cuda_matmul_rate(dtype: torch.dtype = torch.bfloat16, n: int = 8192, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of an ``n x n`` matmul on the GPU in ``dtype`` (a trial's ``auto`` precision there):
+    the floor of a sweep whose trials train on a GPU."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    a @ b  # warm-up: cuBLAS handles and kernel choice
+    torch.cuda.synchronize()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
 def matmul_rate(threads: int, n: int = 2048, seconds: float = 2.0) -> float:
     """Sustained FLOP/s of an ``n x n`` fp32 matmul at ``threads`` torch threads (best of the repeats)."""
     previous = torch.get_num_threads()

@@ -22,7 +22,7 @@ import torch
 from bench.common import main_sweep, sweep_wall, table
 from bench.context import RAY_CPUS
 from bench.figures.floor import floor_of
-from bench.flops import matmul_rate
+from bench.flops import cuda_matmul_rate, matmul_rate
 from bench.start_cost import start_cost
 
 NAME = "cohort_sweep"
@@ -36,7 +36,7 @@ def run(ctx) -> dict[str, Any]:
     # On a GPU the default sizes cohorts from the memory probe; on CPUs the default runs trials alone, so fuse explicitly.
     fused = main_sweep(ctx) if torch.cuda.is_available() else ctx.sweep(trials=ctx.plan.main_trials, max_epochs=ctx.plan.main_epochs, cohort_size=CPU_MEMBERS)
     alone = ctx.sweep(trials=ctx.plan.main_trials, max_epochs=ctx.plan.main_epochs, cohort_size=1)
-    rate = max(matmul_rate(1), matmul_rate(RAY_CPUS))
+    rate = cuda_matmul_rate() if torch.cuda.is_available() else max(matmul_rate(1), matmul_rate(RAY_CPUS))  # where the trials trained
     rows = {}
     for name, record in (("cohorts", fused), ("one per trial", alone)):
         wall = sweep_wall(record)

@@ -2,7 +2,7 @@
 
 * raw forward: FPT+'s frozen path (ViT-B/16, the keys/values of the kept
   tokens) over images already decoded and normalised in memory, in one
-  process, batch 16, on every core (or the GPU): this machine's floor for
+  process, at the pipeline's batch (below), on every core (or the GPU): the floor for
   that step, with nothing decoded, moved or written;
 * pipeline: ``preload_on_cluster`` into a fresh cache, timed whole (plan,
   decode tasks, frozen-forward actors, shard writes, ``store.json``), on the
@@ -15,9 +15,10 @@
   work spreads and what it costs, not more throughput.
 
 On a GPU (``torch.cuda.is_available()``) the same command measures ViT-B/16
-at 512 px in bf16 (``python -m bench.run --only frozen``), both paths at the
-batch size the pipeline's memory probe picks (``--preload-batch-size auto``);
-on CPU both run batch 16, the probe's CPU answer.
+at 512 px in bf16 (``python -m bench.run --only frozen``). Both paths run the
+batch the pipeline's actors pick (``--preload-batch-size auto``): the memory
+probe's answer (on CPU 16), at most one shard's rows, since one shard is one
+call of the frozen pass (FPT+ at 384 px: 12 rows; at 512 px: 7).
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _raw_forward(spec, setting: dict[str, Any]) -> dict[str, float]:
     from medsweep.datasets import load_image, resize_square
     from medsweep.trainables.backbones import backbone_normalisation
     from medsweep.trainables.inputs import normalise
-    from medsweep.trainables.memory import frozen_batch_size
     from medsweep.trainables.methods import build_method
     from medsweep.trainables.precision import PRECISIONS
+    from medsweep.trainables.preload import frozen_batch_size_for, rows_per_shard
 
     size, precision = setting["size"], setting["precision"]
     samples = [s for split in spec.splits.values() for s in split]
@@ -74,7 +75,7 @@ def _raw_forward(spec, setting: dict[str, Any]) -> dict[str, float]:
     images = np.stack([resize_square(load_image(s.path), size).transpose(2, 0, 1) for s in samples])
     pixels = normalise(torch.from_numpy(images).to(device), mean, std)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else torch.autocast("cpu", enabled=False)
-    batch = frozen_batch_size(method, size, PRECISIONS[precision] if precision != "fp32" else None)
+    batch = frozen_batch_size_for(method, {method.frozen_input: size}, rows_per_shard(method), precision)
     with torch.no_grad(), autocast:
         method.frozen_features(pixels[:1])  # warm-up: kernels, allocator
         if device.type == "cuda":

@@ -25,6 +25,9 @@ COMMAND = "python -m bench.run --only memory,packing"
 def run(ctx) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"status": "PENDING", "data": {"reason": "no CUDA device on this machine", "command": COMMAND}}
+    # Blocks the allocator keeps cached from the figures before this one (figure 8's batch-256 forward) are not
+    # this trial's; the probe's own stay cached (reserved) and count, as in a trial's process.
+    torch.cuda.empty_cache()
     report = probe_memory(config("fpt_plus"), BATCH, torch.device("cuda"))
     free, total = torch.cuda.mem_get_info()
     footprint = total - free

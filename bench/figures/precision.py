@@ -24,6 +24,7 @@ from medsweep.trainables.backbones import frozen_weights_unused
 from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.loop import make_optimizer, precise_loss
 from medsweep.trainables.methods import build_method, get_method, list_methods
+from medsweep.trainables.precision import allow_tf32
 from medsweep.trainables.probe import probe_memory
 
 from bench.common import table
@@ -81,6 +82,8 @@ def step_seconds(cfg: dict[str, Any], steps: int) -> float:
 
 def run(ctx) -> dict[str, Any]:
     s = setting(ctx.plan.name == "quick")
+    if torch.cuda.is_available():
+        allow_tf32()  # fp32 as a trial runs it (Trainee.start), whichever figures ran before in this process
     rows = []
     for method in list_methods():
         row: dict[str, Any] = {"method": method}

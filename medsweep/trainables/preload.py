@@ -406,6 +406,13 @@ def _drop_unreadable_metadata(store: PreloadStore) -> list[str]:
     return repairs
 
 
+def rows_per_shard(method: Method, feature_dtype: str = "float16", with_features: bool = True) -> int:
+    """Rows of each shard of a fresh store of ``method``: one shard is one call of the frozen pass, so its
+    forward never takes more images than this (at 512 px FPT+ stores ~9 MB per image: 7 rows)."""
+    columns = store_columns(method, feature_dtype, with_features)
+    return _rows_per_shard(columns, SHARD_TARGET_BYTES, _decode_sizes(method, columns))
+
+
 def _rows_per_shard(columns: list[ColumnSpec], target_bytes: int, decode_sizes: dict[str, int]) -> int:
     """Rows that keep a shard near ``target_bytes`` stored and ~:data:`DECODED_SHARD_BYTES` decoded, capped so tiny rows still make a few shards.
 
