@@ -165,7 +165,7 @@ def render(result: dict[str, Any]) -> str:
             "pipeline: decode tasks + frozen actors + shard writes (1 node)",
             d["pipeline"]["images"],
             f"{d['pipeline']['images_per_s']:.3f}",
-            f"{100 * d['ratio']:.0f}%",
+            f"{100 * d['ratio']:.1f}%",
         ),
     ]
     for layout, label in (("1x2", "local cluster: head without CPUs + 1 worker of 2 CPUs"), ("2x2", "local cluster: head without CPUs + 2 workers of 2 CPUs")):
@@ -178,7 +178,7 @@ def render(result: dict[str, Any]) -> str:
             f"FPT+'s frozen path on {BACKBONE} at {s['size']} px, {s['precision']}, batch {d['raw'].get('batch_size', 16)} (the probe's), on {s['device']}; "
             "each pipeline run builds a fresh store (seconds include Ray Data's start-up and the writes).",
             table(("path", "images", "images/s", "vs raw forward"), rows),
-            f"The pipeline runs at **{100 * d['ratio']:.0f}%** of the raw forward (target >= {100 * TARGET:.0f}%). "
+            f"The pipeline runs at **{100 * d['ratio']:.1f}%** of the raw forward (target >= {100 * TARGET:.0f}%). "
             f"Of its {d['pipeline']['seconds']:.1f} s, {_outside(d['pipeline']):.1f} s are outside the actors' shard work "
             "(plan, Ray Data's start-up, the actor's process importing torch and building the backbone, store.json): "
             f"a fixed cost a larger dataset amortizes. Without it the pipeline runs at {100 * _steady(d):.0f}% of the raw forward.",
@@ -201,7 +201,7 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
     d = result["data"]
     return (
         f"pipeline >= {100 * TARGET:.0f}% of the raw forward",
-        f"{100 * d['ratio']:.0f}% ({d['pipeline']['images_per_s']:.3f} vs {d['raw']['images_per_s']:.3f} images/s,"
+        f"{100 * d['ratio']:.1f}% ({d['pipeline']['images_per_s']:.3f} vs {d['raw']['images_per_s']:.3f} images/s,"
         f" {d['setting']['size']} px, {d['setting']['device']})",
     )
 
