@@ -27,6 +27,7 @@ from medsweep.datasets.store import (
     ColumnSpec,
     PreloadStore,
     StoreWriter,
+    _binary_rows,
     column_to_numpy,
     decode_columns,
     iter_parquet_batches,
@@ -332,3 +333,13 @@ def test_skip_bad_images_leaves_them_out_and_reports_them(tmp_path: Path) -> Non
         sample.path.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="no image of the val split"):
         preload(load_spec(root), method, tmp_path / "cache", skip_bad_images=True)
+
+
+@pytest.mark.parametrize(("rows", "dtype"), [(5, np.float16), (1, np.uint8), (0, np.float16)])
+def test_a_shards_binary_rows_are_each_rows_bytes(rows, dtype):
+    """The writer's binary column over the array's own memory is the array of each row's bytes (so the
+    shard file, and its checksum, are what they were when every row was copied to Python bytes first)."""
+    values = (np.random.default_rng(0).standard_normal((rows, 3, 4)) * 50).astype(dtype)
+    built = _binary_rows(values)
+    assert built.equals(pa.array([row.tobytes() for row in values], type=pa.binary()))
+    assert [np.frombuffer(value.as_py(), dtype=dtype).reshape(3, 4).tolist() for value in built] == values.tolist()

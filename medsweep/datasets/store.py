@@ -83,6 +83,17 @@ def store_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _binary_rows(values: np.ndarray) -> pa.Array:
+    """One binary value per row of ``values`` (C-contiguous), over its own memory: the same array as
+    ``pa.array([row.tobytes() for row in values])`` (the same file once written) without copying each row
+    into a Python bytes object first (~0.1-0.3 s per 64 MB shard of features on 2 cores)."""
+    row_bytes = values[0].nbytes if len(values) else 0
+    if len(values) * row_bytes >= 2**31:  # beyond binary's 32-bit offsets: let pyarrow say so
+        return pa.array([row.tobytes() for row in values], type=pa.binary())
+    offsets = np.arange(len(values) + 1, dtype=np.int32) * row_bytes
+    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(values.reshape(-1).view(np.uint8))])
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -309,7 +320,7 @@ class StoreWriter:
             values = np.ascontiguousarray(tensors[spec.name], dtype=spec.dtype)
             if values.shape[1:] != spec.shape:
                 raise ValueError(f"column {spec.name}: expected per-sample shape {spec.shape}, got {values.shape[1:]}")
-            arrays[spec.name] = pa.array([row.tobytes() for row in values], type=pa.binary())
+            arrays[spec.name] = _binary_rows(values)
         folder = self.store.root / split
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / shard_name(index)

@@ -326,14 +326,16 @@ def shard_features(
     assert batch_size, "frozen features need a batch size"
     frozen = images[method.frozen_input]
     device = device_of(method)
-    parts: dict[str, list[np.ndarray]] = {c.name: [np.empty((0, *c.shape), c.dtype)] for c in feature_cols}
+    # Filled in place, each batch cast to the column's dtype as it is copied in: a shard of FPT+ features is
+    # ~64 MB, and a list of per-batch casts joined at the end copied it twice more.
+    features_out = {c.name: np.empty((len(frozen), *c.shape), c.dtype) for c in feature_cols}
     for start in range(0, len(frozen), batch_size):
         pixels = normalise(torch.from_numpy(frozen[start : start + batch_size]).to(device), mean, std)
         with autocast(precision, device):
             features = method.frozen_features(pixels)
         for col in feature_cols:
-            parts[col.name].append(features[col.name].float().cpu().numpy().astype(col.dtype))
-    return {**out, **{name: np.concatenate(values) for name, values in parts.items()}}
+            features_out[col.name][start : start + len(pixels)] = features[col.name].float().cpu().numpy()
+    return {**out, **features_out}
 
 
 def frozen_batch_size_for(method: Method, decode_sizes: dict[str, int], rows_per_shard: int, precision: str) -> int:
