@@ -120,7 +120,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
         write_manifest(settings, spec, stores)  # appends this resume's record; the sweep's own stays
         with guard.tune_stops_gracefully():
             if tuning.can_resume(settings):
-                console.console.print(f"[bold]resume[/] restoring the search saved in {tuning.experiment_path(settings)}")
+                console.console.print(f"[bold]resume[/] restoring the search saved in {experiment_dir(out)}")
                 grid = tuning.resume_tuner(settings, stores, console)
             else:
                 console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")

@@ -504,11 +504,6 @@ class SharedData:
     gpu_bytes: int = 0  # the smallest GPU's memory, when probed
 
 
-def experiment_path(settings: SweepSettings) -> Path:
-    """Where Tune keeps the sweep's experiment state (``tuner.pkl``, trial folders, checkpoints)."""
-    return experiment_dir(settings.out)
-
-
 def share_data(
     settings: SweepSettings,
     stores: dict[str, PreloadResult],
@@ -716,8 +711,8 @@ def run_tuner(
                 max_concurrent_trials=cohorts.max_concurrent_trials if cohorts else None,  # members wait in a cohort, not in Tune's queue
             ),
             run_config=RunConfig(
-                name=name or experiment_path(settings).name,
-                storage_path=str(experiment_path(settings).parent),
+                name=name or experiment_dir(settings.out).name,
+                storage_path=str(experiment_dir(settings.out).parent),
                 storage_filesystem=atomic_local_filesystem(),  # a killed driver leaves no half-written snapshot
                 callbacks=build_callbacks(settings, spec, console, cohorts),
                 failure_config=FailureConfig(max_failures=2),
@@ -743,7 +738,7 @@ def can_resume(settings: SweepSettings) -> bool:
     """Whether Tune saved the sweep's experiment: its ``tuner.pkl`` (written when the Tuner is built)
     and an experiment snapshot (written once the search runs). Either is missing if the driver died
     before the search started."""
-    path = experiment_path(settings)
+    path = experiment_dir(settings.out)
     return Tuner.can_restore(str(path)) and any(path.glob("experiment_state-*.json"))
 
 
@@ -763,7 +758,7 @@ def resume_tuner(
     shared = share_data(settings, stores, console)
     with sweep_cohorts(settings, shared, stores) as cohorts:
         tuner = Tuner.restore(
-            str(experiment_path(settings)),
+            str(experiment_dir(settings.out)),
             trainable=build_trainable(settings, shared, cohorts),
             resume_unfinished=True,
             resume_errored=True,
