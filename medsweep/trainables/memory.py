@@ -31,21 +31,17 @@ if TYPE_CHECKING:
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
     """Parameters, plus gradient and optimizer state of the learnable ones (a frozen model built without weights holds none)."""
-    total = 0
-    for param in model.parameters():
-        if param.is_meta:
-            continue
-        size = param.numel() * param.element_size()
-        total += size
-        if param.requires_grad:
-            total += size * (1 + OPTIMIZER_KINDS[optimizer].states)
-    return total
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    return held + _learnable_bytes(model) + optimizer_state_bytes(model, optimizer)
 
 
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
     """What ``optimizer`` allocates at its first step: its state tensors for every learnable parameter."""
-    learnable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and not p.is_meta)
-    return learnable * OPTIMIZER_KINDS[optimizer].states
+    return _learnable_bytes(model) * OPTIMIZER_KINDS[optimizer].states
+
+
+def _learnable_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and not p.is_meta)
 
 
 def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -> int:
