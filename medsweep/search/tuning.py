@@ -29,6 +29,7 @@ import ray
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import JournalStorage
+from optuna.trial import TrialState
 from ray import tune
 from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune import Callback, CheckpointConfig, FailureConfig, PlacementGroupFactory, RunConfig, TuneConfig, Tuner
@@ -39,6 +40,7 @@ from ray.tune.search.optuna import OptunaSearch
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.atomic_storage import atomic_local_filesystem
+from medsweep.search.cohort_pins import CohortPins
 from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
@@ -50,6 +52,7 @@ from medsweep.search.study import STUDY_NAME, TRAIN_DIR, experiment_dir, study_s
 from medsweep.search.tracking import SweepMlflowCallback, check_tracker, mlflow_experiment, mlflow_uri
 from medsweep.search.trial import run_trial
 from medsweep.search.warm import WARM_START_ATTR
+from medsweep.trainables.cohort import shape_keys
 from medsweep.trainables.preload import PreloadResult
 
 # The one objective: the validation AUC of the trial's best epoch so far (``loop.is_better_epoch``). The
@@ -456,7 +459,23 @@ class SweepSearch(OptunaSearch):
     leaves the trial RUNNING in the study for ever (the dashboard shows it
     running, the sampler treats it as pending). With several objectives
     (``metric`` a list) one non-finite value is enough.
+
+    With cohorts it hands a fused method's trials out in runs that share their shape keys (``pins``,
+    :mod:`medsweep.search.cohort_pins`), so its members fuse into full cohorts.
     """
+
+    pins: CohortPins | None = None  # set by build_searcher when a method fuses; saved and restored with the searcher
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.pins is None or trial_id in self._ot_trials:
+            return super().suggest(trial_id)
+        fixed, study = self.pins.fixed_params(), self._ot_study
+        assert study is not None  # set up by the constructor (a space was given)
+        if fixed and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study.enqueue_trial(fixed)  # the next ask() takes it: these values fixed, the rest sampled
+        config = super().suggest(trial_id)
+        self.pins.record(self._ot_trials[trial_id].params)
+        return config
 
     def save(self, checkpoint_path: str) -> None:
         """OptunaSearch's save, written atomically: a temporary file renamed over the old one.
@@ -579,6 +598,7 @@ def build_searcher(
     stores: dict[str, PreloadResult],
     shared: SharedData,
     sampler_seed: int | None = None,
+    cohort_sizes: dict[str, int] | None = None,
 ) -> SweepSearch:
     """Seeded TPE (or random) over the methods' spaces, on the sweep's study file.
 
@@ -599,6 +619,9 @@ def build_searcher(
     that already holds trials (a sweep interrupted before Tune saved any
     state, started again by ``medsweep resume``) still has the first copies
     waiting in its journal, which ``ask()`` hands out first.
+
+    ``cohort_sizes`` (fused method -> members per cohort): trials of those methods come in runs sharing
+    their shape keys (:class:`~medsweep.search.cohort_pins.CohortPins`).
     """
     fixed = {
         method: {
@@ -617,7 +640,7 @@ def build_searcher(
         metric, mode = [c for c, _ in settings.objective_columns()], [d for _, d in settings.objective_columns()]
     else:
         metric, mode = METRIC, "max"
-    return SweepSearch(
+    searcher = SweepSearch(
         space=space,
         metric=metric,
         mode=mode,
@@ -630,6 +653,11 @@ def build_searcher(
         study_name=STUDY_NAME,
         storage=storage,
     )
+    fused = {method: size for method, size in (cohort_sizes or {}).items() if size > 1}
+    if fused:
+        single = settings.methods[0] if len(settings.methods) == 1 else None
+        searcher.pins = CohortPins(fused, {method: shape_keys(method) for method in fused}, single)
+    return searcher
 
 
 def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
@@ -702,7 +730,7 @@ def run_tuner(
         tuner = Tuner(
             build_trainable(settings, shared, cohorts),
             tune_config=TuneConfig(
-                search_alg=build_searcher(settings, spec, stores, shared, sampler_seed),
+                search_alg=build_searcher(settings, spec, stores, shared, sampler_seed, cohorts.sizes if cohorts else None),
                 scheduler=build_scheduler(settings),
                 num_samples=settings.trials if settings.trials is not None else -1,
                 time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,

@@ -123,14 +123,19 @@ def fusable(config: dict[str, Any], columns: list[ColumnSpec]) -> bool:
     return all(key in stored for key in method.feature_keys())
 
 
+def shape_keys(method: str) -> frozenset[str]:
+    """The config keys whose values must agree for trials of ``method`` to fuse (beside its store): the batch
+    stream's (:data:`STREAM_KEYS`) and every method field but the method's ``member_fields``."""
+    entry = get_method(method)
+    return frozenset(STREAM_KEYS) | (entry.config_cls.field_names() - set(entry.model_cls.member_fields))
+
+
 def cohort_key(config: dict[str, Any]) -> tuple:
-    """Members with equal keys can be fused: the same method, store, batch stream (:data:`STREAM_KEYS`)
-    and every method field but the method's ``member_fields`` (see the module docstring)."""
-    cfg = TrainConfig.from_dict(config)
-    method_cls = get_method(config["method"]).model_cls
-    fields = {k: v for k, v in make_config(config["method"], config).to_dict().items() if k not in method_cls.member_fields}
-    stream = tuple(getattr(cfg, key) for key in STREAM_KEYS)
-    return (config["method"], config.get("store_key", ""), *stream, json.dumps(fields, sort_keys=True))
+    """Members with equal keys can be fused: the same method, store and values of its :func:`shape_keys`
+    (see the module docstring)."""
+    values = {**make_config(config["method"], config).to_dict(), **TrainConfig.from_dict(config).to_dict()}
+    shape = {key: values[key] for key in sorted(shape_keys(config["method"]))}
+    return (config["method"], config.get("store_key", ""), json.dumps(shape, sort_keys=True))
 
 
 def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
