@@ -86,4 +86,3 @@ class CohortPins:
         prefix = "" if self.single_method else f"{method}."
         keys = self.shape_keys[method]
         return {name: value for name, value in params.items() if name.startswith(prefix) and name[len(prefix) :] in keys}
-
