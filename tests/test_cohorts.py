@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -62,7 +63,9 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
         synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
         early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0},
     )  # fmt: skip
+    scratch_before = set(Path(tempfile.gettempdir()).glob("medsweep-cohort-*"))
     run_sweep(settings, SweepConsole(quiet=True))
+    assert set(Path(tempfile.gettempdir()).glob("medsweep-cohort-*")) <= scratch_before  # the servers removed theirs
     board = _board(settings.out)
     assert len(board) == trials and board["trial_id"].is_unique
     study = load_study(settings.out)

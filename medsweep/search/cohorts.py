@@ -214,6 +214,10 @@ class CohortServer:
                 for cohort in self.ran
             ]
 
+    def close(self) -> None:
+        """Remove this server's scratch folder: the sweep is over (``ray.kill`` runs no cleanup of its own)."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
     # -- called by the cohort's IO, in the training thread ----------------------------
     def publish(self, trial_id: str, metrics: dict[str, Any], checkpoint: Files | None) -> None:
         with self.changed:
@@ -331,6 +335,7 @@ def cohort_servers(
         for handle in servers:
             try:
                 ran.extend(ray.get(handle.cohorts.remote(), timeout=30))
+                ray.get(handle.close.remote(), timeout=30)
             except (RayActorError, ray.exceptions.GetTimeoutError):
                 continue
             finally:
