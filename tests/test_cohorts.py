@@ -24,7 +24,7 @@ from test_faults import (
     sweep_with_fault,
 )
 
-from medsweep.search.cohorts import COHORTS_FILE, cohort_servers, slot_split
+from medsweep.search.cohorts import COHORTS_FILE, cohort_servers, slot_split, spread
 from medsweep.search.console import SweepConsole
 from medsweep.search.members import Cohorts
 from medsweep.search.settings import SweepSettings, load_settings
@@ -55,7 +55,7 @@ def cache_dir(feature_cache) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthetic_root, cache_dir, tmp_path):
-    """Six linear trials in cohorts of six, ASHA (grace 1, halving) on learning rates drawn at
+    """Six linear trials in cohorts of three (a server's share of them: two servers on the session's 2 CPUs), ASHA (grace 1, halving) on learning rates drawn at
     random over orders of magnitude. Every member is one trial of the board and of the study, told its own value;
     they really shared a server; only members ASHA stopped left their cohort, and the others ran every epoch."""
     epochs, trials = 4, 6
@@ -74,10 +74,12 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
     told = sorted(t.value for t in study.trials)
     assert told == pytest.approx(sorted(board["best_val_auc"]), nan_ok=True)
     # The linear probe searches its batch size, and members of different batch sizes never fuse: the searcher
-    # pinned the recommended point's for the five trials after it (medsweep.search.cohort_pins).
-    assert {t.params["batch_size"] for t in study.trials} == {study.trials[0].params["batch_size"]}
+    # handed the trials out in runs of three sharing their leader's (medsweep.search.cohort_pins).
+    runs = [[t.params["batch_size"] for t in study.trials[i : i + 3]] for i in (0, 3)]
+    assert all(len(set(run)) == 1 for run in runs), runs
     cohorts = _cohorts(settings.out)
     assert any(len(cohort["trials"]) > 1 for cohort in cohorts), cohorts  # really fused
+    assert max(len(cohort["trials"]) for cohort in cohorts) <= 3, cohorts  # spread over both servers
     assert set(t for cohort in cohorts for t in cohort["trials"]) == set(board["trial_id"])
     stopped = set(board.loc[board["epochs_run"] < epochs, "trial_id"])
     assert stopped, "ASHA stopped no trial: the test's learning rates no longer separate the members"
@@ -103,6 +105,13 @@ def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_se
     # A slot's CPUs hold its server and its clients: 2 slots x (0.96 + 4 x 0.01) on 2 CPUs.
     assert slot_split(1.0, 4) == pytest.approx((0.96, 0.01))
     assert slot_split(0.1, 16)[0] == pytest.approx(0.05)
+
+
+def test_cohorts_are_spread_over_the_servers():
+    assert spread({"fpt_plus": 8, "linear": 8}, trials=8, servers=2) == {"fpt_plus": 4, "linear": 4}
+    assert spread({"fpt_plus": 8}, trials=16, servers=2) == {"fpt_plus": 8}
+    assert spread({"fpt_plus": 8}, trials=5, servers=2) == {"fpt_plus": 3}  # rounded up: no trial left alone
+    assert spread({"fpt_plus": 8}, trials=None, servers=2) == {"fpt_plus": 8}  # a time budget: no count to share
 
 
 def test_auto_cohort_size_fills_the_method_gpu_fraction():

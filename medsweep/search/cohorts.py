@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import tempfile
 import threading
@@ -285,6 +286,19 @@ class CohortServer:
                 self.changed.wait(wait)  # None (nothing queued): until a member joins
 
 
+def spread(sizes: dict[str, int], trials: int | None, servers: int) -> dict[str, int]:
+    """Cohort sizes no larger than a server's share of the sweep's trials, so every server trains.
+
+    With pinned runs (:mod:`medsweep.search.cohort_pins`) K trials fill one cohort: 8 trials at K = 8 made one
+    cohort of 8 on one server while the other idled (measured at the paper's scale on 2 cores: its 3 epochs
+    took as long as the 8 trials alone on both cores). At K = 4 they train as two cohorts side by side.
+    A sweep bounded by time (no trial count) keeps ``sizes``."""
+    if trials is None or servers < 1:
+        return sizes
+    share = math.ceil(trials / servers)
+    return {method: min(size, share) for method, size in sizes.items()}
+
+
 def slot_split(cpus_per_trial: float, size: int) -> tuple[float, float]:
     """A trial slot's CPUs split into (server, each of ``size`` clients): the clients' share is taken
     from the slot, so servers and their members fit where the slots' trials did (else servers holding
@@ -311,7 +325,8 @@ def cohort_servers(
 ) -> Iterator[Cohorts | None]:
     """Start the cohort servers for ``sizes`` (fused method -> cohort size) before the search, stop them after.
 
-    None (no servers; every trial runs alone) when no method fuses with more than one member.
+    None (no servers; every trial runs alone) when no method fuses with more than one member (after
+    :func:`spread` caps the sizes at a server's share of ``--trials``).
     One server per concurrent slot when every method of the sweep fuses; half the slots
     otherwise, so trials that run alone keep slots of their own. Each server reserves
     ``--cpus-per-trial`` less its clients' share (:func:`slot_split`) and ``gpus`` (the largest GPU
@@ -320,6 +335,7 @@ def cohort_servers(
     """
     sizes = {method: size for method, size in sizes.items() if size > 1}
     count = slots if set(sizes) == set(settings.methods) else slots // 2
+    sizes = {method: size for method, size in spread(sizes, settings.trials, count).items() if size > 1}
     if not sizes or count < 1:
         yield None
         return
