@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from medsweep.trainables.cohort import cohort_key, dropout_mask, fit_cohort, fusable
-from medsweep.trainables.loop import fit, load_trained
+from medsweep.trainables.loop import CHECKPOINT_FILE, device_for_trial, fit, load_trained
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
@@ -153,6 +153,10 @@ def test_a_resumed_cohort_equals_an_uninterrupted_one(synthetic_spec, stores, tm
     for i in range(len(configs)):
         assert [r["epoch"] for r in resumed.members[i].reports] == [3]
         assert_same_run(resumed.members[i].reports, straight.members[i].reports[2:])
+    # On a GPU the dropout masks come from each member's CUDA generator, whose state the checkpoint must keep
+    # (or a resumed member replays its first masks); on a CPU they come from the saved CPU state alone.
+    blob = torch.load(first.members[0].checkpoints[-1] / CHECKPOINT_FILE, weights_only=False)
+    assert ("cuda_rng" in blob) == (device_for_trial().type == "cuda")
 
 
 class _Stop:

@@ -33,7 +33,11 @@ masks from the global random state; here each member holds a generator with the
 state its standalone run would have (after its build, or its checkpoint's
 ``rng``), and every ``nn.Dropout`` of the fused model draws the member's mask
 from it exactly as CPU ``F.dropout`` does, outside the batched computation.
-A member's checkpoint stores that generator's state as ``rng``.
+A member's checkpoint stores that generator's state as ``rng``. On CUDA the masks
+come from a per-member CUDA generator, seeded from that state at the member's
+start and saved as the checkpoint's ``cuda_rng``, so a resumed member's masks go
+on where they stopped rather than repeat its first epochs' (the CPU state does
+not advance there).
 
 What may differ between members. Everything an optimizer or loss owns (lr,
 weight_decay, optimizer, warmup, grad_clip, class_weights, layer_decay, decay)
@@ -168,8 +172,15 @@ class Member:
         if device.type == "cpu":
             return cls(index, trainee, state, state)
         generator = torch.Generator(device)  # no bitwise reproduction on CUDA: a per-member stream seeded from its state
-        generator.manual_seed(int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state.get_state()))))
+        if trainee.cuda_rng is not None:  # restored: the stream goes on from its checkpoint
+            generator.set_state(trainee.cuda_rng)
+        else:
+            generator.manual_seed(int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state.get_state()))))
         return cls(index, trainee, state, generator)
+
+    def random_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a checkpoint keeps of the member's randomness: ``rng`` (its CPU state) and, on CUDA, ``cuda_rng``."""
+        return self.state.get_state(), None if self.generator is self.state else self.generator.get_state()
 
 
 class _MemberDropout(nn.Module):
@@ -329,7 +340,7 @@ def fit_cohort(configs: list[dict[str, Any]], io: CohortIO, checkpoint_root: Pat
             checkpoint_dir = None
             if member.metrics["status"] != "diverged":
                 folder = checkpoint_root / f"member-{member.index:03d}" / epoch_folder(epoch)
-                checkpoint_dir = member.trainee.save(folder, member.state.get_state())
+                checkpoint_dir = member.trainee.save(folder, *member.random_states())
             io.report(member.index, member.metrics, checkpoint_dir)
         active = [m for m in active if m.metrics["status"] != "diverged"]  # a diverged member leaves the batched computation
     return [m.metrics for m in members]
