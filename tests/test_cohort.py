@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medsweep.trainables.cohort import cohort_key, dropout_mask, fit_cohort, fusable
+from medsweep.trainables.cohort import FusedMembers, Member, cohort_key, dropout_mask, fit_cohort, fusable, fused_model
 from medsweep.trainables.loop import CHECKPOINT_FILE, device_for_trial, fit, load_trained
+from medsweep.trainables.memory import resident_bytes
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
@@ -210,3 +211,18 @@ def test_a_member_dropout_mask_is_the_one_f_dropout_draws():
         expected = F.dropout(x, p, training=True)
         assert torch.equal(x * dropout_mask(x, p, generator), expected)
         assert torch.equal(generator.get_state(), torch.get_rng_state())  # and it consumed what F.dropout consumed
+
+
+def test_a_fused_member_holds_as_many_bytes_as_its_standalone_model(synthetic_spec, stores):
+    """Its GPU memory reading counts what it would hold alone (memory.resident_bytes), not its cohort's stack:
+    a member's parameters are views of one slice of the stacked tensors, and count that slice only."""
+    configs = configs_of(synthetic_spec, "fpt_plus", MEMBERS)
+    io = StoreIO(stores["fpt_plus"])
+    cpu = torch.device("cpu")
+    members = [Member.start(i, config, io, cpu, None) for i, config in enumerate(configs)]
+    alone = [resident_bytes(member.trainee.method, []) for member in members]
+    model, dropouts = fused_model(members[0].trainee.method)
+    FusedMembers(model, dropouts, members, cpu)
+    assert [resident_bytes(member.trainee.method, []) for member in members] == alone
+    batch = [torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)]
+    assert resident_bytes(members[0].trainee.method, batch) == alone[0] + 4 * 8 * 4 + 4 * 8

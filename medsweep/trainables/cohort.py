@@ -88,6 +88,7 @@ from medsweep.trainables.loop import (
     seed_epoch,
     train_epoch,
 )
+from medsweep.trainables.memory import resident_bytes
 from medsweep.trainables.methods import Method, build_method, get_method, make_config
 from medsweep.trainables.precision import autocast
 
@@ -261,9 +262,13 @@ class FusedMembers:
         return torch.stack([loss.detach() for loss in losses]).cpu().tolist()
 
     def measure(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """Each member's peak step memory as ``fit`` measures it: its own step, standalone."""
+        """Each member's peak step memory as ``fit`` measures it: its own step, standalone. On CUDA the
+        device also holds the other members' stacked tensors, which a standalone trial would not: each reading
+        counts the member's own step over what is allocated, plus what it would hold alone (``resident``)."""
         for member in self.members:
-            member.memory_bytes = member.trainee.memory_bytes(member.trainee.method.train(), inputs, labels, labels.device)
+            method = member.trainee.method.train()
+            resident = resident_bytes(method, [*inputs.values(), labels]) if labels.device.type == "cuda" else None
+            member.memory_bytes = member.trainee.memory_bytes(method, inputs, labels, labels.device, resident)
 
     def step(self, grad_factor: float) -> None:
         """Each member's optimizer step over its slice of the accumulated gradients."""

@@ -347,14 +347,18 @@ class Trainee:
                 self.method.load_state_dict(self.state.best_state, strict=False)
             self.optimizer, self.scheduler = _optimizer_for_stage(self.method, self.cfg, self.state, self.steps)
 
-    def memory_bytes(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, device: torch.device) -> int:
-        """Peak memory of one training step of ``model`` (this trial's model, wrapped or not) on a batch; no trace left."""
+    def memory_bytes(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, device: torch.device, resident: int | None = None
+    ) -> int:
+        """Peak memory of one training step of ``model`` (this trial's model, wrapped or not) on a batch; no trace left.
+        ``resident``: see :func:`~medsweep.trainables.memory.step_memory_bytes` (a cohort member's)."""
         measured = step_memory_bytes(
             model,
             lambda: precise_loss(model, inputs, labels, self.task, self.precision, self.weight),
             self.cfg.optimizer,
             device,
             optimizer_state_allocated=bool(self.optimizer.state),  # a restored trial's state is on the device already
+            resident=resident,
         )
         self.optimizer.zero_grad(set_to_none=True)
         return measured

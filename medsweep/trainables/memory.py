@@ -44,6 +44,13 @@ def _learnable_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and not p.is_meta)
 
 
+def resident_bytes(model: nn.Module, tensors: list[torch.Tensor]) -> int:
+    """What a model holds on its device before a step when it is alone there: its parameters (views count
+    their own elements) and buffers, and the step's input ``tensors``."""
+    held = [*model.parameters(), *model.buffers(), *tensors]
+    return sum(t.numel() * t.element_size() for t in held if not t.is_meta)
+
+
 def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -> int:
     """Bytes autograd keeps for backward while running ``step`` (returns the loss).
 
@@ -69,11 +76,20 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -
 
 
 def step_memory_bytes(
-    model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device, optimizer_state_allocated: bool = False
+    model: nn.Module,
+    step: Callable[[], torch.Tensor],
+    optimizer: str,
+    device: torch.device,
+    optimizer_state_allocated: bool = False,
+    resident: int | None = None,
 ) -> int:
     """Peak memory of one training step; ``step`` runs forward and returns the loss (backward is done here).
     ``optimizer_state_allocated``: on CUDA, whether the optimizer's state already lies on the device (a
     restored trial's), and so is in the allocator's reading; else it is added.
+    ``resident``: on CUDA, for a model that shares its process's device memory with others (a cohort member
+    beside its cohort's stacked tensors): what it would hold before its step alone (:func:`resident_bytes`).
+    The reading is then the step's growth over what is allocated now, plus that and its optimizer state,
+    rather than everything the process holds.
 
     The measuring step leaves no trace: the model's buffers (BatchNorm running
     statistics) and the random state (dropout) are as they were, so a trial
@@ -83,7 +99,7 @@ def step_memory_bytes(
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers() if not buffer.is_meta}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        measured = _measure(model, step, optimizer, device, optimizer_state_allocated)
+        measured = _measure(model, step, optimizer, device, optimizer_state_allocated, resident)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:
@@ -91,13 +107,19 @@ def step_memory_bytes(
     return measured
 
 
-def _measure(model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device, state_allocated: bool) -> int:
+def _measure(
+    model: nn.Module, step: Callable[[], torch.Tensor], optimizer: str, device: torch.device, state_allocated: bool, resident: int | None
+) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step().backward()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device)) + (0 if state_allocated else optimizer_state_bytes(model, optimizer))
+        peak = int(torch.cuda.max_memory_allocated(device))
+        if resident is not None:
+            return peak - before + resident + optimizer_state_bytes(model, optimizer)
+        return peak + (0 if state_allocated else optimizer_state_bytes(model, optimizer))
     return parameter_bytes(model, optimizer) + saved_activation_bytes(model, step)
 
 
