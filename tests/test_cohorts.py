@@ -55,7 +55,8 @@ def cache_dir(feature_cache) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthetic_root, cache_dir, tmp_path):
-    """Six linear trials in cohorts of three (a server's share of them: two servers on the session's 2 CPUs), ASHA (grace 1, halving) on learning rates drawn at
+    """Six linear trials in cohorts of three (a server's share of them: two servers on the session's 2 CPUs), each
+    with its own offline W&B run, ASHA (grace 1, halving) on learning rates drawn at
     random over orders of magnitude. Every member is one trial of the board and of the study, told its own value;
     they really shared a server; only members ASHA stopped left their cohort, and the others ran every epoch."""
     epochs, trials = 4, 6
@@ -63,11 +64,17 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
         synthetic_root, tmp_path / "sweep", cache_dir, trials=trials, cohort_size=trials, epochs=epochs,
         early_stopping=True, grace_period=1, search="random", fixed={"warmup_epochs": 0},
     )  # fmt: skip
+    settings.wandb = "offline"  # each member streams to its own W&B run, as any trial
     scratch_before = set(Path(tempfile.gettempdir()).glob("medsweep-cohort-*"))
-    run_sweep(settings, SweepConsole(quiet=True))
+    console = SweepConsole(record=True)  # kept, not shown
+    run_sweep(settings, console)
     assert set(Path(tempfile.gettempdir()).glob("medsweep-cohort-*")) <= scratch_before  # the servers removed theirs
+    text = console.text()
+    assert "cohorts members per cohort: linear up to 3, on 2 cohort server(s)" in text
     board = _board(settings.out)
     assert len(board) == trials and board["trial_id"].is_unique
+    runs = sorted((settings.out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {p.stem.removeprefix("run-") for p in runs} == set(board["trial_id"])  # one offline run per member
     study = load_study(settings.out)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials
     # Each Optuna trial was told its own member's value: the study's values are the board's, one each.
@@ -80,6 +87,7 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
     cohorts = _cohorts(settings.out)
     assert any(len(cohort["trials"]) > 1 for cohort in cohorts), cohorts  # really fused
     assert max(len(cohort["trials"]) for cohort in cohorts) <= 3, cohorts  # spread over both servers
+    assert f"cohorts {len(cohorts)} trained, of {', '.join(str(len(c['trials'])) for c in cohorts)} members" in text
     assert set(t for cohort in cohorts for t in cohort["trials"]) == set(board["trial_id"])
     stopped = set(board.loc[board["epochs_run"] < epochs, "trial_id"])
     assert stopped, "ASHA stopped no trial: the test's learning rates no longer separate the members"

@@ -106,6 +106,8 @@ def test_console_reports_preload_data_and_trials(tiny_sweep):
     _, settings, text = tiny_sweep
     assert "preload fpt_plus: store" in text and "written in" in text
     assert "materialized once, shared by every trial" in text
+    # Both methods could fuse; on CPUs (the tests' machine) the default runs each trial alone, and says why.
+    assert "cohorts off: each trial of fpt_plus, linear runs alone; on CPUs that is the faster" in text
     assert text.count("done ") == settings.trials
     assert "leaderboard" in text
 

@@ -115,6 +115,14 @@ def render(result: dict[str, Any]) -> str:
         f"(mean trial time without minus with). {TARGET:.0f}x needs the frozen work per trial in the last column:",
         table(("setting", "fixed slot-s per trial", "frozen s per trial (measured)", f"frozen s per trial for {TARGET:.0f}x"), cost_rows),
     ]
+    notes.append(
+        "Fused cohorts (issue 14) were expected to lower that fixed cost by sharing one process and one batch stream "
+        "among K trials. On these CPUs they do not: a member is a Tune trial actor of its own, whose start costs more "
+        "than a reused trial process, and its step costs about what it costs alone (figures 10, 11 and 11b), so "
+        "the sweeps here run one trial per process, as by default on CPUs. On a GPU, where K members share kernel "
+        "launches and one CUDA context, the default fuses them (the memory probe sizes K), so "
+        "`python -m bench.run --only preload` on a GPU machine measures this figure with cohorts."
+    )
     if heavy["bound"] < TARGET:
         notes.append(
             f"This run's frozen-dominated sweep is too short for the target to be reachable at all: even if the "

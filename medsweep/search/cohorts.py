@@ -71,13 +71,18 @@ from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result,
 from medsweep.search.router import CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
 
-# Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. BENCHMARKS.md figure 11 measured figure 1's
-# sweep 2x slower fused than alone on 2 CPU cores (a fused step saves only the batch making there, figure 10, and each
-# member is a Tune trial actor of its own to start); on GPUs the probe sizes cohorts (cohort_size_for).
+# Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. On 2 CPU cores BENCHMARKS.md measured
+# figure 1's sweep x0.70 as fast fused (figure 11) and the paper's setting x0.53 (figure 11b): a member's step in a
+# cohort costs about what it costs alone there (figure 10), and each member is a Tune trial actor of its own to start.
+# On GPUs the probe sizes cohorts (cohort_size_for).
 CPU_COHORT_SIZE = 1
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
 FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
-LEAVE_GRACE_S = 5.0  # an unacknowledged result older than this before the next epoch, and no word from Tune: dropped
+# An unacknowledged result older than this before the next epoch, and no word from Tune: the member is dropped.
+# 30 s, not 5: with W&B on (the default, offline) the driver starts one logging actor per trial, and on 2 cores that
+# delayed acknowledgements past 5 s, so a live member was dropped, rejoined alone and trained unfused from then on.
+# Tune's own ends reach the servers at once (CohortLeaves); the grace only bounds a lost message.
+LEAVE_GRACE_S = 30.0
 COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
 
 def checkpoint_epoch(files: Files | None) -> int:
@@ -331,7 +336,7 @@ def cohort_servers(
     otherwise, so trials that run alone keep slots of their own. Each server reserves
     ``--cpus-per-trial`` less its clients' share (:func:`slot_split`) and ``gpus`` (the largest GPU
     fraction of the fused methods).
-    At the end the cohorts the servers ran are added to ``<out>/ray/cohorts.json``.
+    At the end the cohorts the servers ran are added to ``<out>/ray/cohorts.json`` and kept as ``Cohorts.ran``.
     """
     sizes = {method: size for method, size in sizes.items() if size > 1}
     count = slots if set(sizes) == set(settings.methods) else slots // 2
@@ -344,8 +349,9 @@ def cohort_servers(
     server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
     servers: list[Any] = [server.remote(stores, sizes, settings.cpus_per_trial) for _ in range(count)]
     router: Any = ray.remote(CohortRouter).options(name=router_name(settings.out), max_restarts=-1, num_cpus=0).remote(servers, sizes)
+    cohorts = Cohorts(router, servers, sizes, client_cpus)
     try:
-        yield Cohorts(router, servers, sizes, client_cpus)
+        yield cohorts
     finally:
         ran = []
         for handle in servers:
@@ -358,6 +364,7 @@ def cohort_servers(
                 ray.kill(handle)
         ray.kill(router)
         _record(Path(settings.out) / "ray" / COHORTS_FILE, ran)
+        cohorts.ran = ran
 
 
 def _record(path: Path, ran: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ members starting at once kept a 2-core machine busy for a minute).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,7 @@ class Cohorts:
     servers: list[Any]
     sizes: dict[str, int]  # fused method -> members per cohort
     client_cpus: float  # what each member's Tune trial reserves
+    ran: list[dict[str, Any]] = field(default_factory=list)  # the cohorts the servers trained, once they stopped
 
     @property
     def max_concurrent_trials(self) -> int:

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.atomic_storage import atomic_local_filesystem
 from medsweep.search.cohort_pins import CohortPins
-from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
+from medsweep.search.cohorts import COHORTS_FILE, CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.members import Cohorts, run_member, run_trial_or_member
@@ -553,11 +554,34 @@ def build_trainable(settings: SweepSettings, shared: SharedData, cohorts: Cohort
     return tune.with_resources(trainable, trial_resources(settings, shared.gpus, cohorts))
 
 
-def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str, PreloadResult]):
-    """The sweep's cohort servers (a context manager yielding :class:`Cohorts`, or None when every trial runs alone)."""
+@contextlib.contextmanager
+def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str, PreloadResult], console: SweepConsole) -> Iterator[Cohorts | None]:
+    """The sweep's cohort servers (yields :class:`Cohorts`, or None when every trial runs alone), with a console
+    line on how the fusable methods' trials run, and at the end one on the cohorts trained."""
     sizes = cohort_sizes(settings, shared, stores)
     gpus = max((shared.gpus[method] for method in sizes), default=0.0)
-    return cohort_servers(settings, shared.stores, sizes, concurrent_slots(settings), gpus)
+    with cohort_servers(settings, shared.stores, sizes, concurrent_slots(settings), gpus) as cohorts:
+        if cohorts is not None:
+            fused = ", ".join(f"{method} up to {size}" for method, size in cohorts.sizes.items())
+            console.console.print(
+                f"[bold]cohorts[/] members per cohort: {fused}, on {len(cohorts.servers)} cohort server(s); a method's "
+                "trials come in runs that share their shape keys (--cohort-size 1: each trial alone)"
+            )
+        elif sizes:
+            console.console.print(f"[bold]cohorts[/] off: each trial of {', '.join(sizes)} runs alone; {_why_alone(settings, gpus)}")
+        yield cohorts
+    if cohorts is not None and cohorts.ran:
+        counts = ", ".join(str(len(cohort["trials"])) for cohort in cohorts.ran)
+        console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained, of {counts} members (ray/{COHORTS_FILE})")
+
+
+def _why_alone(settings: SweepSettings, gpus: float) -> str:
+    """Why no method fuses although some could: the reason for the console."""
+    if settings.cohort_size:
+        return f"--trials {settings.trials} leaves each cohort server fewer than 2 trials"
+    if gpus:
+        return "its GPU fraction holds one member's probed step (--cohort-size K trains K together)"
+    return "on CPUs that is the faster (BENCHMARKS.md figures 11 and 11b); --cohort-size K trains K together"
 
 
 def points_to_enqueue(storage: JournalStorage, points: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -726,7 +750,7 @@ def run_tuner(
     resume`` restores; ``medsweep extend`` runs each extension in its own); ``sampler_seed``: see
     :func:`build_searcher`."""
     shared = share_data(settings, stores, console, spec)
-    with sweep_cohorts(settings, shared, stores) as cohorts:
+    with sweep_cohorts(settings, shared, stores, console) as cohorts:
         tuner = Tuner(
             build_trainable(settings, shared, cohorts),
             tune_config=TuneConfig(
@@ -784,7 +808,7 @@ def resume_tuner(
     ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
     sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
-    with sweep_cohorts(settings, shared, stores) as cohorts:
+    with sweep_cohorts(settings, shared, stores, console) as cohorts:
         tuner = Tuner.restore(
             str(experiment_dir(settings.out)),
             trainable=build_trainable(settings, shared, cohorts),
