@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from medsweep.search.tuning import CUDA_CONTEXT_BYTES
 from medsweep.trainables.cohort import FusedMembers, Member, fused_model
-from medsweep.trainables.loop import Accumulation, Trainee, batch_maker
+from medsweep.trainables.loop import Accumulation, Trainee, batch_maker, device_for_trial
 from medsweep.trainables.memory import optimizer_state_bytes, resident_bytes
 from medsweep.trainables.preload import preload
 from medsweep.trainables.store_io import StoreIO
@@ -94,10 +95,10 @@ def measure(configs: list[dict[str, Any]], io: StoreIO, arrays: dict[str, Any], 
         single.backward(single.method.train(), inputs, labels, Accumulation(len(labels), 1))
         single.step(1.0)
 
-    return {**seconds, **device_bytes(members, fused, cohort, one_standalone)}
+    return {**seconds, **device_bytes(members, cohort, one_standalone)}
 
 
-def device_bytes(members: list[Member], fused: FusedMembers, cohort, one_standalone) -> dict[str, float]:
+def device_bytes(members: list[Member], cohort: Callable[[], None], one_standalone: Callable[[], None]) -> dict[str, float]:
     """Device memory of the cohort and of its K members as K trials packed on one GPU (after warm-up steps).
 
     The cohort: one CUDA context, the members' stacked parameters and optimizer states, and the growth of
@@ -105,7 +106,7 @@ def device_bytes(members: list[Member], fused: FusedMembers, cohort, one_standal
     optimizer state and step growth. Contexts are the sweep's sizing estimate, not measured."""
     import torch.cuda as cuda
 
-    def growth(step) -> int:
+    def growth(step: Callable[[], None]) -> int:
         cuda.synchronize()
         before = cuda.memory_allocated()
         cuda.reset_peak_memory_stats()
@@ -124,7 +125,7 @@ def run(ctx) -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     if gpu:  # the issue's GPU setting
         spec = small_synthetic(ctx.cache_dir, "cohort-step-set", GPU_SIZE, GPU_SPLIT)
-        method = trial_method(spec, {}, backbone=HEAVY_BACKBONE, size=GPU_SIZE)
+        method = trial_method(spec, {}, backbone=HEAVY_BACKBONE, size=GPU_SIZE).to(device_for_trial())  # preload on the GPU
         base = sweep_config(spec, recommended_point(spec), epochs=1, backbone=HEAVY_BACKBONE, size=GPU_SIZE)
     else:
         spec = demo_spec(ctx.cache_dir)
