@@ -68,7 +68,7 @@ from ray.exceptions import RayActorError
 
 from medsweep.search.data import StoreBatches, StoreData
 from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, unpack
-from medsweep.search.router import CohortRouter, Group, router_name
+from medsweep.search.router import CohortRegistry, CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. On 2 CPU cores BENCHMARKS.md measured
@@ -132,14 +132,17 @@ class _ServerIO(StoreBatches):
 class CohortServer:
     """A Ray actor (threaded) that trains cohorts of members one after another on one trial's resources."""
 
-    def __init__(self, stores: dict[str, StoreData], sizes: dict[str, int], cpus: float) -> None:
+    def __init__(self, stores: str, sizes: dict[str, int], cpus: float) -> None:
+        """``stores``: the name of the sweep's :class:`~medsweep.search.router.CohortRegistry`, which hands this
+        server the stores at every start, restarts included."""
         import torch
 
         from medsweep.trainables import cohort  # the model code: only a server's own process loads it
 
         torch.set_num_threads(max(1, int(cpus)))
         self.engine = cohort
-        self.stores, self.sizes = stores, sizes
+        self.stores: dict[str, StoreData] = ray.get(ray.get_actor(stores).stores.remote())
+        self.sizes = sizes
         self.members: dict[str, _Member] = {}
         self.queue: list[str] = []  # joined, not yet in a cohort, in arrival order
         self.last_join: dict[Group, float] = {}  # per group: when its latest member joined
@@ -347,8 +350,11 @@ def cohort_servers(
     server_cpus, client_cpus = slot_split(settings.cpus_per_trial, max(sizes.values()))
     # Threaded (max_concurrency): clients' long polls wait beside the training thread.
     server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
-    servers: list[Any] = [server.remote(stores, sizes, settings.cpus_per_trial) for _ in range(count)]
-    router: Any = ray.remote(CohortRouter).options(name=router_name(settings.out), max_restarts=-1, num_cpus=0).remote(servers, sizes)
+    registry_name = router_name(settings.out) + "-registry"
+    registry: Any = ray.remote(CohortRegistry).options(name=registry_name, num_cpus=0).remote(stores)
+    servers: list[Any] = [server.remote(registry_name, sizes, settings.cpus_per_trial) for _ in range(count)]
+    ray.get(registry.add_servers.remote(servers))
+    router: Any = ray.remote(CohortRouter).options(name=router_name(settings.out), max_restarts=-1, num_cpus=0).remote(registry_name, sizes)
     cohorts = Cohorts(router, servers, sizes, client_cpus)
     try:
         yield cohorts
@@ -363,6 +369,7 @@ def cohort_servers(
             finally:
                 ray.kill(handle)
         ray.kill(router)
+        ray.kill(registry)
         _record(Path(settings.out) / "ray" / COHORTS_FILE, ran)
         cohorts.ran = ran
 

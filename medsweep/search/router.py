@@ -34,11 +34,37 @@ def router_name(out: str | Path) -> str:
     return "medsweep-cohorts-" + hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
 
+class CohortRegistry:
+    """A Ray actor holding what the sweep's restartable cohort actors need at every start: the stores (for the
+    servers) and the servers' handles (for the router).
+
+    Given to a restartable actor's constructor, object references (the stores' materialized blocks) and actor
+    handles make Ray log an error line on the user's console at every sweep (such an argument may be gone when
+    the actor restarts: ray-project/ray#53727). So the servers and the router fetch them from this registry,
+    which is never restarted and whose stores the driver keeps alive for the sweep."""
+
+    def __init__(self, stores: dict[str, Any]) -> None:
+        self._stores = stores
+        self._servers: list[Any] = []
+
+    def add_servers(self, servers: list[Any]) -> None:
+        self._servers = servers
+
+    def stores(self) -> dict[str, Any]:
+        return self._stores
+
+    def servers(self) -> list[Any]:
+        return self._servers
+
+
 class CohortRouter:
     """A Ray actor that sends each joining member to a server, one join at a time (see the module docstring)."""
 
-    def __init__(self, servers: list[Any], sizes: dict[str, int]) -> None:
-        self.servers, self.sizes = servers, sizes
+    def __init__(self, registry: str, sizes: dict[str, int]) -> None:
+        """``registry``: the name of the sweep's :class:`CohortRegistry`, which hands over the servers at every
+        start, restarts included."""
+        self.servers: list[Any] = ray.get(ray.get_actor(registry).servers.remote())
+        self.sizes = sizes
         self.placed: dict[str, int] = {}  # trial id -> the server it joined last
 
     def join(self, trial_id: str, config: dict[str, Any], checkpoint: Files | None) -> int:
