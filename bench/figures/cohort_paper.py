@@ -19,6 +19,7 @@ import statistics
 from typing import Any
 
 from bench.common import HEAVY_BACKBONE, recommended_point, small_synthetic, table
+from bench.figures.cohort_sweep import arm_summary
 from bench.figures.search import same_point
 
 NAME = "cohort_paper"
@@ -40,16 +41,10 @@ def run(ctx) -> dict[str, Any]:
     point = recommended_point(spec)
     rows, curves, member_epoch_s = {}, {}, {}
     for name, record in records.items():
-        times = [event["t"] for event in record["events"]]
         rows[name] = {
-            "trials": len(record["trials"]),
-            "epochs_trained": sum(t["epochs_run"] for t in record["trials"]),
-            "tune_s": record["phases"]["tune_s"],
+            **arm_summary(record),
             "preload_s": record["phases"]["preload_s"],
-            "first_result_s": min(times),
-            "last_result_s": max(times),
             "best_val_auc": max(t["best_val_auc"] for t in record["trials"]),
-            "cohorts": sorted((len(c["trials"]) for c in record.get("cohorts", [])), reverse=True),
         }
         recommended = next(t for t in record["trials"] if same_point(t, point))
         mine = [e for e in sorted(record["events"], key=lambda e: e["t"]) if e["trial_id"] == recommended["trial_id"]]
