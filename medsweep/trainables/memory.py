@@ -17,7 +17,7 @@ reading, but it ranks methods the same way and is identical run to run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 
 def parameter_bytes(model: nn.Module, optimizer: str) -> int:
     """Parameters, plus gradient and optimizer state of the learnable ones (a frozen model built without weights holds none)."""
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    return held + _learnable_bytes(model) + optimizer_state_bytes(model, optimizer)
+    return _bytes(model.parameters()) + _learnable_bytes(model) + optimizer_state_bytes(model, optimizer)
 
 
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
@@ -41,14 +40,18 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
 
 
 def _learnable_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and not p.is_meta)
+    return _bytes(p for p in model.parameters() if p.requires_grad)
+
+
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``' elements (a view counts its own; a tensor without storage, on ``meta``, none)."""
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 def resident_bytes(model: nn.Module, tensors: list[torch.Tensor]) -> int:
     """What a model holds on its device before a step when it is alone there: its parameters (views count
     their own elements) and buffers, and the step's input ``tensors``."""
-    held = [*model.parameters(), *model.buffers(), *tensors]
-    return sum(t.numel() * t.element_size() for t in held if not t.is_meta)
+    return _bytes([*model.parameters(), *model.buffers(), *tensors])
 
 
 def saved_activation_bytes(model: nn.Module, step: Callable[[], torch.Tensor]) -> int:
