@@ -123,8 +123,8 @@ def timed_sweep(
     exactly these configs, through the unchanged searcher, Tuner and trial.
     """
     from medsweep.search import tuning
-    from medsweep.search.cohorts import COHORTS_FILE
     from medsweep.search.settings import SweepSettings
+    from medsweep.search.study import COHORTS_FILE, RAY_DIR
     from medsweep.search.sweep import run_sweep
 
     ray_start = ctx.ray()
@@ -168,7 +168,7 @@ def timed_sweep(
             "total_s": end - start,
         },
         "trials": board[[c for c in TRIAL_COLUMNS if c in board]].to_dict(orient="records"),
-        "cohorts": json.loads(cohorts.read_text()) if (cohorts := out / "ray" / COHORTS_FILE).is_file() else [],
+        "cohorts": json.loads(cohorts.read_text()) if (cohorts := out / RAY_DIR / COHORTS_FILE).is_file() else [],
         "events": [{**e, "t": e["t"] - marks["materialize"]} for e in console.events],
     }
 

@@ -25,11 +25,11 @@ from test_faults import (
     sweep_with_fault,
 )
 
-from medsweep.search.cohorts import COHORTS_FILE, cohort_servers, slot_split, spread
+from medsweep.search.cohorts import cohort_servers, slot_split, spread
 from medsweep.search.console import SweepConsole
 from medsweep.search.members import Cohorts
 from medsweep.search.settings import SweepSettings, load_settings
-from medsweep.search.study import load_study
+from medsweep.search.study import COHORTS_FILE, load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import cohort_size_for, trial_resources
 
@@ -90,6 +90,9 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
     assert max(len(cohort["trials"]) for cohort in cohorts) <= 3, cohorts  # spread over both servers
     assert f"cohorts {len(cohorts)} trained, of {', '.join(str(len(c['trials'])) for c in cohorts)} members" in text
     assert set(t for cohort in cohorts for t in cohort["trials"]) == set(board["trial_id"])
+    # The board says how many trials each trained with (its cohort's size at its start).
+    trained_with = {t: len(cohort["trials"]) for cohort in cohorts for t in cohort["trials"]}
+    assert dict(zip(board["trial_id"], board["cohort_members"], strict=True)) == trained_with
     stopped = set(board.loc[board["epochs_run"] < epochs, "trial_id"])
     assert stopped, "ASHA stopped no trial: the test's learning rates no longer separate the members"
     ran_on = board.loc[~board["trial_id"].isin(stopped)]

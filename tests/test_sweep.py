@@ -23,6 +23,7 @@ def test_sweep_writes_a_leaderboard_with_one_row_per_trial(tiny_sweep):
     for column in ("lr", "best_val_auc", "epochs_run", "learnable_params", "learnable_pct", "peak_mem_mb", "ppe", "status"):
         assert column in board, column
     assert board["status"].isin(["completed", "stopped early", "collapsed"]).all()
+    assert (board["cohort_members"] == 1).all()  # the default on CPUs: every trial alone
     assert settings.trial_precision == "fp32" and (board["precision"] == "fp32").all()  # --precision auto, trials on CPUs
     assert (board["epochs_run"] >= 1).all() and (board["epochs_run"] <= settings.max_epochs).all()
     assert board["best_val_auc"].is_monotonic_decreasing

@@ -70,6 +70,7 @@ from medsweep.search.data import StoreBatches, StoreData
 from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, unpack
 from medsweep.search.router import CohortRegistry, CohortRouter, Group, router_name
 from medsweep.search.settings import SweepSettings
+from medsweep.search.study import COHORTS_FILE, RAY_DIR
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. On 2 CPU cores BENCHMARKS.md measured
 # figure 1's sweep x0.70 as fast fused (figure 11) and the paper's setting x0.53 (figure 11b): a member's step in a
@@ -83,7 +84,6 @@ FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last membe
 # delayed acknowledgements past 5 s, so a live member was dropped, rejoined alone and trained unfused from then on.
 # Tune's own ends reach the servers at once (CohortLeaves); the grace only bounds a lost message.
 LEAVE_GRACE_S = 30.0
-COHORTS_FILE = "cohorts.json"  # under <out>/ray: the cohorts the servers ran (trial ids per cohort)
 
 def checkpoint_epoch(files: Files | None) -> int:
     """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
@@ -370,7 +370,7 @@ def cohort_servers(
                 ray.kill(handle)
         ray.kill(router)
         ray.kill(registry)
-        _record(Path(settings.out) / "ray" / COHORTS_FILE, ran)
+        _record(Path(settings.out) / RAY_DIR / COHORTS_FILE, ran)
         cohorts.ran = ran
 
 

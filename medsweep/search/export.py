@@ -2,7 +2,9 @@
 
 One leaderboard row per trial: id, method, every hyperparameter, best
 validation AUC, epochs run, cost (learnable parameters, peak step memory),
-the FPT paper's PPE and PME, and how the trial ended.
+the FPT paper's PPE and PME, how the trial ended, and how many trials it trained
+with (``cohort_members``: its largest fused cohort, itself included; 1 alone). A
+fused member's ``train_step_seconds`` and ``trial_seconds`` are its cohort's.
 
 A multi-objective sweep (``--objective auc,memory``...) also exports its
 Pareto front over the chosen objectives: an ``on_pareto_front`` column in the
@@ -32,7 +34,7 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
-from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV
+from medsweep.search.study import BEST_YAML, COHORTS_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV, RAY_DIR
 from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.trainables.metrics import pme, ppe
 
@@ -98,9 +100,22 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
     board = pd.DataFrame(rows)
     if board.empty:
         return board
+    fused = cohort_members(Path(settings.out))
+    board["cohort_members"] = [fused.get(trial_id, 1) for trial_id in board["trial_id"]]
     if settings.multi_objective:
         board[PARETO_COLUMN] = objective_front(board, settings.objective_columns())
     return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def cohort_members(out: Path) -> dict[str, int]:
+    """Each fused trial's largest cohort (members at its start, itself included), from every run's record
+    (``ray/cohorts.json``; a member whose cohort failed or whose sweep resumed trained in more than one)."""
+    path = out / RAY_DIR / COHORTS_FILE
+    sizes: dict[str, int] = {}
+    for cohort in json.loads(path.read_text()) if path.is_file() else []:
+        for trial_id in cohort["trials"]:
+            sizes[trial_id] = max(sizes.get(trial_id, 1), len(cohort["trials"]))
+    return sizes
 
 
 def best_epoch_row(history: pd.DataFrame, last: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ REPORT_DIR = "report"
 RAY_DIR = "ray"  # Tune's experiment (ray/tune), which `medsweep resume` restores
 TUNE_DIR = "tune"  # under RAY_DIR: the sweep's own Tune experiment (extensions have their own, medsweep.search.extend)
 TRAIN_DIR = "train"  # the trials' Ray Train storage (checkpoints)
+COHORTS_FILE = "cohorts.json"  # under RAY_DIR: the cohorts the servers trained (trial ids per cohort), every run's
 WANDB_DIR = "wandb"  # W&B's run folders (offline runs for `medsweep sync`)
 MLFLOW_DB = "mlflow.db"  # --tracker mlflow: the SQLite MLflow store (medsweep.search.tracking)
 LOCK_FILE = "sweep.lock"  # held by the driver running the sweep (medsweep.search.lock)

@@ -42,14 +42,14 @@ from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
 from medsweep.search.atomic_storage import atomic_local_filesystem
 from medsweep.search.cohort_pins import CohortPins
-from medsweep.search.cohorts import COHORTS_FILE, CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
+from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
 from medsweep.search.space import build_search
-from medsweep.search.study import STUDY_NAME, TRAIN_DIR, experiment_dir, study_storage
+from medsweep.search.study import COHORTS_FILE, RAY_DIR, STUDY_NAME, TRAIN_DIR, experiment_dir, study_storage
 from medsweep.search.tracking import SweepMlflowCallback, check_tracker, mlflow_experiment, mlflow_uri
 from medsweep.search.trial import run_trial
 from medsweep.search.warm import WARM_START_ATTR
@@ -572,7 +572,7 @@ def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str,
         yield cohorts
     if cohorts is not None and cohorts.ran:
         counts = ", ".join(str(len(cohort["trials"])) for cohort in cohorts.ran)
-        console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained, of {counts} members (ray/{COHORTS_FILE})")
+        console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained, of {counts} members ({RAY_DIR}/{COHORTS_FILE})")
 
 
 def _why_alone(settings: SweepSettings, gpus: float) -> str:
