@@ -9,7 +9,7 @@ from optuna.samplers import TPESampler
 
 from medsweep.search.cohort_pins import CohortPins
 from medsweep.search.space import build_search, trial_config
-from medsweep.search.tuning import SweepSearch
+from medsweep.search.tuning import SweepSearch, cohort_pins
 from medsweep.trainables.cohort import cohort_key, shape_keys
 
 SHAPE = ("batch_size", "num_prompts")  # FPT+'s searched shape keys; linear's is batch_size
@@ -18,9 +18,7 @@ SHAPE = ("batch_size", "num_prompts")  # FPT+'s searched shape keys; linear's is
 def _searcher(methods: list[str], sizes: dict[str, int] | None) -> SweepSearch:
     space, points = build_search(methods, {method: {"method": method} for method in methods}, dataset="synthetic")
     searcher = SweepSearch(space=space, metric="best_val_auc", mode="max", points_to_evaluate=points, sampler=TPESampler(seed=3, n_startup_trials=4))
-    if sizes:
-        single = methods[0] if len(methods) == 1 else None
-        searcher.pins = CohortPins(sizes, {method: shape_keys(method) for method in sizes}, single)
+    searcher.pins = cohort_pins(methods, sizes or {})  # as build_searcher sets them
     return searcher
 
 

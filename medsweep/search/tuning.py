@@ -677,11 +677,17 @@ def build_searcher(
         study_name=STUDY_NAME,
         storage=storage,
     )
-    fused = {method: size for method, size in (cohort_sizes or {}).items() if size > 1}
-    if fused:
-        single = settings.methods[0] if len(settings.methods) == 1 else None
-        searcher.pins = CohortPins(fused, {method: shape_keys(method) for method in fused}, single)
+    searcher.pins = cohort_pins(settings.methods, cohort_sizes or {})
     return searcher
+
+
+def cohort_pins(methods: list[str], cohort_sizes: dict[str, int]) -> CohortPins | None:
+    """The searcher's pins for a sweep of ``methods`` whose fused ones have ``cohort_sizes`` (None: none fuses)."""
+    fused = {method: size for method, size in cohort_sizes.items() if size > 1}
+    if not fused:
+        return None
+    single = methods[0] if len(methods) == 1 else None  # a one-method space's params carry no prefix
+    return CohortPins(fused, {method: shape_keys(method) for method in fused}, single)
 
 
 def build_scheduler(settings: SweepSettings) -> ASHAScheduler | None:
