@@ -31,7 +31,7 @@ from medsweep.search.members import Cohorts
 from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import COHORTS_FILE, load_study
 from medsweep.search.sweep import run_sweep
-from medsweep.search.tuning import cohort_size_for, trial_resources
+from medsweep.search.tuning import PENDING_TRIALS_ENV, cohort_size_for, trial_resources, trials_pending_at_once
 
 EPOCHS = 3
 
@@ -117,6 +117,24 @@ def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_se
     # A slot's CPUs hold its server and its clients: 2 slots x (0.96 + 4 x 0.01) on 2 CPUs.
     assert slot_split(1.0, 4) == pytest.approx((0.96, 0.01))
     assert slot_split(0.1, 16)[0] == pytest.approx(0.05)
+
+
+def test_pending_trials_are_set_per_run_and_a_users_own_value_wins(ray_session, tmp_path, monkeypatch):
+    """A fused run after a 2-slot run in one process lets all its members pend at once (the first run's
+    value used to stick: the bench's fused sweeps started their 16 members two at a time)."""
+    monkeypatch.delenv(PENDING_TRIALS_ENV, raising=False)
+    settings = SweepSettings(methods=["linear"], trials=16, out=tmp_path, cpus_per_trial=1.0)
+    slots = int(ray_session.cluster_resources()["CPU"])
+    with trials_pending_at_once(settings):
+        assert os.environ[PENDING_TRIALS_ENV] == str(slots)
+    assert PENDING_TRIALS_ENV not in os.environ
+    cohorts = Cohorts(router=None, servers=[None, None], sizes={"linear": 8}, client_cpus=0.01)
+    with trials_pending_at_once(settings, cohorts):
+        assert os.environ[PENDING_TRIALS_ENV] == "16"
+    monkeypatch.setenv(PENDING_TRIALS_ENV, "3")
+    with trials_pending_at_once(settings, cohorts):
+        assert os.environ[PENDING_TRIALS_ENV] == "3"
+    assert os.environ[PENDING_TRIALS_ENV] == "3"
 
 
 def test_cohorts_are_spread_over_the_servers():

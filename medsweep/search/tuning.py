@@ -61,6 +61,7 @@ from medsweep.trainables.preload import PreloadResult
 # be ranked), and the leaderboard, best.yaml and `final` select on it (the leaderboard's ``best_val_auc``).
 METRIC = OBJECTIVES["auc"][0]
 DRIVER_MEMORY_BYTES = 256 * 2**20
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"  # Tune's cap on trials pending at once (see trials_pending_at_once)
 WANDB_PROJECT = "medsweep"
 
 
@@ -323,8 +324,9 @@ def concurrent_slots(settings: SweepSettings) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_trial))
 
 
-def start_trials_concurrently(settings: SweepSettings, cohorts: Cohorts | None = None) -> None:
-    """Let Tune start as many trials at once as the cluster holds (their processes are reused).
+@contextlib.contextmanager
+def trials_pending_at_once(settings: SweepSettings, cohorts: Cohorts | None = None) -> Iterator[None]:
+    """While a Tuner runs, let Tune start as many trials at once as the cluster holds (their processes are reused).
 
     Tune allows a searcher (OptunaSearch) only one *pending* trial at a time
     (``TUNE_MAX_PENDING_TRIALS_PG`` defaults to 1 for any search algorithm but
@@ -334,11 +336,22 @@ def start_trials_concurrently(settings: SweepSettings, cohorts: Cohorts | None =
     sequential, 12 s with two pending trials and ``reuse_actors=True`` (an
     actor runs the next trial without a new process; the same AUCs to the last
     digit, as every trial seeds itself in the loop). More pending trials than
-    slots would only make TPE suggest further ahead of its feedback. A user's
-    own ``TUNE_MAX_PENDING_TRIALS_PG`` wins. With cohorts, a whole cohort's members may be pending at once.
+    slots would only make TPE suggest further ahead of its feedback. With
+    cohorts, a whole cohort's members may be pending at once.
+
+    Tune reads the variable when a run starts, so it is set for this run only and removed after: left set,
+    the first run's value held for every later run in the process (``medsweep extend``, a program calling
+    ``run_sweep`` twice), and a fused sweep after a 2-slot one started its 16 members two at a time. A
+    user's own ``TUNE_MAX_PENDING_TRIALS_PG`` wins and is left as it is.
     """
-    pending = cohorts.max_concurrent_trials if cohorts else concurrent_slots(settings)
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(pending))
+    if PENDING_TRIALS_ENV in os.environ:
+        yield
+        return
+    os.environ[PENDING_TRIALS_ENV] = str(cohorts.max_concurrent_trials if cohorts else concurrent_slots(settings))
+    try:
+        yield
+    finally:
+        os.environ.pop(PENDING_TRIALS_ENV, None)
 
 
 def trial_resources(settings: SweepSettings, gpus: dict[str, float], cohorts: Cohorts | None = None):
@@ -765,7 +778,7 @@ def run_tuner(
                 num_samples=settings.trials if settings.trials is not None else -1,
                 time_budget_s=settings.budget_hours * 3600 if settings.budget_hours else None,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
-                reuse_actors=True,  # see start_trials_concurrently
+                reuse_actors=True,  # see trials_pending_at_once
                 max_concurrent_trials=cohorts.max_concurrent_trials if cohorts else None,  # members wait in a cohort, not in Tune's queue
             ),
             run_config=RunConfig(
@@ -787,8 +800,7 @@ def run_tuner(
 
 def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
     """Run a built or restored Tuner, as many trials pending at once as the slots (or cohorts) take, under the live table."""
-    start_trials_concurrently(settings, cohorts)
-    with console.live_trials(total=settings.trials):
+    with trials_pending_at_once(settings, cohorts), console.live_trials(total=settings.trials):
         return tuner.fit()
 
 
