@@ -39,6 +39,7 @@ class Plan:
     heavy_split: tuple[int, int, int]  # train/val/test images of the frozen-dominated set
     grid_lrs: tuple[float, ...]  # figure 5's grid (its total epochs are every search's budget there)
     grid_keep_ratios: tuple[float, ...]
+    search_seeds: tuple[int, ...]  # figure 5: the seeds each config-drawing search runs with
     fpt_memory_batches: tuple[int, ...]
     full_memory_batches: tuple[int, ...]
     image_sizes: tuple[int, ...]
@@ -60,6 +61,7 @@ FULL = Plan(
     heavy_split=(24, 8, 8),
     grid_lrs=(1.5e-4, 5e-4, 1.5e-3, 5e-3),
     grid_keep_ratios=(0.1, 0.2, 0.4),
+    search_seeds=(0, 1, 2),
     fpt_memory_batches=(16,),
     full_memory_batches=(2, 4),
     image_sizes=(224, 384, 512),
@@ -83,6 +85,7 @@ QUICK = Plan(
     heavy_split=(8, 4, 4),
     grid_lrs=(5e-4, 1.5e-3),
     grid_keep_ratios=(0.2,),
+    search_seeds=(0,),
     fpt_memory_batches=(2,),
     full_memory_batches=(1,),
     image_sizes=(224, 384, 512),
