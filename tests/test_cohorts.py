@@ -120,19 +120,17 @@ def test_cohort_size_one_starts_no_server_and_trials_keep_their_resources(ray_se
 
 
 def test_pending_trials_are_set_per_run_and_a_users_own_value_wins(ray_session, tmp_path, monkeypatch):
-    """A fused run after a 2-slot run in one process lets all its members pend at once (the first run's
-    value used to stick: the bench's fused sweeps started their 16 members two at a time)."""
+    """Each run gets its own slots' count of pending trials (the first run's value used to stick for every later
+    run in the process), cohorts or not (members pending at once compete for the cores); a user's value wins."""
     monkeypatch.delenv(PENDING_TRIALS_ENV, raising=False)
-    settings = SweepSettings(methods=["linear"], trials=16, out=tmp_path, cpus_per_trial=1.0)
-    slots = int(ray_session.cluster_resources()["CPU"])
-    with trials_pending_at_once(settings):
-        assert os.environ[PENDING_TRIALS_ENV] == str(slots)
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    with trials_pending_at_once(SweepSettings(methods=["linear"], out=tmp_path, cpus_per_trial=1.0)):
+        assert os.environ[PENDING_TRIALS_ENV] == str(cpus)
     assert PENDING_TRIALS_ENV not in os.environ
-    cohorts = Cohorts(router=None, servers=[None, None], sizes={"linear": 8}, client_cpus=0.01)
-    with trials_pending_at_once(settings, cohorts):
-        assert os.environ[PENDING_TRIALS_ENV] == "16"
+    with trials_pending_at_once(SweepSettings(methods=["linear"], out=tmp_path, cpus_per_trial=0.5)):
+        assert os.environ[PENDING_TRIALS_ENV] == str(2 * cpus)
     monkeypatch.setenv(PENDING_TRIALS_ENV, "3")
-    with trials_pending_at_once(settings, cohorts):
+    with trials_pending_at_once(SweepSettings(methods=["linear"], out=tmp_path)):
         assert os.environ[PENDING_TRIALS_ENV] == "3"
     assert os.environ[PENDING_TRIALS_ENV] == "3"
 

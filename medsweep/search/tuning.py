@@ -325,8 +325,9 @@ def concurrent_slots(settings: SweepSettings) -> int:
 
 
 @contextlib.contextmanager
-def trials_pending_at_once(settings: SweepSettings, cohorts: Cohorts | None = None) -> Iterator[None]:
-    """While a Tuner runs, let Tune start as many trials at once as the cluster holds (their processes are reused).
+def trials_pending_at_once(settings: SweepSettings) -> Iterator[None]:
+    """While a Tuner runs, let Tune start as many trials at once as the cluster's trial slots hold (their
+    processes are reused).
 
     Tune allows a searcher (OptunaSearch) only one *pending* trial at a time
     (``TUNE_MAX_PENDING_TRIALS_PG`` defaults to 1 for any search algorithm but
@@ -336,18 +337,23 @@ def trials_pending_at_once(settings: SweepSettings, cohorts: Cohorts | None = No
     sequential, 12 s with two pending trials and ``reuse_actors=True`` (an
     actor runs the next trial without a new process; the same AUCs to the last
     digit, as every trial seeds itself in the loop). More pending trials than
-    slots would only make TPE suggest further ahead of its feedback. With
-    cohorts, a whole cohort's members may be pending at once.
+    slots would only make TPE suggest further ahead of its feedback.
+
+    Cohort members too start as many at once as there are slots, not a whole cohort at once: "pending" is a
+    member whose process is starting, and process starts compete for the same cores. On 2 cores (BENCHMARKS.md
+    figure 11, one run each) 16 members pending at once gave the fused sweep its first result 23.9 s into the
+    Tune run, 2 at once 19.5 s; 16 trivial Tune trials started all at once reported first after 10.7 s, two at a
+    time after 1.3 s. A member that has started is running, not pending, so all of them still train at once.
 
     Tune reads the variable when a run starts, so it is set for this run only and removed after: left set,
     the first run's value held for every later run in the process (``medsweep extend``, a program calling
-    ``run_sweep`` twice), and a fused sweep after a 2-slot one started its 16 members two at a time. A
-    user's own ``TUNE_MAX_PENDING_TRIALS_PG`` wins and is left as it is.
+    ``run_sweep`` twice with other ``--cpus-per-trial``). A user's own ``TUNE_MAX_PENDING_TRIALS_PG`` wins and
+    is left as it is.
     """
     if PENDING_TRIALS_ENV in os.environ:
         yield
         return
-    os.environ[PENDING_TRIALS_ENV] = str(cohorts.max_concurrent_trials if cohorts else concurrent_slots(settings))
+    os.environ[PENDING_TRIALS_ENV] = str(concurrent_slots(settings))
     try:
         yield
     finally:
@@ -800,7 +806,7 @@ def run_tuner(
 
 def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
     """Run a built or restored Tuner, as many trials pending at once as the slots (or cohorts) take, under the live table."""
-    with trials_pending_at_once(settings, cohorts), console.live_trials(total=settings.trials):
+    with trials_pending_at_once(settings), console.live_trials(total=settings.trials):
         return tuner.fit()
 
 
