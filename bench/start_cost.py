@@ -7,8 +7,10 @@ the measurement is of Tune's own start, not of what a figure module imports.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
+from unittest import mock
 
 STARTED = 16  # trivial trials and actors started at once (figure 1's trial count)
 
@@ -20,9 +22,11 @@ def _report_time(config: dict[str, Any]) -> None:
     tune.report({"began": time.time()})
 
 
-def start_cost(ctx, count: int = STARTED) -> dict[str, float]:
-    """Seconds from asking to the last of ``count`` trivial Tune trials (one slot each: 0.01 CPU) reporting, and
-    to the last of ``count`` plain actors of 0.01 CPU running ``__init__``, on the sweeps' Ray."""
+def start_cost(ctx, paced: int, count: int = STARTED) -> dict[str, float]:
+    """Seconds from asking to the first and last of ``count`` trivial Tune trials (one slot each: 0.01 CPU)
+    reporting, started all at once (Tune's default for a grid) and ``paced`` at a time (at most that many
+    pending, as a sweep starts its members: one per trial slot, ``trials_pending_at_once``); and to the last of
+    ``count`` plain actors of 0.01 CPU running ``__init__``, on the sweeps' Ray."""
     import ray
     from ray import tune
 
@@ -41,12 +45,17 @@ def start_cost(ctx, count: int = STARTED) -> dict[str, float]:
     actors_s = max(ray.get([actor.when.remote() for actor in actors])) - asked
     for actor in actors:
         ray.kill(actor)
-    asked = time.time()
-    grid = tune.Tuner(
-        tune.with_resources(_report_time, tune.PlacementGroupFactory([{"CPU": 0.01}])),
-        param_space={"index": tune.grid_search(list(range(count)))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=count),
-        run_config=tune.RunConfig(storage_path=str(ctx.work / "start-cost"), name=f"start-{time.time_ns()}", verbose=0),
-    ).fit()
-    began = sorted(result.metrics["began"] for result in grid)
-    return {"actors_s": actors_s, "tune_first_s": began[0] - asked, "tune_last_s": began[-1] - asked, "count": count}
+    cost = {"actors_s": actors_s, "count": count, "paced": paced}
+    for name, pending in (("tune", None), ("paced", paced)):
+        env = {} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)}
+        with mock.patch.dict(os.environ, env):
+            asked = time.time()
+            grid = tune.Tuner(
+                tune.with_resources(_report_time, tune.PlacementGroupFactory([{"CPU": 0.01}])),
+                param_space={"index": tune.grid_search(list(range(count)))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=count),
+                run_config=tune.RunConfig(storage_path=str(ctx.work / "start-cost"), name=f"start-{time.time_ns()}", verbose=0),
+            ).fit()
+        began = sorted(result.metrics["began"] for result in grid)
+        cost |= {f"{name}_first_s": began[0] - asked, f"{name}_last_s": began[-1] - asked}
+    return cost
