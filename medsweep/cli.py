@@ -18,6 +18,7 @@ import argparse
 import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
 from medsweep.spaces import PRECISION_NAMES
 from medsweep.trainables.config import TrainConfig
+
+# Ray's raylet warns on the driver's console each time the worker processes it started on a node pass another
+# multiple of its startup concurrency (the node's CPUs): "N PYTHON worker processes have been started on node ...".
+# A fused sweep starts one light client process per member on purpose (16 on 2 cores, BENCHMARKS.md figure 11; W&B
+# adds a logging actor per trial), so every such sweep printed that line a dozen times, naming nothing a user could
+# fix. Ray's documented filter for forwarded log lines drops it. Ray reads the filter when it is imported, so it is
+# set here, before any command imports Ray; a user's own RAY_DEDUP_LOGS_SKIP_REGEX wins.
+RAY_LINES_NOT_SHOWN = "PYTHON worker processes have been started on node"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -555,6 +564,7 @@ def unwritable_line(error: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_LINES_NOT_SHOWN)
     try:
         if args.command in MODULE_COMMANDS:
             return importlib.import_module(MODULE_COMMANDS[args.command]).run(args)

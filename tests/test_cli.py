@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,25 @@ def test_a_sweep_json_with_an_unknown_setting_is_refused_by_every_reader(command
     assert main([command, str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not know (warp_drive)" in err and "version of medsweep that wrote it" in err
+
+
+# What Ray makes of the filter main() sets: its driver-side log filter is built when Ray is imported.
+_RAY_FILTER = """
+import os, sys
+from medsweep.cli import main
+main(["spaces", "show", "lora", "--json"])
+from ray._private import ray_logging
+line = "(raylet) WARNING: 14 PYTHON worker processes have been started on node: 94b3 with address: 192.0.2.2"
+skip = ray_logging.stderr_deduplicator.skip_re
+print(skip.pattern if skip else "", bool(skip and skip.search(line)), bool(skip and skip.search("(raylet) WARNING: disk full")))
+"""
+
+
+@pytest.mark.parametrize(("users", "expected"), [(None, "True False"), ("only-this", "only-this False False")])
+def test_ray_worker_start_warnings_are_not_shown_unless_the_user_filters_otherwise(users, expected):
+    """A fused sweep starts a process per member on purpose; Ray's raylet line about it is dropped, nothing else."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_SKIP_REGEX"}
+    if users is not None:
+        env["RAY_DEDUP_LOGS_SKIP_REGEX"] = users
+    shown = subprocess.run([sys.executable, "-c", _RAY_FILTER], capture_output=True, text=True, env=env, check=True)
+    assert shown.stdout.strip().splitlines()[-1].endswith(expected)
