@@ -842,7 +842,7 @@ def run_tuner(
 
 
 def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
-    """Run a built or restored Tuner, as many trials pending at once as the slots (or cohorts) take, under the live table."""
+    """Run a built or restored Tuner, as many trials pending at once as there are trial slots, under the live table."""
     with trials_pending_at_once(settings), console.live_trials(total=settings.trials):
         return tuner.fit()
 
