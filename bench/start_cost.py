@@ -30,6 +30,8 @@ def start_cost(ctx, paced: int, count: int = STARTED) -> dict[str, float]:
     import ray
     from ray import tune
 
+    from medsweep.search.tuning import PENDING_TRIALS_ENV
+
     ctx.ray()
 
     @ray.remote(num_cpus=0.01)
@@ -47,7 +49,7 @@ def start_cost(ctx, paced: int, count: int = STARTED) -> dict[str, float]:
         ray.kill(actor)
     cost = {"actors_s": actors_s, "count": count, "paced": paced}
     for name, pending in (("tune", None), ("paced", paced)):
-        env = {} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)}
+        env = {} if pending is None else {PENDING_TRIALS_ENV: str(pending)}
         with mock.patch.dict(os.environ, env):
             asked = time.time()
             grid = tune.Tuner(

@@ -141,7 +141,7 @@ def timed_sweep(
     patches = contextlib.ExitStack()
     if ray_defaults:
         patches.enter_context(mock.patch.object(tuning, "TuneConfig", _without_actor_reuse))
-        patches.enter_context(mock.patch.dict(os.environ, {"TUNE_MAX_PENDING_TRIALS_PG": "1"}))
+        patches.enter_context(mock.patch.dict(os.environ, {tuning.PENDING_TRIALS_ENV: "1"}))
     start = time.perf_counter()
     with patches:
         run_sweep(settings, console)
