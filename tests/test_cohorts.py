@@ -7,9 +7,11 @@ a cohort server (the ``ray::CohortServer`` actor process) too.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,8 +21,11 @@ from test_faults import (
     _checkpointed_early,
     _restored_from_checkpoint,
     _results,
+    _start_driver,
+    _sweep_argv,
     _tiny_settings,
     _trial_processes,
+    _wait_for,
     killed_driver_resumes,
     sweep_with_fault,
 )
@@ -32,6 +37,8 @@ from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import COHORTS_FILE, load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import PENDING_TRIALS_ENV, cohort_size_for, trial_resources, trials_pending_at_once
+
+from processes import hold_cluster, kill_process_group
 
 EPOCHS = 3
 
@@ -198,6 +205,92 @@ def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_
         epochs_seen = sorted({r["epoch"] for r in _results(settings.out / "ray" / "tune" / f"trial-{trial_id}")})
         assert epochs_seen == list(range(1, epochs + 1))
     assert [t.state.name for t in load_study(settings.out).trials].count("COMPLETE") == trials
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies(synthetic_root, cache_dir, tmp_path):
+    """``medsweep sweep --address --cohort-size 2`` on a local cluster of two one-CPU worker nodes (the head has no
+    CPU): one cohort server lands on each node, members and servers trade checkpoints through the object store
+    across nodes, and when the node of a server whose members hold checkpoints is removed mid-cohort, its members
+    restart from those checkpoints on the other node's server and the sweep ends with every trial once."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    keeper = context.Process(target=hold_cluster, args=(child_conn,), daemon=True)
+    keeper.start()
+    driver = None
+    epochs, trials = 6, 4
+    out, log = tmp_path / "sweep", tmp_path / "driver.log"
+    try:
+        assert conn.poll(120), "the local cluster did not start in 120 s"
+        address, raylets = conn.recv()
+        argv = _sweep_argv(synthetic_root, out, cache_dir, trials, "--address", address, "--cohort-size", "2", epochs=epochs)
+        driver = _start_driver(argv, log)
+
+        def remove_a_servers_node_mid_cohort() -> bool:
+            servers = [_trial_processes(raylet, actor="CohortServer") for raylet in raylets]
+            if not (all(servers) and _checkpointed_early(out, epochs)):
+                return False
+            # The router (no CPU) may be on the head or a worker: its node goes, when a worker (the router restarts).
+            routed = [i for i, raylet in enumerate(raylets) if _trial_processes(raylet, actor="CohortRouter")]
+            conn.send(routed[0] if routed else 0)
+            assert conn.poll(60) and conn.recv() == "removed"
+            return True
+
+        _wait_for(remove_a_servers_node_mid_cohort, 400, driver, log)
+        assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        if driver is not None and driver.poll() is None:
+            kill_process_group(driver)
+        conn.send("shutdown")
+        keeper.join(timeout=60)
+        if keeper.is_alive():
+            keeper.kill()
+
+    board = _board(out)
+    assert len(board) == trials and board["trial_id"].is_unique
+    assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == epochs).all()
+    results = {t: _results(out / "ray" / "tune" / f"trial-{t}") for t in board["trial_id"]}
+    assert any(_restored_from_checkpoint(r) for r in results.values())  # the removed node's members went on
+    for trial_id, reported in results.items():
+        assert sorted({r["epoch"] for r in reported}) == list(range(1, epochs + 1)), trial_id
+    assert [t.state.name for t in load_study(out).trials].count("COMPLETE") == trials
+    assert any(len(cohort["trials"]) == 2 for cohort in _cohorts(out))  # really fused, before or after the loss
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_join_passes_over_a_server_that_cannot_start_and_so_does_the_sweeps_end(ray_session, tmp_path):
+    """A server whose node died restarts only where a node has room, which may be never while the live servers
+    hold the CPUs. Here one server asks for more CPUs than the cluster has (it never starts): a member's join goes
+    to the live server within the router's answer timeout, its leave returns, and stopping the servers at the
+    sweep's end takes the stop timeout, not forever (the router used to wait on that server for good)."""
+    import ray
+
+    from medsweep.search.cohorts import STOP_TIMEOUT_S, CohortServer, _stop
+    from medsweep.search.router import ANSWER_TIMEOUT_S, CohortRegistry, CohortRouter
+
+    registry_name = f"test-registry-{tmp_path.name}"
+    registry = ray.remote(CohortRegistry).options(name=registry_name, num_cpus=0).remote({})
+    server = ray.remote(CohortServer)
+    stuck = server.options(num_cpus=10_000, max_concurrency=8).remote(registry_name, {"linear": 2}, 1)  # never placed
+    live = server.options(num_cpus=0, max_concurrency=8).remote(registry_name, {"linear": 2}, 1)
+    ray.get(registry.add_servers.remote([stuck, live]))
+    router = ray.remote(CohortRouter).options(num_cpus=0).remote(registry_name, {"linear": 2})
+    config = {"method": "linear", "backbone": "vit-tiny", "image_size": 32, "epochs": 2, "store_key": "s"}
+    try:
+        assert ray.get(router.join.remote("a1", config, None), timeout=120) == 1
+        assert ray.get(live.status.remote())["waiting"] == [(ray.get(live.group.remote(config, None)), 1)]
+        start = time.monotonic()
+        ray.get(router.leave.remote("a1"), timeout=60)
+        assert ray.get(live.status.remote())["waiting"] == []
+        ray.get(router.join.remote("a2", config, None), timeout=60)
+        assert time.monotonic() - start < 3 * ANSWER_TIMEOUT_S
+        start = time.monotonic()
+        assert _stop([stuck, live]) == [] and time.monotonic() - start < STOP_TIMEOUT_S + 5
+    finally:
+        for actor in (router, registry, stuck, live):
+            ray.kill(actor)
 
 
 def _bare_server(size: int = 4):

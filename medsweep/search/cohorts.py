@@ -28,7 +28,14 @@ it reported last.
 
 Faults. Servers restart (``max_restarts=-1``) without their state; a client whose
 server died raises, and Tune restarts its trial from its last checkpoint (the
-sweep's ``FailureConfig``), which joins a server again.
+sweep's ``FailureConfig``), which joins a server again. When a node goes, its
+servers restart only where a node has room, which may be never while the live
+servers hold the CPUs: the router passes over a server that does not answer
+(:data:`~medsweep.search.router.ANSWER_TIMEOUT_S`), so the members join the live
+ones, and the router itself, restarted elsewhere if it was on that node, takes
+the joins made meanwhile once it is back (``max_task_retries``): without that,
+a member's three tries (``max_failures=2``) failed within seconds and its trial
+ended in error (``test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies``).
 
 Checkpoints travel as bytes through Ray's object store (client to server on a
 restore, server to client every epoch), so a client and its server may run on
@@ -58,7 +65,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +91,7 @@ FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last membe
 # delayed acknowledgements past 5 s, so a live member was dropped, rejoined alone and trained unfused from then on.
 # Tune's own ends reach the servers at once (CohortLeaves); the grace only bounds a lost message.
 LEAVE_GRACE_S = 30.0
+STOP_TIMEOUT_S = 10.0  # at the sweep's end, how long the servers have to tell their cohorts and clear up
 
 def checkpoint_epoch(files: Files | None) -> int:
     """Epochs a packed ``fit`` checkpoint has done (0 without one): members resuming together start there."""
@@ -158,6 +166,12 @@ class CohortServer:
         return self.engine.cohort_key(config), checkpoint_epoch(checkpoint)
 
     def join(self, trial_id: str, group: Group, config: dict[str, Any], checkpoint: Files | None) -> None:
+        """Queue the member for a cohort of its group. A repeated join of a member still waiting in that group
+        changes nothing: the router's calls are retried after it restarts, so a join may arrive twice."""
+        with self.changed:
+            known = self.members.get(trial_id)
+            if known is not None and known.state == "waiting" and known.group == group:
+                return
         folder = unpack(checkpoint, self.scratch / f"restore-{trial_id}-{group[1]}") if checkpoint else None
         with self.changed:
             self.members[trial_id] = _Member(config, group, folder)
@@ -354,24 +368,44 @@ def cohort_servers(
     registry: Any = ray.remote(CohortRegistry).options(name=registry_name, num_cpus=0).remote(stores)
     servers: list[Any] = [server.remote(registry_name, sizes, settings.cpus_per_trial) for _ in range(count)]
     ray.get(registry.add_servers.remote(servers))
-    router: Any = ray.remote(CohortRouter).options(name=router_name(settings.out), max_restarts=-1, num_cpus=0).remote(registry_name, sizes)
+    # A router call made while the router restarts (its node died) waits for the new one (max_task_retries) rather
+    # than fail the member's trial: every join goes through it. Server calls fail at once instead (no retries): a
+    # server may not find room to restart, and its members' trials then restart and join the live servers.
+    router: Any = (
+        ray.remote(CohortRouter)
+        .options(name=router_name(settings.out), max_restarts=-1, max_task_retries=-1, num_cpus=0)
+        .remote(registry_name, sizes)
+    )
     cohorts = Cohorts(router, servers, sizes, client_cpus)
     try:
         yield cohorts
     finally:
-        ran = []
-        for handle in servers:
-            try:
-                ran.extend(ray.get(handle.cohorts.remote(), timeout=30))
-                ray.get(handle.close.remote(), timeout=30)
-            except (RayActorError, ray.exceptions.GetTimeoutError):
-                continue
-            finally:
-                ray.kill(handle)
+        ran = _stop(servers)
         ray.kill(router)
         ray.kill(registry)
         _record(Path(settings.out) / RAY_DIR / COHORTS_FILE, ran)
         cohorts.ran = ran
+
+
+def _stop(servers: list[Any]) -> list[dict[str, Any]]:
+    """The cohorts the servers ran; their scratch folders removed, the servers killed. All are asked at once and
+    given :data:`STOP_TIMEOUT_S`: a live server answers at once, and one restarting (or waiting for a node with
+    room to restart on, its own gone) has nothing to tell. One by one, a server that could not restart held the
+    end of the sweep for 30 s."""
+    asked = [handle.cohorts.remote() for handle in servers]
+    answered, _ = ray.wait(asked, num_returns=len(asked), timeout=STOP_TIMEOUT_S)
+    ran: list[dict[str, Any]] = []
+    closing = []
+    for handle, reply in zip(servers, asked, strict=True):
+        if reply in answered:
+            with suppress(RayActorError):
+                ran.extend(ray.get(reply))
+                closing.append(handle.close.remote())
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=STOP_TIMEOUT_S)
+    for handle in servers:
+        ray.kill(handle)
+    return ran
 
 
 def _record(path: Path, ran: list[dict[str, Any]]) -> None:

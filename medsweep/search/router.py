@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from medsweep.search.members import Files
 
 GROUP_TIMEOUT_S = 120.0  # no server answering a member's group for this long (all restarting): its join fails
+# A server that does not answer within this is no candidate for a join now: it is restarting, or waiting for a
+# node with room to restart on (its node died, and the live servers hold the CPUs it would need).
+ANSWER_TIMEOUT_S = 5.0
 
 Group = tuple[tuple, int]  # (cohort_key, start epoch)
 
@@ -70,18 +73,19 @@ class CohortRouter:
     def join(self, trial_id: str, config: dict[str, Any], checkpoint: Files | None) -> int:
         """The index of the server the member joined."""
         shared = ray.put(checkpoint)  # sent to two server calls: into the object store once
-        group = self._group(config, shared)
+        group, answered = self._group(config, shared)
         size = self.sizes.get(config["method"], 1)
+        asked = [server.status.remote() for server in self.servers]
+        answered_in_time, _ = ray.wait(asked, num_returns=len(asked), timeout=ANSWER_TIMEOUT_S)
         states: dict[int, dict[str, Any]] = {}
-        for index, server in enumerate(self.servers):
-            try:
-                states[index] = ray.get(server.status.remote())
-            except RayActorError:  # restarting: not a candidate now
-                continue
+        for index, reply in enumerate(asked):
+            if reply in answered_in_time:  # the others are restarting: no candidates now
+                with contextlib.suppress(RayActorError):
+                    states[index] = ray.get(reply)
         load = {i: s["running"] + sum(n for _, n in s["waiting"]) for i, s in states.items()}
         forming = [i for i, s in states.items() if any(tuple(g) == group and n < size for g, n in s["waiting"])]
         idle = [i for i in states if load[i] == 0]
-        candidates = forming or idle or sorted(states, key=load.__getitem__) or [0]
+        candidates = forming or idle or sorted(states, key=load.__getitem__) or [answered]
         index = candidates[0]
         ray.get(self.servers[index].join.remote(trial_id, group, config, shared))
         self.placed[trial_id] = index
@@ -91,17 +95,19 @@ class CohortRouter:
         """Tune ended this trial: its member leaves the server it joined (no member of that id: nothing)."""
         index = self.placed.pop(trial_id, None)
         if index is not None:
-            with contextlib.suppress(RayActorError):  # the server died: its members are gone with it
-                ray.get(self.servers[index].leave.remote(trial_id))
+            # The server died (its members are gone with it) or is restarting (it knows none of them then).
+            with contextlib.suppress(RayActorError, GetTimeoutError):
+                ray.get(self.servers[index].leave.remote(trial_id), timeout=ANSWER_TIMEOUT_S)
 
-    def _group(self, config: dict[str, Any], checkpoint: ray.ObjectRef) -> Group:
-        """The member's group, from the first server that answers (servers restart after a failure)."""
+    def _group(self, config: dict[str, Any], checkpoint: ray.ObjectRef) -> tuple[Group, int]:
+        """The member's group, from the first server that answers (servers restart after a failure), and that
+        server's index."""
         deadline = time.monotonic() + GROUP_TIMEOUT_S
         while True:
-            for server in self.servers:
+            for index, server in enumerate(self.servers):
                 try:
-                    return ray.get(server.group.remote(config, checkpoint))
-                except RayActorError:
+                    return ray.get(server.group.remote(config, checkpoint), timeout=ANSWER_TIMEOUT_S), index
+                except (RayActorError, GetTimeoutError):
                     continue
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no cohort server answered within {GROUP_TIMEOUT_S:.0f} s (all restarting)")
