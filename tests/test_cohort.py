@@ -113,6 +113,31 @@ def test_every_member_equals_its_standalone_fit(synthetic_spec, stores, method, 
         torch.testing.assert_close(trained.trainable_state_dict()[name], value, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+@pytest.mark.parametrize("method", ["linear", "fpt_plus"])
+def test_members_of_one_optimizer_step_together_and_equal_their_standalone_fits(synthetic_spec, stores, method, optimizer, tmp_path, monkeypatch):
+    """Members that share their optimizer's kind take one stacked update per step (stacked_step.py), each with its
+    own lr, weight decay, warm-up and clip (two of the three clip), and still reproduce their standalone fits; their
+    checkpoints hold their own optimizer state, not the stacked state (a checkpoint the size of a standalone one)."""
+    from medsweep.trainables.stacked_step import StackedStep
+
+    stacked_steps = []
+    real_call = StackedStep.__call__
+    monkeypatch.setattr(StackedStep, "__call__", lambda self, factor: stacked_steps.append(factor) or real_call(self, factor))
+    configs = [{**c, "optimizer": optimizer} for c in configs_of(synthetic_spec, method, MEMBERS)]
+    io = CohortStoreIO(stores[method], len(configs))
+    fit_cohort(configs, io, tmp_path / "cohort")
+    assert stacked_steps, "the members stepped one by one"
+    for i, config in enumerate(configs):
+        assert_same_run(io.members[i].reports, standalone(stores[method], config, tmp_path / f"alone-{i}"))
+    fused, alone = (folder / CHECKPOINT_FILE for folder in (io.members[2].checkpoints[-1], tmp_path / "alone-2" / "epoch-0003"))
+    assert fused.stat().st_size == pytest.approx(alone.stat().st_size, rel=0.05)
+    saved, reference = (torch.load(path, weights_only=False)["optimizer"]["state"] for path in (fused, alone))
+    for index, state in reference.items():
+        for key, value in state.items():
+            torch.testing.assert_close(saved[index][key], value, rtol=1e-3, atol=1e-5)
+
+
 def test_members_accumulating_micro_batches_equal_their_standalone_fits(synthetic_spec, stores, tmp_path):
     configs = [{**c, "accumulate_steps": 2} for c in configs_of(synthetic_spec, "linear", MEMBERS[:2])]
     io = CohortStoreIO(stores["linear"], len(configs))

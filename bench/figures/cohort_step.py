@@ -6,7 +6,7 @@ and keep ratio, as a searcher's trials would. One *standalone* step is what
 ``fit`` does per batch: make the batch (decode, augment the side images),
 forward, backward, optimizer step; K members standalone take K such steps. One
 *cohort* step (``medsweep.trainables.cohort``) makes the batch once and runs all
-K members in one vmapped forward/backward, then each member's optimizer. The
+K members in one vmapped forward/backward, then one stacked optimizer update. The
 two are interleaved on the same batch (one of each per repetition) and each is
 the median of its repetitions, in member-samples per second (K x batch / step).
 
@@ -171,11 +171,12 @@ def render(result: dict[str, Any]) -> str:
             f"FPT+ on `{s['backbone']}` at {s['image_size']} px ({trial}), batch {s['batch']}, members differing in lr and "
             f"keep ratio, on {s['device']} with a trial's torch threads; median of {s['repeats']} interleaved repetitions.",
             table(headers, rows),
-            "On a CPU the fused step saves the batch making (one decode and augmentation for K members) and little "
-            "else: vmap runs the same FLOPs as K separate forwards, CPU matmuls are already efficient at these sizes, "
-            "and each member still takes its own optimizer step. On a GPU, where a tiny network's step is bound by "
-            "kernel launches, K members cost one launch sequence; `python -m bench.run --only cohort_step` on a CUDA "
-            "machine measures that.",
+            "On a CPU the fused step saves the batch making (one decode and augmentation for K members) and the "
+            "per-tensor overhead of K optimizer steps (one stacked update for all members, "
+            "`medsweep/trainables/stacked_step.py`), and little else: vmap runs the same FLOPs as K separate "
+            "forwards, and CPU matmuls are already efficient at these sizes. On a GPU, where a tiny network's step is "
+            "bound by kernel launches, K members cost one launch sequence; `python -m bench.run --only cohort_step` "
+            "on a CUDA machine measures that.",
         ]
     )
 

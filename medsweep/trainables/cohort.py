@@ -13,9 +13,13 @@ best-epoch bookkeeping) built, stepped and checkpointed by the code ``fit`` uses
 so member ``k`` reproduces ``fit(configs[k], StoreIO(...), ...)`` and its
 checkpoints resume a standalone ``fit`` (and ``load_trained`` reads them).
 Members' parameters live as views into one stacked tensor per parameter; one
-backward of the sum of the members' losses fills the stacked gradient, each
-member's slice becomes its ``.grad`` and its own optimizer steps it. A member's
-loss never touches another member's parameters, so a NaN in one slice stays there.
+backward of the sum of the members' losses fills the stacked gradient. Members
+whose optimizers are of one kind (AdamW, Adam or SGD) then take one update per
+stacked parameter, with each member's own lr, weight decay, clip and schedule
+(:mod:`~medsweep.trainables.stacked_step`: their optimizer state becomes views
+into stacked state too); otherwise each member's slice becomes its ``.grad`` and
+its own optimizer steps it. A member's loss never touches another member's
+parameters, so a NaN in one slice stays there.
 
 Exactness. On CPU in fp32 a member's per-epoch losses equal its standalone
 run's to about 1e-6 relative (tests allow 1e-5), its AUCs to 1e-6, and its best
@@ -91,6 +95,7 @@ from medsweep.trainables.loop import (
 from medsweep.trainables.memory import resident_bytes
 from medsweep.trainables.methods import Method, build_method, get_method, make_config
 from medsweep.trainables.precision import autocast
+from medsweep.trainables.stacked_step import StackedStep
 
 # Training keys every member shares: they fix the batch stream (the seed fixes order and augmentation),
 # the number of steps and the compute.
@@ -227,6 +232,8 @@ class FusedMembers:
             dropout.rates = [cast(nn.Dropout, method.get_submodule(path)).p for method in methods]
             dropout.generators = [m.generator for m in members]
         self.index = torch.arange(len(members), device=device)
+        # One update for all members where it equals each one's own optimizer step; else one member at a time.
+        self.stacked_step = StackedStep.build(self.trainable, [m.trainee for m in members])
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every member's logits ``[K, B, C]`` on one shared batch."""
@@ -271,12 +278,16 @@ class FusedMembers:
             member.memory_bytes = member.trainee.memory_bytes(method, inputs, labels, labels.device, resident)
 
     def step(self, grad_factor: float) -> None:
-        """Each member's optimizer step over its slice of the accumulated gradients."""
-        for i, member in enumerate(self.members):
-            params = dict(member.trainee.method.named_parameters())
-            for name, stacked in self.trainable.items():
-                params[name].grad = stacked.grad[i] if stacked.grad is not None else None
-            member.trainee.step(grad_factor)
+        """Each member's optimizer step over its slice of the accumulated gradients: all at once
+        (:mod:`~medsweep.trainables.stacked_step`), or each member's own ``Trainee.step`` in turn."""
+        if self.stacked_step is not None:
+            self.stacked_step(grad_factor)
+        else:
+            for i, member in enumerate(self.members):
+                params = dict(member.trainee.method.named_parameters())
+                for name, stacked in self.trainable.items():
+                    params[name].grad = stacked.grad[i] if stacked.grad is not None else None
+                member.trainee.step(grad_factor)
         for stacked in self.trainable.values():
             stacked.grad = None
 

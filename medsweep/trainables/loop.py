@@ -403,12 +403,15 @@ class Trainee:
         """Write the checkpoint ``fit`` resumes from into ``folder``; ``rng``: the global random state to restore
         (``cuda_rng``: the CUDA generator's, on a GPU, so dropout masks go on as in an uninterrupted run)."""
         folder.mkdir(parents=True, exist_ok=True)
-        # Cloned: a fused cohort's members hold views into one stacked tensor, whose whole storage torch.save would write.
+        # Cloned: a fused cohort's members hold views into one stacked tensor (parameters and optimizer state),
+        # whose whole storage torch.save would write.
         model = {k: v.clone() for k, v in self.method.trainable_state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in optimizer["state"].items()}
         torch.save(
             {
                 "model": model,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "state": self.state,
