@@ -65,7 +65,9 @@ class StackedStep:
         self.decoupled = bool(trainees[0].optimizer.param_groups[0].get("decoupled_weight_decay", False))
         self.members = torch.arange(len(trainees))
         self.clips = torch.tensor([t.cfg.grad_clip for t in trainees], dtype=torch.float64)
-        self.stacked = [self._stack(name, param, trainees) for name, param in trainable.items()]
+        named = [dict(t.method.named_parameters()) for t in trainees]
+        group_of = [{id(p): i for i, g in enumerate(t.optimizer.param_groups) for p in g["params"]} for t in trainees]
+        self.stacked = [self._stack(param, [n[name] for n in named], group_of) for name, param in trainable.items()]
 
     @classmethod
     def build(cls, trainable: dict[str, torch.Tensor], trainees: list[Trainee]) -> StackedStep | None:
@@ -97,13 +99,12 @@ class StackedStep:
                 return None
         return cls(trainable, trainees, {key: groups[0][key] for key in shared if key != "decoupled_weight_decay"})
 
-    def _stack(self, name: str, param: torch.Tensor, trainees: list[Trainee]) -> _Stacked:
-        """Stack the members' optimizer state of ``name`` (made as torch makes it at a first step where there is
-        none) and make each member's state views into it."""
-        members = [dict(t.method.named_parameters())[name] for t in trainees]
-        group_of = [{id(p): i for i, g in enumerate(t.optimizer.param_groups) for p in g["params"]} for t in trainees]
+    def _stack(self, param: torch.Tensor, members: list[torch.Tensor], group_of: list[dict[int, int]]) -> _Stacked:
+        """Stack the optimizer state of the members' parameters ``members`` (views into ``param``; made as torch
+        makes it at a first step where there is none) and make each member's state views into it. ``group_of``:
+        each member's param group index by parameter id."""
         groups = torch.tensor([index[id(p)] for index, p in zip(group_of, members, strict=True)])
-        states = [t.optimizer.state[p] for t, p in zip(trainees, members, strict=True)]
+        states = [t.optimizer.state[p] for t, p in zip(self.trainees, members, strict=True)]
         fresh: dict[str, Any] = (
             {"step": lambda p: torch.tensor(0.0), "exp_avg": torch.zeros_like, "exp_avg_sq": torch.zeros_like}
             if self.kind in ADAM_KINDS

@@ -49,6 +49,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 from medsweep.errors import ConfigError, StoreError
 from medsweep.trainables.backbones import build_backbone, square_size
 from medsweep.trainables.config import not_searched
+from medsweep.trainables.member_attention import SharedKeyAttention
 from medsweep.trainables.methods.base import ImageInput, Method, MethodConfig, register_method
 
 # The official LPM is an ImageNet-1k ViTForImageClassification whose classifier
@@ -154,6 +155,9 @@ class PromptFusion(nn.Module):
         # Which keys every prompt attends ([1, tokens] bool), None: all. A fused cohort pads members with smaller
         # keep ratios to its largest and masks the rest (see _FineGrainedPromptTuning.fuse_members).
         self.key_mask: torch.Tensor | None = None
+        # In a fused cohort's model: the members' prompts attend to the keys they share in one call
+        # (medsweep.trainables.member_attention), not member by member.
+        self.members_share_keys = False
 
     def forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
         """Frozen K/V ``[B, L, H, K, hd]`` to fused prompts ``[B, L, P, side_hidden]``."""
@@ -164,7 +168,8 @@ class PromptFusion(nn.Module):
         query = query.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
         keys = key_states.reshape(batch * layers, heads, tokens, head_dim)
         values = value_states.reshape(batch * layers, heads, tokens, head_dim)
-        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.key_mask)  # [B*L, H, P, hd], scale 1/sqrt(hd)
+        attention = SharedKeyAttention.apply if self.members_share_keys else F.scaled_dot_product_attention
+        context = attention(query, keys, values, self.key_mask)  # [B*L, H, P, hd], scale 1/sqrt(hd)
         context = context.transpose(1, 2).reshape(batch, layers, num_prompts, heads * head_dim)  # [B, L, P, D]
         if self.prompts_in_lpm_width:
             fused = self.out_proj(context + self.prompts)
@@ -351,9 +356,11 @@ class _FineGrainedPromptTuning(Method):
     def fuse_members(self, members: list[Method]) -> dict[str, torch.Tensor]:
         """Keep ratios fuse by masking: the cohort's model takes its members' largest ``keep_tokens`` and each
         member attends only its own first ``keep_tokens`` of them (masked keys get zero attention, so the
-        prompts read what the member's own truncated K/V give)."""
+        prompts read what the member's own truncated K/V give). All members' prompts read those shared K/V
+        in one attention call (:class:`~medsweep.trainables.member_attention.SharedKeyAttention`)."""
         keeps = [cast(_FineGrainedPromptTuning, m).keep_tokens for m in members]
         self.keep_tokens = max(keeps)
+        self.fusion.members_share_keys = True
         kept = torch.arange(self.keep_tokens)
         return {"fusion.key_mask": torch.stack([(kept < keep).unsqueeze(0) for keep in keeps])}  # [K, 1, tokens]
 
