@@ -123,8 +123,9 @@ def render(result: dict[str, Any]) -> str:
             + (
                 f"On these 2 cores a member's epoch in a cohort cost x{cost:.2f} a standalone one: at this scale the side "
                 "network's matmuls (prompts attending to the kept tokens of 12 layers), not the batch reading, dominate "
-                "a step, and a batched matmul on a CPU does the work of K single ones (figure 10). So on CPUs the "
-                "default runs trials alone; the fused path is for GPUs, where K members share kernel launches."
+                "a step, and a batched matmul on a CPU does the work of K single ones (figure 10): fusing saves little "
+                "per epoch, less than starting every member's Tune trial costs (the first result, above). So on CPUs "
+                "the default runs trials alone; the fused path is for GPUs, where K members share kernel launches."
                 if cost > 1 / 1.2
                 else f"A member's epoch in a cohort cost x{cost:.2f} a standalone one: the shared batch reading paid."
             ),

@@ -137,7 +137,8 @@ def _start_cost_text(cost: dict[str, float] | None) -> str:
         "trial starts 2 actors and reuses them. Until 2026-12-07 each member (and the router) also imported torch "
         "and the model code, because Ray imports the module of an actor handle's class wherever the handle goes and "
         "the servers' class lived beside them; the fused sweep took 150 s then (42 s alone). A fused step saves the "
-        "batch making and little else on CPUs (figure 10), so the default runs trials alone on CPUs; on a GPU, where "
+        "batch making and the optimizers' per-tensor overhead on CPUs, not the matmuls (figure 10), so the default "
+        "runs trials alone on CPUs; on a GPU, where "
         "K members share one launch sequence and one CUDA context, cohorts are the default."
     )
 

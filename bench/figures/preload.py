@@ -118,7 +118,8 @@ def render(result: dict[str, Any]) -> str:
     notes.append(
         "Fused cohorts (issue 14) were expected to lower that fixed cost by sharing one process and one batch stream "
         "among K trials. On these CPUs they do not: a member is a Tune trial actor of its own, whose start costs more "
-        "than a reused trial process, and its step costs about what it costs alone (figures 10, 11 and 11b), so "
+        "than a reused trial process, and its step saves the batch making and the optimizers' per-tensor overhead but "
+        "not the matmuls, which dominate at the paper's scale (figures 10, 11 and 11b), so "
         "the sweeps here run one trial per process, as by default on CPUs. On a GPU, where K members share kernel "
         "launches and one CUDA context, the default fuses them (the memory probe sizes K), so "
         "`python -m bench.run --only preload` on a GPU machine measures this figure with cohorts."
