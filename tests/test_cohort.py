@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from medsweep.trainables.cohort import FusedMembers, Member, cohort_key, dropout_mask, fit_cohort, fusable, fused_model
-from medsweep.trainables.loop import CHECKPOINT_FILE, device_for_trial, fit, load_trained
+from medsweep.trainables.loop import CHECKPOINT_FILE, Accumulation, batch_maker, device_for_trial, fit, load_trained
 from medsweep.trainables.memory import resident_bytes
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import preload
@@ -136,6 +136,26 @@ def test_members_of_one_optimizer_step_together_and_equal_their_standalone_fits(
     for index, state in reference.items():
         for key, value in state.items():
             torch.testing.assert_close(saved[index][key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_fpt_members_run_no_attention_member_by_member(synthetic_spec, stores):
+    """Every attention of a fused FPT+ step (the prompts' over the stored keys, the side ViT's self-attention) is one
+    call for all members: torch warns when vmap falls back to running an op member by member, and here it does not."""
+    import warnings
+
+    configs = configs_of(synthetic_spec, "fpt_plus", MEMBERS[:2])
+    configs = [{**c, "optimizer": "adamw"} for c in configs]
+    io = StoreIO(stores["fpt_plus"])
+    members = [Member.start(i, config, io, torch.device("cpu"), None) for i, config in enumerate(configs)]
+    model, dropouts = fused_model(members[0].trainee.method)
+    fused = FusedMembers(model, dropouts, members, torch.device("cpu"))
+    batch_of = batch_maker(members[0].trainee.method, io.columns, torch.device("cpu"), torch.Generator().manual_seed(0))
+    inputs, labels = batch_of(next(iter(io.batches("train", 8, 0, shuffle=True))), train=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused.backward(inputs, labels, "fp32", Accumulation(len(labels), 1))
+        fused.step(1.0)
+    assert not [str(w.message) for w in caught if "batching rule" in str(w.message)]
 
 
 def test_members_accumulating_micro_batches_equal_their_standalone_fits(synthetic_spec, stores, tmp_path):

@@ -49,7 +49,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer
 from medsweep.errors import ConfigError, StoreError
 from medsweep.trainables.backbones import build_backbone, square_size
 from medsweep.trainables.config import not_searched
-from medsweep.trainables.member_attention import SharedKeyAttention
+from medsweep.trainables.member_attention import MEMBERS_ATTENTION, MemberAttention
 from medsweep.trainables.methods.base import ImageInput, Method, MethodConfig, register_method
 
 # The official LPM is an ImageNet-1k ViTForImageClassification whose classifier
@@ -168,8 +168,10 @@ class PromptFusion(nn.Module):
         query = query.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * layers, heads, num_prompts, head_dim)
         keys = key_states.reshape(batch * layers, heads, tokens, head_dim)
         values = value_states.reshape(batch * layers, heads, tokens, head_dim)
-        attention = SharedKeyAttention.apply if self.members_share_keys else F.scaled_dot_product_attention
-        context = attention(query, keys, values, self.key_mask)  # [B*L, H, P, hd], scale 1/sqrt(hd)
+        if self.members_share_keys:
+            context = MemberAttention.apply(query, keys, values, self.key_mask, None)
+        else:
+            context = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.key_mask)  # [B*L, H, P, hd], scale 1/sqrt(hd)
         context = context.transpose(1, 2).reshape(batch, layers, num_prompts, heads * head_dim)  # [B, L, P, D]
         if self.prompts_in_lpm_width:
             fused = self.out_proj(context + self.prompts)
@@ -357,10 +359,12 @@ class _FineGrainedPromptTuning(Method):
         """Keep ratios fuse by masking: the cohort's model takes its members' largest ``keep_tokens`` and each
         member attends only its own first ``keep_tokens`` of them (masked keys get zero attention, so the
         prompts read what the member's own truncated K/V give). All members' prompts read those shared K/V
-        in one attention call (:class:`~medsweep.trainables.member_attention.SharedKeyAttention`)."""
+        in one attention call, and the side ViT's layers attend for all members in one call each
+        (:mod:`~medsweep.trainables.member_attention`)."""
         keeps = [cast(_FineGrainedPromptTuning, m).keep_tokens for m in members]
         self.keep_tokens = max(keeps)
         self.fusion.members_share_keys = True
+        self.side.vit.config._attn_implementation = MEMBERS_ATTENTION  # each side layer's self-attention: one call too
         kept = torch.arange(self.keep_tokens)
         return {"fusion.key_mask": torch.stack([(kept < keep).unsqueeze(0) for keep in keeps])}  # [K, 1, tokens]
 
