@@ -166,6 +166,17 @@ def test_members_accumulating_micro_batches_equal_their_standalone_fits(syntheti
         assert_same_run(io.members[i].reports, standalone(stores["linear"], config, tmp_path / f"alone-{i}"))
 
 
+def test_the_last_member_left_trains_alone_as_its_standalone_fit(synthetic_spec, stores, tmp_path):
+    """Once the others leave (ASHA stopped them), the last FPT+ member runs without vmap, on its slices of the
+    stacked weights and state, with its own dropout draws (fusion dropout 0.5): its epochs still equal its fit's."""
+    configs = configs_of(synthetic_spec, "fpt_plus", MEMBERS)
+    io = CohortStoreIO(stores["fpt_plus"], len(configs), leaves={1: 1, 2: 1})
+    fit_cohort(configs, io, tmp_path / "cohort")
+    assert [len(member.reports) for member in io.members] == [3, 1, 1]
+    assert configs[0]["fusion_dropout"] == 0.5
+    assert_same_run(io.members[0].reports, standalone(stores["fpt_plus"], configs[0], tmp_path / "alone-0"))
+
+
 def test_a_diverging_member_leaves_and_the_others_are_unaffected(synthetic_spec, stores, tmp_path):
     configs = configs_of(synthetic_spec, "linear", MEMBERS)
     configs[1] = {**configs[1], "lr": 1e12, "optimizer": "sgd", "grad_clip": 0.0, "class_weights": "none"}
