@@ -7,7 +7,6 @@ a cohort server (the ``ray::CohortServer`` actor process) too.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import tempfile
@@ -21,13 +20,13 @@ from test_faults import (
     _checkpointed_early,
     _restored_from_checkpoint,
     _results,
-    _start_driver,
     _sweep_argv,
     _tiny_settings,
     _trial_processes,
-    _wait_for,
     killed_driver_resumes,
+    sweep_through_fault,
     sweep_with_fault,
+    worker_nodes_in_a_child,
 )
 
 from medsweep.search.cohorts import cohort_servers, slot_split, spread
@@ -37,8 +36,6 @@ from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import COHORTS_FILE, load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import PENDING_TRIALS_ENV, cohort_size_for, trial_resources, trials_pending_at_once
-
-from processes import hold_cluster, kill_process_group
 
 EPOCHS = 3
 
@@ -208,24 +205,16 @@ def test_a_killed_cohort_server_restarts_its_members_from_their_checkpoints(ray_
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies(synthetic_root, cache_dir, tmp_path):
     """``medsweep sweep --address --cohort-size 2`` on a local cluster of two one-CPU worker nodes (the head has no
     CPU): one cohort server lands on each node, members and servers trade checkpoints through the object store
     across nodes, and when the node of a server whose members hold checkpoints is removed mid-cohort, its members
     restart from those checkpoints on the other node's server and the sweep ends with every trial once."""
-    context = multiprocessing.get_context("spawn")
-    conn, child_conn = context.Pipe()
-    keeper = context.Process(target=hold_cluster, args=(child_conn,), daemon=True)
-    keeper.start()
-    driver = None
     epochs, trials = 6, 4
     out, log = tmp_path / "sweep", tmp_path / "driver.log"
-    try:
-        assert conn.poll(120), "the local cluster did not start in 120 s"
-        address, raylets = conn.recv()
-        argv = _sweep_argv(synthetic_root, out, cache_dir, trials, "--address", address, "--cohort-size", "2", epochs=epochs)
-        driver = _start_driver(argv, log)
+    with worker_nodes_in_a_child() as (address, raylets, remove):
 
         def remove_a_servers_node_mid_cohort() -> bool:
             servers = [_trial_processes(raylet, actor="CohortServer") for raylet in raylets]
@@ -233,19 +222,11 @@ def test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies(synthet
                 return False
             # The router (no CPU) may be on the head or a worker: its node goes, when a worker (the router restarts).
             routed = [i for i, raylet in enumerate(raylets) if _trial_processes(raylet, actor="CohortRouter")]
-            conn.send(routed[0] if routed else 0)
-            assert conn.poll(60) and conn.recv() == "removed"
+            remove(routed[0] if routed else 0)
             return True
 
-        _wait_for(remove_a_servers_node_mid_cohort, 400, driver, log)
-        assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
-    finally:
-        if driver is not None and driver.poll() is None:
-            kill_process_group(driver)
-        conn.send("shutdown")
-        keeper.join(timeout=60)
-        if keeper.is_alive():
-            keeper.kill()
+        argv = _sweep_argv(synthetic_root, out, cache_dir, trials, "--address", address, "--cohort-size", "2", epochs=epochs)
+        sweep_through_fault(argv, log, remove_a_servers_node_mid_cohort)
 
     board = _board(out)
     assert len(board) == trials and board["trial_id"].is_unique

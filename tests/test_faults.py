@@ -24,7 +24,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -390,48 +391,65 @@ def test_nan_trials_are_recorded_diverged_and_the_sweep_goes_on(ray_session, tin
     assert yaml.safe_load((settings.out / "best.yaml").read_text())[tiny_root.name]["best_method"] is None
 
 
+@contextmanager
+def worker_nodes_in_a_child() -> Iterator[tuple[str, list[int], Callable[[int], None]]]:
+    """:func:`processes.hold_cluster` in a spawned process: yields the cluster's address, its two worker nodes'
+    raylet pids, and a function that removes worker ``index`` without grace."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    keeper = context.Process(target=hold_cluster, args=(child_conn,), daemon=True)
+    keeper.start()
+
+    def remove(index: int) -> None:
+        conn.send(index)
+        assert conn.poll(60) and conn.recv() == "removed"
+
+    try:
+        assert conn.poll(120), "the local cluster did not start in 120 s"
+        address, raylets = conn.recv()
+        yield address, raylets, remove
+    finally:
+        conn.send("shutdown")
+        keeper.join(timeout=60)
+        if keeper.is_alive():
+            keeper.kill()
+
+
+def sweep_through_fault(argv: list[str], log: Path, inject: Callable[[], bool], timeout: float = 400) -> None:
+    """Run the CLI ``argv`` until ``inject`` has injected its fault, then require the sweep to finish (exit 0)."""
+    driver = _start_driver(argv, log)
+    try:
+        _wait_for(inject, timeout, driver, log)
+        assert driver.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            kill_process_group(driver)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_sweep_finishes_on_the_remaining_nodes_when_a_worker_node_dies(tiny_root, cache_dir, tmp_path):
     """``medsweep sweep --address`` on a 3-node local cluster; the worker node running a trial that has
     checkpointed is removed mid-trial; the trial restarts from that checkpoint on the other worker."""
-    context = multiprocessing.get_context("spawn")
-    conn, child_conn = context.Pipe()
-    keeper = context.Process(target=hold_cluster, args=(child_conn,), daemon=True)
-    keeper.start()
-    driver = None
     removed: list[str] = []
-    try:
-        assert conn.poll(120), "the local cluster did not start in 120 s"
-        address, raylets = conn.recv()
-        out, trials, log = tmp_path / "sweep", 2, tmp_path / "driver.log"
-        # Six epochs: the node must go between a trial's first checkpoint and its last two epochs, a
-        # window of four tiny linear-probe epochs (with three epochs the one-epoch window was missed at times).
-        epochs = 6
-        argv = _sweep_argv(tiny_root, out, cache_dir, trials, "--address", address, epochs=epochs)
-        driver = _start_driver(argv, log)
+    out, trials, log = tmp_path / "sweep", 2, tmp_path / "driver.log"
+    # Six epochs: the node must go between a trial's first checkpoint and its last two epochs, a
+    # window of four tiny linear-probe epochs (with three epochs the one-epoch window was missed at times).
+    epochs = 6
+    with worker_nodes_in_a_child() as (address, raylets, remove):
 
         def remove_node_of_checkpointed_trial() -> bool:
             for index, raylet in enumerate(raylets):
                 running = _trial_processes(raylet)
                 for trial_dir in _checkpointed_early(out, epochs):
                     if _running_pid(trial_dir) in running:
-                        conn.send(index)
-                        assert conn.poll(60) and conn.recv() == "removed"
+                        remove(index)
                         removed.append(trial_dir.name)
                         return True
             return False
 
-        _wait_for(remove_node_of_checkpointed_trial, 400, driver, log)
-        assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
-    finally:
-        if driver is not None and driver.poll() is None:
-            kill_process_group(driver)
-        conn.send("shutdown")
-        keeper.join(timeout=60)
-        if keeper.is_alive():
-            keeper.kill()
+        sweep_through_fault(_sweep_argv(tiny_root, out, cache_dir, trials, "--address", address, epochs=epochs), log, remove_node_of_checkpointed_trial)
 
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique

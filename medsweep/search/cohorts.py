@@ -80,7 +80,7 @@ from medsweep.search.settings import SweepSettings
 from medsweep.search.study import COHORTS_FILE, RAY_DIR
 
 # Cohort size on CPUs when --cohort-size is not given: 1, every trial alone. On 2 CPU cores BENCHMARKS.md measured
-# figure 1's sweep x0.70 as fast fused (figure 11) and the paper's setting x0.61 (figure 11b): each member is a Tune
+# figure 1's sweep x0.66 as fast fused (figure 11) and the paper's setting x0.56 (figure 11b): each member is a Tune
 # trial actor of its own to start, which costs more than the fused steps save (a member's step costs 0.6x its
 # standalone step at the toy scale, figure 10; its epoch 0.9x at the paper's, where the matmuls dominate).
 # On GPUs the probe sizes cohorts (cohort_size_for).
