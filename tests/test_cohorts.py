@@ -211,7 +211,8 @@ def test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies(synthet
     """``medsweep sweep --address --cohort-size 2`` on a local cluster of two one-CPU worker nodes (the head has no
     CPU): one cohort server lands on each node, members and servers trade checkpoints through the object store
     across nodes, and when the node of a server whose members hold checkpoints is removed mid-cohort, its members
-    restart from those checkpoints on the other node's server and the sweep ends with every trial once."""
+    restart from those checkpoints on the other node's server and the sweep ends with every trial once. The router
+    and the registry stay on the driver's node (on a removed worker they took every later join with them)."""
     epochs, trials = 6, 4
     out, log = tmp_path / "sweep", tmp_path / "driver.log"
     with worker_nodes_in_a_child() as (address, raylets, remove):
@@ -220,9 +221,11 @@ def test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies(synthet
             servers = [_trial_processes(raylet, actor="CohortServer") for raylet in raylets]
             if not (all(servers) and _checkpointed_early(out, epochs)):
                 return False
-            # The router (no CPU) may be on the head or a worker: its node goes, when a worker (the router restarts).
-            routed = [i for i, raylet in enumerate(raylets) if _trial_processes(raylet, actor="CohortRouter")]
-            remove(routed[0] if routed else 0)
+            # The router and the registry (no CPU) live on the driver's node (the head here), never on a worker.
+            for actor in ("CohortRouter", "CohortRegistry"):
+                assert _trial_processes(1, actor=actor), f"no {actor} process found"
+                assert not [raylet for raylet in raylets if _trial_processes(raylet, actor=actor)], actor
+            remove(0)
             return True
 
         argv = _sweep_argv(synthetic_root, out, cache_dir, trials, "--address", address, "--cohort-size", "2", epochs=epochs)

@@ -32,10 +32,10 @@ sweep's ``FailureConfig``), which joins a server again. When a node goes, its
 servers restart only where a node has room, which may be never while the live
 servers hold the CPUs: the router passes over a server that does not answer
 (:data:`~medsweep.search.router.ANSWER_TIMEOUT_S`), so the members join the live
-ones, and the router itself, restarted elsewhere if it was on that node, takes
-the joins made meanwhile once it is back (``max_task_retries``): without that,
-a member's three tries (``max_failures=2``) failed within seconds and its trial
-ended in error (``test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies``).
+ones. The router and the registry run on the driver's node, which a sweep cannot
+outlive anyway: on a worker node that died they took every member's join with
+them, each member's three tries (``max_failures=2``) failing within seconds
+(``test_a_fused_sweep_spans_nodes_and_finishes_when_a_servers_node_dies``).
 
 Checkpoints travel as bytes through Ray's object store (client to server on a
 restore, server to client every epoch), so a client and its server may run on
@@ -72,6 +72,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from medsweep.search.data import StoreBatches, StoreData
 from medsweep.search.members import CLIENT_CPUS, Cohorts, Files, is_last_result, pack, unpack
@@ -366,15 +367,19 @@ def cohort_servers(
     # Threaded (max_concurrency): clients' long polls wait beside the training thread.
     server = ray.remote(CohortServer).options(max_restarts=-1, max_concurrency=64, num_cpus=server_cpus, num_gpus=gpus)
     registry_name = router_name(settings.out) + "-registry"
-    registry: Any = ray.remote(CohortRegistry).options(name=registry_name, num_cpus=0).remote(stores)
+    # The registry and the router live on the driver's node: a worker node that dies takes neither with it (the
+    # registry is never restarted, and a restarted router, or server, fetches what it needs from it). Found by the
+    # node-loss test: a registry on the removed node left a restarted router unable to start, and every member's
+    # join failed. The router still restarts after a crash of its own process, and its calls made meanwhile wait
+    # for it (max_task_retries). Server calls fail at once instead (no retries): a server whose node died may not
+    # find room to restart, and its members' trials then restart and join the live servers.
+    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    registry: Any = ray.remote(CohortRegistry).options(name=registry_name, num_cpus=0, scheduling_strategy=on_driver_node).remote(stores)
     servers: list[Any] = [server.remote(registry_name, sizes, settings.cpus_per_trial) for _ in range(count)]
     ray.get(registry.add_servers.remote(servers))
-    # A router call made while the router restarts (its node died) waits for the new one (max_task_retries) rather
-    # than fail the member's trial: every join goes through it. Server calls fail at once instead (no retries): a
-    # server may not find room to restart, and its members' trials then restart and join the live servers.
     router: Any = (
         ray.remote(CohortRouter)
-        .options(name=router_name(settings.out), max_restarts=-1, max_task_retries=-1, num_cpus=0)
+        .options(name=router_name(settings.out), max_restarts=-1, max_task_retries=-1, num_cpus=0, scheduling_strategy=on_driver_node)
         .remote(registry_name, sizes)
     )
     cohorts = Cohorts(router, servers, sizes, client_cpus)
