@@ -67,3 +67,32 @@ def test_a_restored_callback_prints_to_the_resumed_sweeps_console():
     del resumed
     restored = pickle.loads(pickled)  # no console in this process: a new one with the saved setting
     assert isinstance(restored, SweepConsole) and restored.quiet
+
+
+def test_ray_datas_notice_that_progress_bars_are_off_is_not_printed():
+    """medsweep turns Ray Data's progress bars off (the console reports reads in one line); Ray Data then warned
+    "Progress bars disabled. To enable, set ..." on every sweep's console, about a choice the user did not make."""
+    import logging
+
+    import ray.data
+    from ray.data._internal.progress import get_progress_manager
+    from ray.util.debug import reset_log_once
+
+    from medsweep.search.tuning import quiet_ray_data
+
+    logger = logging.getLogger("ray.data._internal.progress")  # Ray's loggers do not propagate to pytest's capture
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        for quiet in (True, False):
+            quiet_ray_data()
+            if not quiet:
+                logger.setLevel(logging.NOTSET)  # the logger as Ray leaves it: the notice is real, and this test sees it
+            reset_log_once("ray_data_progress_manager_disabled")
+            get_progress_manager(ray.data.DataContext.get_current(), "dataset", {}, verbose_progress=False)
+            assert any("Progress bars disabled" in message for message in seen) is not quiet
+    finally:
+        logger.removeHandler(handler)
+        quiet_ray_data()

@@ -155,6 +155,8 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = False
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ...": a warning about the choice just made, once per sweep's console.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 # GPU fraction sizing (``--gpus-per-trial auto``, the default). A trial reserves 1/k of a GPU,
