@@ -13,7 +13,8 @@ Here every stacked parameter ``[K, ...]`` takes one update for all members,
 each member's learning rate (its group's, as its schedule set it), weight decay
 and clip coefficient a ``[K]`` vector broadcast over the rest: the formulas of
 torch's single-tensor implementations, in their order, so a member's update is
-its own optimizer's to float rounding (``test_stacked_step_equals_each_members_own_step``).
+its own optimizer's to float rounding
+(``test_members_of_one_optimizer_step_together_and_equal_their_standalone_fits``).
 The members' optimizers stay the owners of their state: their ``exp_avg``,
 ``exp_avg_sq``, ``step`` and ``momentum_buffer`` become views into the stacked
 state, as their parameters are views into the stacked parameters, so a member's
@@ -58,15 +59,21 @@ class _Stacked:
 class StackedStep:
     """Steps every member's optimizer at once (see the module docstring); build it with :meth:`build`."""
 
-    def __init__(self, trainable: dict[str, torch.Tensor], trainees: list[Trainee], hyper: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        trainable: dict[str, torch.Tensor],
+        trainees: list[Trainee],
+        hyper: dict[str, Any],
+        named: list[dict[str, torch.nn.Parameter]],
+        group_of: list[dict[int, int]],
+    ) -> None:
+        """``named``: each member's parameters by name; ``group_of``: each member's param group index by parameter id."""
         self.trainees = trainees
         self.kind = type(trainees[0].optimizer)
         self.hyper = hyper  # betas and eps (Adam kinds) or momentum (SGD): one value for all members
         self.decoupled = bool(trainees[0].optimizer.param_groups[0].get("decoupled_weight_decay", False))
         self.members = torch.arange(len(trainees))
         self.clips = torch.tensor([t.cfg.grad_clip for t in trainees], dtype=torch.float64)
-        named = [dict(t.method.named_parameters()) for t in trainees]
-        group_of = [{id(p): i for i, g in enumerate(t.optimizer.param_groups) for p in g["params"]} for t in trainees]
         self.stacked = [self._stack(param, [n[name] for n in named], group_of) for name, param in trainable.items()]
 
     @classmethod
@@ -92,12 +99,12 @@ class StackedStep:
         values = {key: {repr(group.get(key)) for group in groups} for key in shared}
         if any(len(seen) != 1 for seen in values.values()):
             return None
-        for trainee in trainees:
-            grouped = {id(p) for group in trainee.optimizer.param_groups for p in group["params"]}
-            named = dict(trainee.method.named_parameters())
-            if any(name not in named or id(named[name]) not in grouped for name in trainable):
-                return None
-        return cls(trainable, trainees, {key: groups[0][key] for key in shared if key != "decoupled_weight_decay"})
+        named = [dict(t.method.named_parameters()) for t in trainees]
+        group_of = [{id(p): i for i, g in enumerate(t.optimizer.param_groups) for p in g["params"]} for t in trainees]
+        if any(name not in own or id(own[name]) not in index for own, index in zip(named, group_of, strict=True) for name in trainable):
+            return None
+        hyper = {key: groups[0][key] for key in shared if key != "decoupled_weight_decay"}
+        return cls(trainable, trainees, hyper, named, group_of)
 
     def _stack(self, param: torch.Tensor, members: list[torch.Tensor], group_of: list[dict[int, int]]) -> _Stacked:
         """Stack the optimizer state of the members' parameters ``members`` (views into ``param``; made as torch
