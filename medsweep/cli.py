@@ -25,7 +25,7 @@ from typing import Any
 
 from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
-from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
+from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, QUIET_HELP, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
 from medsweep.spaces import PRECISION_NAMES
 from medsweep.trainables.config import TrainConfig
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="add the finished trials of an earlier sweep (same dataset and methods) to the new study before it starts, so TPE begins from them",
     )
-    sweep.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    sweep.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sweep.add_argument(
         "--config", type=Path, default=None, metavar="FILE", help="a sweep file (YAML or JSON, e.g. a sweep's sweep.json); flags given here override it"
     )

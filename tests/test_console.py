@@ -58,6 +58,24 @@ def test_without_a_terminal_every_event_is_one_line():
     assert "(1 done)" in text
 
 
+def test_quiet_prints_the_answer_and_nothing_of_the_search(tmp_path):
+    """``--quiet`` once printed nothing at all (rich's quiet console dropped the leaderboard too)."""
+    import pandas as pd
+
+    console = SweepConsole(quiet=True, record=True)
+    console.console.print("[bold]preload[/] chatter")
+    console.trial_result("aaaa0001", FPT, {"epoch": 1, "val_auc": 0.712, "train_loss": 0.93})
+    console.trial_done("aaaa0001", FPT, {"best_val_auc": 0.712}, 1, 1)
+    board = pd.DataFrame([{"trial_id": "aaaa0001", "method": "fpt_plus", "best_val_auc": 0.712, "epochs_run": 6,
+                           "learnable_pct": 1.5, "peak_mem_mb": 12.0, "ppe": 0.7, "status": "completed", **FPT}])  # fmt: skip
+    console.leaderboard(board, tmp_path)
+    console.result("final fpt_plus: test AUC 0.7000")
+    text = console.text()
+    assert "aaaa0001" in text and "0.712" in text and "final fpt_plus: test AUC 0.7000" in text
+    assert "chatter" not in text and "epoch  1" not in text and "done aaaa0001" not in text
+    assert console.console.quiet  # still quiet after printing the answer
+
+
 def test_a_restored_callback_prints_to_the_resumed_sweeps_console():
     """Tune unpickles the console inside its saved callback on `medsweep resume`."""
     original = SweepConsole(quiet=True)

@@ -469,11 +469,16 @@ def _last_line(log: Path) -> str:
 ANSWER = ("leaderboard.csv", "leaderboard.parquet", "best.yaml", "final.yaml", "final.json", "final", "report")
 
 
+# What Ray, Tune and Optuna print by themselves at every run: a --quiet sweep or resume shows none of it.
+LIBRARY_NOISE = ("Configuration for experiment", "View detailed results", "A new study created", "Token authentication is enabled")
+
+
 def _assert_interrupted(out: Path, log: Path, returncode: int, expected: int) -> None:
     """Exit code and one line; no answer written, no study trial failed."""
     assert returncode == expected, log.read_text()[-3000:]
     assert _last_line(log) == f"medsweep: interrupted: `medsweep resume {out}` continues"
     assert "Traceback" not in log.read_text()
+    assert not [noise for noise in LIBRARY_NOISE if noise in log.read_text()], log.read_text()[-3000:]
     assert not [name for name in ANSWER if (out / name).exists()]
     assert "FAIL" not in {t.state.name for t in load_study(out).trials}
 
@@ -501,7 +506,7 @@ def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(ray_session, tiny_root, cache_dir, tmp_path):
+def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(ray_session, tiny_root, cache_dir, tmp_path, capsys):
     """One sweep stopped three times, each after it reported: SIGTERM (a scheduler) to ``medsweep sweep``,
     SIGINT (Ctrl-C) to its ``medsweep resume``, and two SIGINTs back to back (the second does not wait for
     Tune's graceful stop) to the next resume. Each time: exit 128 + signal, one line, no answer, no study trial
@@ -515,10 +520,14 @@ def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_
     for index, (argv, signals, expected) in enumerate(stops):
         log = tmp_path / f"driver-{index}.log"
         _assert_interrupted(out, log, _interrupt_once_it_reports(argv, out, log, *signals), expected)
+    capsys.readouterr()
     assert resume.run(_resume_args(out)) == 0
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique
     assert set(board["status"]) <= RAN_TO_THE_END and (board["epochs_run"] == epochs).all()
+    answer = capsys.readouterr().out  # --quiet: the leaderboard and where the files are, no epoch lines
+    assert all(trial_id in answer for trial_id in board["trial_id"]) and f"results in {out}" in answer
+    assert "val_auc" not in answer and "restoring the search" not in answer
     states = [t.state.name for t in load_study(out).trials]
     assert states.count("COMPLETE") == trials and "RUNNING" not in states
 

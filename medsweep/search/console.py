@@ -52,7 +52,8 @@ def _restored_console(quiet: bool) -> SweepConsole:
 
 
 class SweepConsole:
-    """Prints to stdout with rich; quiet=True keeps only the final table (tests)."""
+    """Prints to stdout with rich; ``quiet=True`` (``--quiet``) prints only the answer (:meth:`result`): the
+    leaderboard, the final test and where the files are."""
 
     _latest: weakref.ref[SweepConsole] | None = None
 
@@ -89,6 +90,14 @@ class SweepConsole:
         # sweep (the one showing the live table), not to a copy. A rich Console holds locks,
         # so only the setting travels.
         return (_restored_console, (self.quiet,))
+
+    def result(self, *objects: Any) -> None:
+        """Print a part of the sweep's answer, which ``quiet`` keeps."""
+        quiet, self.console.quiet = self.console.quiet, False
+        try:
+            self.console.print(*objects)
+        finally:
+            self.console.quiet = quiet
 
     def dataset(self, spec: DatasetSpec) -> None:
         self.console.print(f"[bold]dataset[/] {spec.summary()}")
@@ -242,5 +251,5 @@ class SweepConsole:
                 *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells],
                 _short(row.to_dict()),
             )
-        self.console.print(table)
-        self.console.print(f"results in {out}: leaderboard.csv, leaderboard.parquet, best.yaml, {out / 'wandb'}")
+        self.result(table)
+        self.result(f"results in {out}: leaderboard.csv, leaderboard.parquet, best.yaml, {out / 'wandb'}")

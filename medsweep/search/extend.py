@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
-from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
+from medsweep.search.settings import QUIET_HELP, SweepSettings, load_settings, sweep_dataset
 from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE, experiment_dir
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dir", type=Path, help="the finished sweep's output folder (the one holding sweep.json)")
     parser.add_argument("--trials", type=int, default=None, help="number of new trials")
     parser.add_argument("--budget-hours", type=float, default=None, help="time budget of the extension in hours (with --trials: whichever comes first)")
-    parser.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -190,7 +190,7 @@ def retrain_best(
     (pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_KEYS)).to_csv(out / TEST_PREDICTIONS_CSV, index=False)
     (out / FINAL_YAML).write_text(yaml.safe_dump(document, sort_keys=False))
     (out / FINAL_JSON).write_text(json.dumps(_json_safe(document), indent=2, allow_nan=False))
-    console.console.print(f"final results in {out / FINAL_YAML} and {out / FINAL_JSON}")
+    console.result(f"final results in {out / FINAL_YAML} and {out / FINAL_JSON}")
     return document
 
 
@@ -336,7 +336,7 @@ def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, cons
             )
     summary = _summarise(out, candidate.item, config, runs, candidate.base_seed)
     ci = summary["test_auc_ci"]
-    console.console.print(
+    console.result(
         f"[bold]final[/] {name}: test AUC {summary['mean'].get('test_auc', math.nan):.4f} "
         f"({CI_LEVEL:.0%} CI {ci['low']:.4f}-{ci['high']:.4f}) over {len(runs)} seeds"
         if ci

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 
 from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
-from medsweep.search.settings import load_settings, sweep_dataset
+from medsweep.search.settings import QUIET_HELP, load_settings, sweep_dataset
 from medsweep.search.study import experiment_dir
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="continue an interrupted sweep: finished trials are kept, unfinished ones restart from their last checkpoint",
     )
     parser.add_argument("dir", type=Path, help="the sweep's output folder (the one holding sweep.json)")
-    parser.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

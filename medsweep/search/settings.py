@@ -43,6 +43,7 @@ OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), 
 MAX_IMAGE_SIZE = 4096
 MIN_IMAGE_SIZE = 8
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+QUIET_HELP = "print only the answer: the leaderboard, the final test and where the files are"  # every --quiet
 # Where each trial's run is logged (medsweep.search.tracking): W&B (its mode is --wandb), an MLflow
 # store, or nowhere but the sweep folder's own files (hospital clusters that may use neither).
 TRACKERS = ("wandb", "mlflow", "none")

@@ -189,7 +189,7 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
     export.write_outputs(board, settings, spec, settings.out)
     console.leaderboard(board, settings.out)
     if board.empty:  # e.g. a --budget-hours that ended before any trial reported an epoch
-        console.console.print(
+        console.result(
             f"[bold]no trial reported a result[/]: nothing to retrain or report; give the search more time with "
             f"`medsweep extend {settings.out} --trials N` (or --budget-hours H)"
         )
@@ -202,4 +202,4 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
     elif settings.final_seeds:
         final.retrain_best(settings.out, spec, settings, seeds=settings.final_seeds, console=console)
     page = report.write_report(settings.out)
-    console.console.print(f"report: {page}")
+    console.result(f"report: {page}")

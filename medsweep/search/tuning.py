@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pyarrow.fs
 import ray
 from optuna.exceptions import UpdateFinishedTrialError
@@ -68,6 +69,7 @@ WANDB_PROJECT = "medsweep"
 def start_ray(settings: SweepSettings) -> None:
     """Join ``--address`` or start a local Ray with this machine's CPUs; quiet logs."""
     check_tracker(settings.tracker)
+    quiet_tune_and_optuna()
     if ray.is_initialized():
         return
     mode = wandb_mode(settings.wandb)
@@ -91,8 +93,35 @@ def join_ray(address: str | None, connect_timeout: float, env: dict[str, str] | 
     if address:
         connect(address, connect_timeout, kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
+        # A local cluster medsweep starts and stops itself gets Ray's default token authentication; Ray's
+        # notice of it ("Set RAY_AUTH_MODE=disabled to opt out") is about a choice no user makes here.
+        with _dropping(logging.getLogger("ray._private.authentication.authentication_token_setup"), "Token authentication is enabled"):
+            ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
     quiet_ray_data()
+
+
+@contextlib.contextmanager
+def _dropping(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """While in the block, ``logger`` drops its records whose message starts with ``prefix``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def quiet_tune_and_optuna() -> None:
+    """Keep Tune's and Optuna's own lines off the sweep's console, which reports the search itself.
+
+    Tune's output engine prints its experiment table and a TensorBoard hint at every run, whatever its
+    ``verbose``; with its older engine (``RAY_AIR_NEW_OUTPUT=0``) ``verbose=0`` prints nothing. Optuna logs
+    "A new study created" at INFO. A user's own ``RAY_AIR_NEW_OUTPUT`` is left as it is."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 class _ConnectTimeout(BaseException):
