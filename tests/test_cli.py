@@ -114,6 +114,9 @@ BAD_SWEEP_INPUTS = [
     (["--image-size", "100000"], "--image-size must be between 8 and 4096 pixels, got 100000"),
     (["--backbone", "vit-base-patch16-384", "--image-size", "8"], "smaller than one patch of vit-base-patch16-384 (16 px)"),
     (["--backbone", "./no-such-backbone"], "neither a registered name, an existing directory nor an MAE .pth"),
+    # A hub id: from the hub, or without a network (here) from the local cache only, at once (the hub client's
+    # retries took 30 s and printed ten lines).
+    (["--backbone", "no-such-org/no-such-model"], "cannot load backbone 'no-such-org/no-such-model'"),
     (["--method", "fpt_plus", "--set", "keep_ratio=2"], "keep_ratio must be in (0, 1], got 2"),
     (["--set", "batch_size=0"], "batch_size must be at least 1, got 0"),
     (["--method", "truncated"], "needs a ResNet backbone"),

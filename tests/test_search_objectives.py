@@ -82,6 +82,51 @@ def test_gpu_fractions_are_probed_per_method_and_zero_without_gpus(ray_session, 
     assert gpu_plan(settings, spec)[0] == {"fpt_plus": 0.25, "linear": 0.25}
 
 
+# A CPU machine, and two nodes of a GPU cluster.
+TWO_CPUS = [{"CPU": 2.0}]
+GPU_NODES = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 2.0}]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nodes", "needle"),
+    [
+        ({"gpus_per_trial": 0.5}, TWO_CPUS, "--gpus-per-trial 0.5, but this Ray has no GPU; leave it out"),
+        ({"cpus_per_trial": 4.0}, TWO_CPUS, "--cpus-per-trial 4: no node of this Ray has that many CPUs (the largest has 2); pass at most 2"),
+        ({"gpus_per_trial": 3.0}, GPU_NODES, "--gpus-per-trial 3: no node of this Ray has that many GPUs (the largest has 2)"),
+        ({"methods": ["full"], "workers": 4, "fixed": {}}, TWO_CPUS, "--workers 4: a DDP group of full takes one of this Ray's CPUs per worker, and it has 2"),
+        ({"methods": ["full"], "workers": 4, "gpus_per_trial": 4.0, "fixed": {}}, GPU_NODES, "takes one of this Ray's GPUs per worker, and it has 3"),
+    ],
+)
+def test_a_trial_no_node_can_place_is_refused_before_the_sweep_starts(overrides, nodes, needle, tmp_path):
+    """Tune would wait for such a trial for good (a 2-CPU machine asked for a GPU did: the sweep never ended)."""
+    from medsweep.errors import ConfigError
+    from medsweep.search.tuning import check_trials_fit
+
+    with pytest.raises(ConfigError) as refused:
+        check_trials_fit(_tiny_settings(tmp_path, tmp_path / "out", tmp_path / "cache", **overrides), nodes)
+    assert needle in str(refused.value)
+
+
+def test_trials_that_fit_pass_the_placement_check(tmp_path):
+    from medsweep.search.tuning import check_trials_fit
+
+    check_trials_fit(_tiny_settings(tmp_path, tmp_path / "out", tmp_path / "cache"), TWO_CPUS)
+    check_trials_fit(_tiny_settings(tmp_path, tmp_path / "out", tmp_path / "cache", gpus_per_trial=2.0), GPU_NODES)
+    # A DDP group spreads over nodes (auto GPUs: one whole GPU per worker); the other method's trials each fit one node.
+    check_trials_fit(_tiny_settings(tmp_path, tmp_path / "out", tmp_path / "cache", methods=["full", "linear"], workers=3, fixed={}), GPU_NODES)
+    check_trials_fit(_tiny_settings(tmp_path, tmp_path / "out", tmp_path / "cache", methods=["full"], workers=2, fixed={}), TWO_CPUS)
+
+
+def test_a_sweep_asking_for_a_gpu_on_a_cpu_ray_writes_nothing(ray_session, synthetic_root, tmp_path):
+    from medsweep.errors import ConfigError
+    from medsweep.search.sweep import run_sweep
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="but this Ray has no GPU"):
+        run_sweep(_tiny_settings(synthetic_root, out, tmp_path / "cache", gpus_per_trial=1.0))
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------ validation
 
 

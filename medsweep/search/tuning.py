@@ -70,15 +70,45 @@ def start_ray(settings: SweepSettings) -> None:
     """Join ``--address`` or start a local Ray with this machine's CPUs; quiet logs."""
     check_tracker(settings.tracker)
     quiet_tune_and_optuna()
-    if ray.is_initialized():
-        return
-    mode = wandb_mode(settings.wandb)
-    os.environ["WANDB_MODE"] = mode  # read by W&B and by Ray's API-key check (no prompt offline)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    # Tune warns at every forced experiment snapshot (each trial checkpoint with num_to_keep set);
-    # per-epoch checkpoints of short trials are the point here, not a misconfiguration.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    join_ray(settings.address, settings.connect_timeout, {"WANDB_MODE": mode, "WANDB_SILENT": "true"})
+    if not ray.is_initialized():
+        mode = wandb_mode(settings.wandb)
+        os.environ["WANDB_MODE"] = mode  # read by W&B and by Ray's API-key check (no prompt offline)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        # Tune warns at every forced experiment snapshot (each trial checkpoint with num_to_keep set);
+        # per-epoch checkpoints of short trials are the point here, not a misconfiguration.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        join_ray(settings.address, settings.connect_timeout, {"WANDB_MODE": mode, "WANDB_SILENT": "true"})
+    if settings.address is None:
+        check_trials_fit(settings, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+
+
+def check_trials_fit(settings: SweepSettings, nodes: list[dict[str, float]]) -> None:
+    """Refuse, in one line, a trial that no node of a local Ray could ever place: Tune would wait for it for good.
+
+    ``nodes``: each live node's resources. A trial's CPUs and GPU share sit on one node; a DDP group's workers
+    (one CPU each, and one GPU each on GPUs) may spread over several. Only for a Ray that cannot grow (no
+    ``--address``): a cluster joined with ``--address`` may autoscale to what a trial asks for."""
+    from medsweep.trainables.methods import runs_ddp
+
+    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    all_cpus, all_gpus = sum(node.get("CPU", 0.0) for node in nodes), sum(node.get("GPU", 0.0) for node in nodes)
+    ddp = [method for method in settings.methods if runs_ddp(method)] if settings.workers > 1 else []
+    alone = [method for method in settings.methods if method not in ddp]
+    cpus, gpus = settings.cpus_per_trial, settings.gpus_per_trial
+    if alone and cpus > most_cpus:
+        raise ConfigError(f"--cpus-per-trial {cpus:g}: no node of this Ray has that many CPUs (the largest has {most_cpus:g}); pass at most {most_cpus:g}")
+    if gpus and not all_gpus:
+        raise ConfigError(f"--gpus-per-trial {gpus:g}, but this Ray has no GPU; leave it out (trials then run on CPUs)")
+    if gpus and alone and gpus > most_gpus:
+        raise ConfigError(f"--gpus-per-trial {gpus:g}: no node of this Ray has that many GPUs (the largest has {most_gpus:g}); pass at most {most_gpus:g}")
+    on_gpus = bool(all_gpus) and gpus != 0  # DDP workers take whole GPUs, unless --gpus-per-trial 0 keeps them on CPUs
+    devices, kind = (all_gpus, "GPUs") if on_gpus else (all_cpus, "CPUs")
+    if ddp and settings.workers > devices:
+        raise ConfigError(
+            f"--workers {settings.workers}: a DDP group of {ddp[0]} takes one of this Ray's {kind} per worker, and it has "
+            f"{devices:g}; pass at most --workers {int(devices)}"
+        )
 
 
 def join_ray(address: str | None, connect_timeout: float, env: dict[str, str] | None = None) -> None:

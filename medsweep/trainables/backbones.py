@@ -10,8 +10,10 @@
 * a ``.pth`` file of an MAE-style timm ViT (the MRM and CXR_MAE checkpoints of
   the LoRA-medical work): its ViT shape is read off the tensors and the
   weights converted (:mod:`medsweep.trainables.checkpoints`);
-* anything else: treated as a hub id and loaded with ``from_pretrained`` (needs a
-  network; without one the error says to pass a local directory instead).
+* anything else: treated as a hub id and loaded with ``from_pretrained``; without a
+  network (the hub's host does not resolve) only from the local Hugging Face cache, at
+  once rather than after the hub client's half a minute of retries, and the error says
+  to pass a local directory instead.
 
 Whatever the class underneath, a :class:`Backbone` carries the model plus what
 preprocessing and the preload cache need: family, mean/std, native image size
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -323,12 +326,31 @@ def _load_mae(path: Path) -> Backbone:
     return Backbone(model.eval(), "vit", IMAGENET_MEAN, IMAGENET_STD, square_size(config.image_size), f"mae-{_file_digest(path)}")
 
 
-def _load_pretrained(source: str, identity: str) -> Backbone:
+@cache
+def _hub_resolves() -> bool:
+    """Whether the Hugging Face Hub's host resolves: without it the hub client retries every request for ~30 s,
+    logging each try."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
     try:
-        config = AutoConfig.from_pretrained(source)
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "", 443)
+    except OSError:
+        return False
+    return True
+
+
+def _load_pretrained(source: str, identity: str) -> Backbone:
+    offline = not Path(source).is_dir() and not _hub_resolves()
+    hub = {"local_files_only": True} if offline else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **hub)
     except OSError as exc:  # no network, no such repo
+        where = "not in the local Hugging Face cache, and the hub cannot be reached" if offline else exc.__class__.__name__
         raise ConfigError(
-            f"cannot load backbone {source!r} ({exc.__class__.__name__}); without a network pass a local "
+            f"cannot load backbone {source!r} ({where}); without a network pass a local "
             f"directory written by save_pretrained, or a registered name: {', '.join(list_backbones())}"
         ) from None
     family = _FAMILY_BY_MODEL_TYPE.get(config.model_type)
@@ -338,17 +360,17 @@ def _load_pretrained(source: str, identity: str) -> Backbone:
     if _WITHOUT_WEIGHTS.get():  # the architecture from config.json, as from_pretrained builds it; no weight read
         with torch.device("meta"):
             if config.model_type == "clip":
-                model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(source))
+                model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(source, **hub))
             elif family == "vit":
-                model = ViTModel(ViTConfig.from_pretrained(source), add_pooling_layer=False)
+                model = ViTModel(ViTConfig.from_pretrained(source, **hub), add_pooling_layer=False)
             else:
                 model = AutoModel.from_config(config)
     elif config.model_type == "clip":
-        model = CLIPVisionModel.from_pretrained(source)
+        model = CLIPVisionModel.from_pretrained(source, **hub)
     elif family == "vit":
-        model = ViTModel.from_pretrained(source, add_pooling_layer=False)
+        model = ViTModel.from_pretrained(source, add_pooling_layer=False, **hub)
     else:
-        model = AutoModel.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, **hub)
     mean, std = _normalisation_of(source, family)
     size = getattr(model.config, "image_size", 224)
     return Backbone(model, family, mean, std, int(size), identity)
