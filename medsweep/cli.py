@@ -579,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SweepInterrupted as interrupted:
         print(f"medsweep: {interrupted}", file=sys.stderr)
+        if interrupted.ray_lost:  # Ray's shutdown at exit would wait 60 s on its lost GCS, then abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(interrupted.exit_code)
         return interrupted.exit_code
     except KeyboardInterrupt:
         print("medsweep: interrupted; finished work is kept (preload shards, trial checkpoints)", file=sys.stderr)

@@ -209,6 +209,44 @@ def test_resume_refuses_a_damaged_snapshot_in_one_line_before_anything_starts(tm
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def _snapshot_naming(experiment: Path, checkpoints: list[Path | None]) -> None:
+    """An experiment snapshot as Tune writes it, its trials restoring from ``checkpoints`` (Tune's own manager)."""
+    from ray.train import Checkpoint
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+
+    trials = []
+    for path in checkpoints:
+        manager = _CheckpointManager(checkpoint_config=None)
+        if path is not None:
+            manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(path)), metrics={"epoch": 2}))
+        metadata = {"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(manager).hex()}}
+        trials.append(["{}", json.dumps(metadata)])
+    (experiment / "experiment_state-2026-12-07_07-49-19.json").write_text(json.dumps({"trial_data": trials}))
+
+
+def test_resume_gives_a_trial_back_the_checkpoint_tune_deleted_before_its_snapshot_landed(tmp_path):
+    """A driver that ends between Tune deleting a trial's old checkpoint and its snapshot copy landing leaves a
+    snapshot naming the deleted one (seen after a SIGTERM to the sweep's process group): the trial's newest complete
+    checkpoint takes its name, so Tune's restore finds it and the trial goes on from its newest epoch."""
+    experiment = tmp_path / "ray" / "tune"
+    lost_trial, kept_trial, bare_trial = (experiment / f"trial-{name}" for name in ("lost", "kept", "bare"))
+    for folder, names in ((lost_trial, ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004"]), (kept_trial, ["checkpoint_000001"]), (bare_trial, [])):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).mkdir()
+            (folder / name / "checkpoint.pt").write_text(name)
+    (lost_trial / "checkpoint_000004" / "checkpoint.pt").unlink()  # being written when the trial was killed
+    _snapshot_naming(experiment, [lost_trial / "checkpoint_000001", kept_trial / "checkpoint_000001", bare_trial / "checkpoint_000000", None])
+
+    mended = resume.mend_lost_checkpoints(experiment)
+
+    assert len(mended) == 1 and mended[0].startswith("trial-lost: checkpoint_000001") and "going on from checkpoint_000003" in mended[0]
+    assert sorted(p.name for p in lost_trial.iterdir()) == ["checkpoint_000001"]  # the others unknown to the snapshot: gone
+    assert (lost_trial / "checkpoint_000001" / "checkpoint.pt").read_text() == "checkpoint_000003"
+    assert (kept_trial / "checkpoint_000001" / "checkpoint.pt").read_text() == "checkpoint_000001"
+    assert resume.mend_lost_checkpoints(experiment) == []  # mended once
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path, monkeypatch):
@@ -483,9 +521,10 @@ def _assert_interrupted(out: Path, log: Path, returncode: int, expected: int) ->
     assert "FAIL" not in {t.state.name for t in load_study(out).trials}
 
 
-def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: signal.Signals) -> int:
-    """Run ``argv`` (a sweep or a resume of ``out``); once it has reported a result of its own, send it
-    ``signals`` back to back; return its exit code."""
+def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, signals: tuple[signal.Signals, ...], group: bool) -> int:
+    """Run ``argv`` (a sweep or a resume of ``out``); once it has reported a result of its own, send
+    ``signals`` back to back to it, or with ``group`` to its whole process group (Ray's processes included, as
+    ``timeout`` or SLURM's ``scancel`` do); return its exit code."""
     before = sum(len(_results(t)) for t in _trial_dirs(out))
     driver = _start_driver(argv, log)
 
@@ -493,7 +532,7 @@ def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: 
         if sum(len(_results(t)) for t in _trial_dirs(out)) <= before:
             return False
         for signum in signals:
-            driver.send_signal(signum)
+            os.killpg(driver.pid, signum) if group else driver.send_signal(signum)
         return True
 
     try:
@@ -507,19 +546,25 @@ def _interrupt_once_it_reports(argv: list[str], out: Path, log: Path, *signals: 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_sweep_interrupted_each_way_writes_no_answer_and_resumes_to_its_trial_count(ray_session, tiny_root, cache_dir, tmp_path, capsys):
-    """One sweep stopped three times, each after it reported: SIGTERM (a scheduler) to ``medsweep sweep``,
-    SIGINT (Ctrl-C) to its ``medsweep resume``, and two SIGINTs back to back (the second does not wait for
-    Tune's graceful stop) to the next resume. Each time: exit 128 + signal, one line, no answer, no study trial
-    failed. A last resume, in this process, finishes with exactly the planned trials, each run to its last
-    epoch. (One chain instead of one sweep per signal, and the last resume on the session's Ray: each
-    ``medsweep`` process costs the suite ~25 s of start-up on 2 cores.)"""
+    """One sweep stopped three times, each after it reported: SIGTERM to the whole process group of
+    ``medsweep sweep`` (``timeout``, SLURM's ``scancel``: Ray's own processes get it too, so Tune cannot stop
+    gracefully, and the driver once waited 60 s on the lost GCS and exited 1 with Ray's error), SIGTERM to the
+    driver of its ``medsweep resume`` alone (a container's stop: Tune's graceful stop), and two SIGINTs back to
+    back (Ctrl-C twice: the second does not wait for Tune's graceful stop) to the next resume. Each time: exit
+    128 + signal, one line, no answer, no study trial failed. A last resume, in this process, finishes with
+    exactly the planned trials, each run to its last epoch. (One chain instead of one sweep per signal, and the
+    last resume on the session's Ray: each ``medsweep`` process costs the suite ~25 s of start-up on 2 cores.)"""
     out, trials, epochs = tmp_path / "sweep", 4, 8  # 8 epochs: a resume still has epochs left when it is stopped
     resume_argv = [sys.executable, "-m", "medsweep.cli", "resume", str(out), "--quiet"]
     sweep = _sweep_argv(tiny_root, out, cache_dir, trials, "--final-seeds", "0", epochs=epochs)
-    stops = [(sweep, (signal.SIGTERM,), 143), (resume_argv, (signal.SIGINT,), 130), (resume_argv, (signal.SIGINT, signal.SIGINT), 130)]
-    for index, (argv, signals, expected) in enumerate(stops):
+    stops = [
+        (sweep, (signal.SIGTERM,), True, 143),
+        (resume_argv, (signal.SIGTERM,), False, 143),
+        (resume_argv, (signal.SIGINT, signal.SIGINT), False, 130),
+    ]
+    for index, (argv, signals, group, expected) in enumerate(stops):
         log = tmp_path / f"driver-{index}.log"
-        _assert_interrupted(out, log, _interrupt_once_it_reports(argv, out, log, *signals), expected)
+        _assert_interrupted(out, log, _interrupt_once_it_reports(argv, out, log, signals, group), expected)
     capsys.readouterr()
     assert resume.run(_resume_args(out)) == 0
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})

@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,16 +41,20 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # API, unfetched metrics of unstarted trials), silenced by raising the level, and this one error.
 _TUNE_LOGGER = "ray.tune"
 _TUNE_STOP_ERROR = "Trials did not complete"
+LOCAL_RAY_EXIT_S = 0.3  # how long a signal's handler watches the local Ray's processes (see _local_ray_stopping)
 
 
 class SweepInterrupted(KeyboardInterrupt):
     """A signal ended the sweep in ``out``; a KeyboardInterrupt so that ``except Exception`` in
     libraries does not swallow it. The CLI prints it as one line and exits with :attr:`exit_code`."""
 
-    def __init__(self, signum: int, out: Path) -> None:
+    def __init__(self, signum: int, out: Path, ray_lost: bool = False) -> None:
+        """``ray_lost``: the signal also stopped the Ray this process started (:func:`_local_ray_stopping`): the
+        CLI then leaves without Ray's own shutdown, which waits 60 s on the lost GCS and ends in an error."""
         super().__init__(signum, out)
         self.signum = signum
         self.out = Path(out)
+        self.ray_lost = ray_lost
 
     @property
     def exit_code(self) -> int:
@@ -76,6 +82,7 @@ class InterruptGuard:
         self._tune_before: Any = None
         self._in_tune = False
         self._lock: SweepLock | None = None
+        self.ray_lost = False  # the signal reached the local Ray's processes too
 
     def lock_out(self) -> None:
         """Hold the sweep folder's lock (:mod:`medsweep.search.lock`) until the guard exits: a second
@@ -95,7 +102,7 @@ class InterruptGuard:
         if self._lock is not None:
             self._lock.release()
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, SweepInterrupted):
-            raise SweepInterrupted(self.signum or signal.SIGINT, self.out) from None
+            raise SweepInterrupted(self.signum or signal.SIGINT, self.out, self.ray_lost) from None
 
     def _restore(self) -> None:
         if self._saved_env is None:
@@ -131,7 +138,7 @@ class InterruptGuard:
 
     def raise_if_interrupted(self) -> None:
         if self.signum is not None:
-            raise SweepInterrupted(self.signum, self.out)
+            raise SweepInterrupted(self.signum, self.out, self.ray_lost)
 
     def _tune_stop(self) -> Any:
         """Tune's graceful-stop handler, if a running ``fit`` has installed it (else None)."""
@@ -144,10 +151,33 @@ class InterruptGuard:
         first = self.signum is None
         if first:
             self.signum = signum
+            # Ray shields its own processes from SIGINT (a terminal's Ctrl-C reaches the whole group), not from SIGTERM.
+            self.ray_lost = signum != signal.SIGINT and _local_ray_stopping()
         stop = self._tune_stop()
-        if first and stop is not None:
+        if first and stop is not None and not self.ray_lost:
             logging.getLogger(_TUNE_LOGGER).setLevel(logging.ERROR)
             stop(signum, frame)
             return
         assert self.signum is not None  # set above by the first signal
-        raise SweepInterrupted(self.signum, self.out)
+        raise SweepInterrupted(self.signum, self.out, self.ray_lost)
+
+
+def _local_ray_stopping(within_s: float = LOCAL_RAY_EXIT_S) -> bool:
+    """Whether the Ray this process started is going down with it: some of its processes exit within ``within_s``.
+
+    A SIGTERM sent to the driver's whole process group (``timeout``, SLURM's ``scancel``, systemd's stop) reaches
+    Ray's own processes too (Ray shields them from SIGINT only): Tune's graceful stop would then wait on a
+    GCS that is going away, and Ray ends the driver after 60 s with an error (seen: exit 1, no resumable line).
+    Such a sweep is stopped at once instead, as by a second signal; ``medsweep resume`` continues it from Tune's
+    last snapshot, as after a killed driver. Ray's dashboard and log monitor exit within ~25 ms of a SIGTERM."""
+    node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)
+    if node is None or not getattr(node, "head", False):
+        return False  # a Ray this process joined: its processes are not ours to watch
+    processes = [info.process for infos in node.all_processes.values() for info in infos if info.process is not None]
+    deadline = time.monotonic() + within_s
+    while True:
+        if any(process.poll() is not None for process in processes):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickletools
+import shutil
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,44 @@ def check_snapshot(experiment: Path) -> None:
             )
 
 
+def mend_lost_checkpoints(experiment: Path) -> list[str]:
+    """Give back each trial the checkpoint Tune's newest snapshot restores it from, where Tune deleted it; returns
+    one line per trial mended.
+
+    Tune deletes a trial's checkpoints beyond ``num_to_keep`` as it registers new ones, and copies its experiment
+    snapshot to the sweep's folder in the background (forced every ``num_to_keep`` checkpoints of a trial, but the
+    copy can lag). A driver that ends before the copy lands (SIGKILL, or a SIGTERM to its whole process group)
+    leaves a snapshot naming a checkpoint already deleted, and Tune's restore of that trial failed ("does not
+    exist on storage anymore") until the trial ended in ``error`` (seen with tiny epochs). Its newest complete
+    checkpoint, which the snapshot never heard of, takes the lost one's name: the trial goes on from there (the
+    loop reads its epoch from the checkpoint, so no epoch is run twice), and the other checkpoints the snapshot
+    never heard of, which Tune would overwrite or leave behind, are removed."""
+    import pickle
+
+    from medsweep.trainables.loop import CHECKPOINT_FILE
+
+    saved = sorted(experiment.glob("experiment_state-*.json"))
+    if not saved:
+        return []
+    mended = []
+    for _, metadata in json.loads(saved[-1].read_text())["trial_data"]:
+        manager = json.loads(metadata).get("checkpoint_manager")
+        latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result if manager else None
+        lost = Path(latest.checkpoint.path) if latest is not None else None
+        if lost is None or lost.exists() or not lost.parent.is_dir():
+            continue
+        unknown = sorted(p for p in lost.parent.glob("checkpoint_*") if p.name > lost.name)
+        complete = [p for p in unknown if (p / CHECKPOINT_FILE).is_file()]  # not one a killed trial was writing
+        if not complete:
+            continue
+        complete[-1].rename(lost)
+        for stale in unknown:
+            if stale != complete[-1]:
+                shutil.rmtree(stale, ignore_errors=True)
+        mended.append(f"{lost.parent.name}: {lost.name}, which the saved search restores, was deleted before it saved again; going on from {complete[-1].name}")
+    return mended
+
+
 def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     """Continue the sweep in ``out`` to its planned number of trials, then write its answer."""
     settings = load_settings(out)
@@ -121,6 +160,8 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
         with guard.tune_stops_gracefully():
             if tuning.can_resume(settings):
                 console.console.print(f"[bold]resume[/] restoring the search saved in {experiment_dir(out)}")
+                for line in mend_lost_checkpoints(experiment_dir(out)):
+                    console.console.print(f"[bold]resume[/] trial {line}")
                 grid = tuning.resume_tuner(settings, stores, console)
             else:
                 console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")

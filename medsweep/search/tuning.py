@@ -608,10 +608,21 @@ class SweepSearch(OptunaSearch):
         os.replace(partial, checkpoint_path)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        """Tell the study the trial's value (a non-finite one as FAIL); a trial the study holds as finished already
+        (the rerun of a trial whose end a killed driver told, see :meth:`on_trial_result`) keeps the value it has,
+        where OptunaSearch logged Optuna's refusal ("Cannot tell a COMPLETE trial") on the resumed sweep's console."""
+        asked = self._ot_trials.get(trial_id)
+        if asked is not None and trial_id not in self._completed_trials and self._told_already(asked.number):
+            self._completed_trials.add(trial_id)
+            return
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if result is not None and not all(_finite(result.get(m)) for m in metrics):
             result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _told_already(self, number: int) -> bool:
+        assert self._ot_study is not None  # set up by the constructor (a space was given)
+        return self._ot_study.get_trials(deepcopy=False)[number].state.is_finished()
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Skip the intermediate value of an Optuna trial already finished in the study.
@@ -930,12 +941,16 @@ def resume_tuner(
     ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
     sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
+    # Tune's restore reads every trial's results so far, and warns of each trial that had reported none yet
+    # (one pending or starting when the driver stopped): that is what a resume continues, not a fault.
+    unreported = _dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
     with sweep_cohorts(settings, shared, stores, console) as cohorts:
-        tuner = Tuner.restore(
-            str(experiment_dir(settings.out)),
-            trainable=build_trainable(settings, shared, cohorts),
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=atomic_local_filesystem(),
-        )
+        with unreported:
+            tuner = Tuner.restore(
+                str(experiment_dir(settings.out)),
+                trainable=build_trainable(settings, shared, cohorts),
+                resume_unfinished=True,
+                resume_errored=True,
+                storage_filesystem=atomic_local_filesystem(),
+            )
         return _fit(settings, console, cohorts, tuner)
