@@ -247,6 +247,36 @@ def test_resume_gives_a_trial_back_the_checkpoint_tune_deleted_before_its_snapsh
     assert resume.mend_lost_checkpoints(experiment) == []  # mended once
 
 
+def test_a_rerun_trial_whose_end_the_study_holds_keeps_its_value_and_logs_nothing():
+    """A killed driver told the study a trial's end before Tune's snapshot said so; the resumed sweep reruns the
+    trial from its checkpoint, and its reports and end leave the study's value as it was, without Optuna's
+    refusal ("Cannot tell a COMPLETE trial") on the console."""
+    import logging
+
+    from optuna.samplers import TPESampler
+
+    from medsweep.search.space import build_search
+    from medsweep.search.tuning import SweepSearch
+
+    space, points = build_search(["linear"], {"linear": {"method": "linear"}}, dataset="synthetic")
+    searcher = SweepSearch(space=space, metric="best_val_auc", mode="max", points_to_evaluate=points, sampler=TPESampler(seed=0))
+    searcher.suggest("t0")
+    study = searcher._ot_study
+    assert study is not None
+    study.tell(searcher._ot_trials["t0"], 0.7)  # what the killed driver had told
+    logger, seen = logging.getLogger("ray.tune.search.optuna.optuna_search"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        searcher.on_trial_result("t0", {"best_val_auc": 0.9, "training_iteration": 3})
+        searcher.on_trial_complete("t0", {"best_val_auc": 0.9})
+    finally:
+        logger.removeHandler(handler)
+    assert seen == []
+    assert [(t.state.name, t.value) for t in study.get_trials()] == [("COMPLETE", 0.7)]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path, monkeypatch):
