@@ -59,6 +59,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def test_the_wandb_loggers_leave_no_temporary_folders(tiny_sweep):
+    """``import wandb`` makes two temporary folders per process, removed at interpreter exit, which a Ray actor
+    killed after its run never reaches: each trial's W&B logger left two in /tmp until they were removed after the
+    run. Nothing else runs while the session's sweep does, so folders made in its time are its loggers'."""
+    import tempfile
+
+    out = tiny_sweep[0]
+    started = (out / "sweep.json").stat().st_mtime
+    ended = max(path.stat().st_mtime for path in (out / "wandb").rglob("*")) + 5
+    left = [folder for folder in Path(tempfile.gettempdir()).glob("tmp*wandb-*") if started <= folder.stat().st_ctime <= ended]
+    assert left == []
+
+
 def test_each_offline_wandb_run_holds_its_trials_values_tags_and_summary(tiny_sweep):
     out, settings, _ = tiny_sweep
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")

@@ -20,6 +20,8 @@ import math
 import os
 import signal
 import socket
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from optuna.samplers import RandomSampler, TPESampler
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 from ray import tune
-from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem
+from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem, _WandbLoggingActor
 from ray.tune import Callback, CheckpointConfig, FailureConfig, PlacementGroupFactory, RunConfig, TuneConfig, Tuner
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 from ray.tune.schedulers import ASHAScheduler
@@ -513,6 +515,26 @@ class CohortLeaves(Callback):
             ray.get(router.leave.remote(trial.trial_id), timeout=LEAVE_TIMEOUT_S)
 
 
+class _WandbRunLogger(_WandbLoggingActor):
+    """Ray's per-trial W&B logging actor, which also removes the two temporary folders ``import wandb`` makes in
+    each process (for media and artifacts): Ray kills the actor once its run has finished, so their cleanup at
+    interpreter exit never runs, and every trial left two folders in /tmp (thousands on a long sweep's node)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            _remove_wandb_temp_folders()
+
+
+def _remove_wandb_temp_folders() -> None:
+    for module, owner, name in (("wandb.sdk.data_types._private", None, "MEDIA_TMP"), ("wandb.sdk.artifacts.artifact", "Artifact", "_TMP_DIR")):
+        holder = sys.modules.get(module)
+        folder = getattr(getattr(holder, owner) if owner and holder else holder, name, None)
+        if isinstance(folder, tempfile.TemporaryDirectory):
+            folder.cleanup()
+
+
 class SweepWandbCallback(WandbLoggerCallback):
     """One W&B run per trial, tagged with the dataset and the trial's method, named ``<method>-<trial id>``.
 
@@ -522,6 +544,8 @@ class SweepWandbCallback(WandbLoggerCallback):
     Each run ends with ``wandb.finish`` when its trial ends, which writes the
     run's summary (last value of every metric, ``best_val_auc`` included).
     """
+
+    _logger_actor_cls = _WandbRunLogger
 
     def __init__(self, dataset: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
