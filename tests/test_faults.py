@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,42 +210,70 @@ def test_resume_refuses_a_damaged_snapshot_in_one_line_before_anything_starts(tm
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-def _snapshot_naming(experiment: Path, checkpoints: list[Path | None]) -> None:
-    """An experiment snapshot as Tune writes it, its trials restoring from ``checkpoints`` (Tune's own manager)."""
-    from ray.train import Checkpoint
+def _snapshot_knowing(experiment: Path, trials: list[list[Path]]) -> None:
+    """An experiment snapshot as Tune writes it, each trial's manager (Tune's own, keeping 2) knowing ``trials``'
+    checkpoints, the last its restore point."""
+    from ray.train import Checkpoint, CheckpointConfig
     from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
 
-    trials = []
-    for path in checkpoints:
-        manager = _CheckpointManager(checkpoint_config=None)
-        if path is not None:
-            manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(path)), metrics={"epoch": 2}))
+    data = []
+    for paths in trials:
+        manager = _CheckpointManager(checkpoint_config=CheckpointConfig(num_to_keep=2))
+        for epoch, path in enumerate(paths, start=1):
+            manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(path)), metrics={"epoch": epoch}))
         metadata = {"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(manager).hex()}}
-        trials.append(["{}", json.dumps(metadata)])
-    (experiment / "experiment_state-2026-12-07_07-49-19.json").write_text(json.dumps({"trial_data": trials}))
+        data.append(["{}", json.dumps(metadata)])
+    (experiment / "experiment_state-2026-12-07_07-49-19.json").write_text(json.dumps({"trial_data": data}))
 
 
-def test_resume_gives_a_trial_back_the_checkpoint_tune_deleted_before_its_snapshot_landed(tmp_path):
-    """A driver that ends between Tune deleting a trial's old checkpoint and its snapshot copy landing leaves a
-    snapshot naming the deleted one (seen after a SIGTERM to the sweep's process group): the trial's newest complete
-    checkpoint takes its name, so Tune's restore finds it and the trial goes on from its newest epoch."""
+def _checkpoints(folder: Path, *names: str) -> list[Path]:
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "checkpoint.pt").write_text(name)
+    return [folder / name for name in names]
+
+
+def test_resume_gives_a_trial_back_the_checkpoints_tune_deleted_before_its_snapshot_landed(tmp_path):
+    """A driver that ends between Tune deleting a trial's old checkpoints and its snapshot copy landing leaves a
+    snapshot knowing deleted ones (seen after a SIGTERM to the sweep's process group). The trial's newest complete
+    checkpoint takes the lost restore point's name, and a lost older one comes back empty: Tune's restore finds
+    its checkpoint, and its rotation at the trial's next checkpoint (Tune's own manager here) finds what it deletes."""
+    from ray.train import Checkpoint
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+
     experiment = tmp_path / "ray" / "tune"
-    lost_trial, kept_trial, bare_trial = (experiment / f"trial-{name}" for name in ("lost", "kept", "bare"))
-    for folder, names in ((lost_trial, ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004"]), (kept_trial, ["checkpoint_000001"]), (bare_trial, [])):
-        folder.mkdir(parents=True)
-        for name in names:
-            (folder / name).mkdir()
-            (folder / name / "checkpoint.pt").write_text(name)
-    (lost_trial / "checkpoint_000004" / "checkpoint.pt").unlink()  # being written when the trial was killed
-    _snapshot_naming(experiment, [lost_trial / "checkpoint_000001", kept_trial / "checkpoint_000001", bare_trial / "checkpoint_000000", None])
+    lost, older, kept, bare = (experiment / f"trial-{name}" for name in ("lost", "older", "kept", "bare"))
+    _checkpoints(lost, "checkpoint_000000", "checkpoint_000001", "checkpoint_000002", "checkpoint_000003", "checkpoint_000004")
+    _checkpoints(older, "checkpoint_000000", "checkpoint_000001", "checkpoint_000002")
+    _checkpoints(kept, "checkpoint_000000")
+    bare.mkdir(parents=True)
+    _snapshot_knowing(experiment, [
+        [lost / "checkpoint_000000", lost / "checkpoint_000001"],
+        [older / "checkpoint_000000", older / "checkpoint_000001"],
+        [kept / "checkpoint_000000"],
+        [bare / "checkpoint_000000"],
+        [],
+    ])  # fmt: skip
+    # What the killed driver had already deleted, and one checkpoint a killed trial was still writing.
+    for gone in (lost / "checkpoint_000000", lost / "checkpoint_000001", lost / "checkpoint_000002", older / "checkpoint_000000"):
+        shutil.rmtree(gone)
+    (lost / "checkpoint_000004" / "checkpoint.pt").unlink()
 
     mended = resume.mend_lost_checkpoints(experiment)
 
     assert len(mended) == 1 and mended[0].startswith("trial-lost: checkpoint_000001") and "going on from checkpoint_000003" in mended[0]
-    assert sorted(p.name for p in lost_trial.iterdir()) == ["checkpoint_000001"]  # the others unknown to the snapshot: gone
-    assert (lost_trial / "checkpoint_000001" / "checkpoint.pt").read_text() == "checkpoint_000003"
-    assert (kept_trial / "checkpoint_000001" / "checkpoint.pt").read_text() == "checkpoint_000001"
+    assert sorted(p.name for p in lost.iterdir()) == ["checkpoint_000000", "checkpoint_000001"]  # the unknown others: gone
+    assert (lost / "checkpoint_000001" / "checkpoint.pt").read_text() == "checkpoint_000003"
+    assert not any((lost / "checkpoint_000000").iterdir())  # an empty stand-in for Tune to delete
+    assert (kept / "checkpoint_000000" / "checkpoint.pt").read_text() == "checkpoint_000000"
     assert resume.mend_lost_checkpoints(experiment) == []  # mended once
+    # Tune's rotation at each trial's next checkpoint deletes the oldest it knows, which is there again.
+    state = json.loads(next(experiment.glob("experiment_state-*.json")).read_text())["trial_data"]
+    for (_, metadata), folder in zip(state[:2], (lost, older), strict=True):
+        manager = pickle.loads(bytes.fromhex(json.loads(metadata)["checkpoint_manager"]["value"]))
+        (folder / "checkpoint_000005").mkdir(exist_ok=True)
+        manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(str(folder / "checkpoint_000005")), metrics={"epoch": 6}))
+        assert not (folder / "checkpoint_000000").exists()
 
 
 def test_a_rerun_trial_whose_end_the_study_holds_keeps_its_value_and_logs_nothing():

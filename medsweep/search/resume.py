@@ -101,17 +101,19 @@ def check_snapshot(experiment: Path) -> None:
 
 
 def mend_lost_checkpoints(experiment: Path) -> list[str]:
-    """Give back each trial the checkpoint Tune's newest snapshot restores it from, where Tune deleted it; returns
-    one line per trial mended.
+    """Give back each trial the checkpoints Tune's newest snapshot knows, where Tune deleted them; returns one line
+    per trial whose restore point was mended.
 
     Tune deletes a trial's checkpoints beyond ``num_to_keep`` as it registers new ones, and copies its experiment
     snapshot to the sweep's folder in the background (forced every ``num_to_keep`` checkpoints of a trial, but the
     copy can lag). A driver that ends before the copy lands (SIGKILL, or a SIGTERM to its whole process group)
-    leaves a snapshot naming a checkpoint already deleted, and Tune's restore of that trial failed ("does not
-    exist on storage anymore") until the trial ended in ``error`` (seen with tiny epochs). Its newest complete
-    checkpoint, which the snapshot never heard of, takes the lost one's name: the trial goes on from there (the
-    loop reads its epoch from the checkpoint, so no epoch is run twice), and the other checkpoints the snapshot
-    never heard of, which Tune would overwrite or leave behind, are removed."""
+    leaves a snapshot whose trials know checkpoints already deleted. Two failures followed, both seen in the
+    interrupt test: the restore of a trial whose latest known checkpoint was gone ("does not exist on storage
+    anymore"), and, at the resumed trial's next checkpoint, Tune's deletion of an older one that was gone
+    (``FileNotFoundError`` in ``_process_trial_save``). So the trial's newest complete checkpoint, which the
+    snapshot never heard of, takes the lost latest one's name (the loop reads its epoch from it: no epoch is run
+    twice), the other checkpoints the snapshot never heard of are removed, and each older known one that is gone
+    becomes an empty folder for Tune to delete in its turn."""
     import pickle
 
     from medsweep.trainables.loop import CHECKPOINT_FILE
@@ -121,20 +123,24 @@ def mend_lost_checkpoints(experiment: Path) -> list[str]:
         return []
     mended = []
     for _, metadata in json.loads(saved[-1].read_text())["trial_data"]:
-        manager = json.loads(metadata).get("checkpoint_manager")
-        latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result if manager else None
-        lost = Path(latest.checkpoint.path) if latest is not None else None
-        if lost is None or lost.exists() or not lost.parent.is_dir():
+        pickled = json.loads(metadata).get("checkpoint_manager")
+        manager = pickle.loads(bytes.fromhex(pickled["value"])) if pickled else None
+        latest = manager.latest_checkpoint_result if manager is not None else None
+        if latest is None or not Path(latest.checkpoint.path).parent.is_dir():
             continue
-        unknown = sorted(p for p in lost.parent.glob("checkpoint_*") if p.name > lost.name)
-        complete = [p for p in unknown if (p / CHECKPOINT_FILE).is_file()]  # not one a killed trial was writing
-        if not complete:
-            continue
-        complete[-1].rename(lost)
-        for stale in unknown:
-            if stale != complete[-1]:
-                shutil.rmtree(stale, ignore_errors=True)
-        mended.append(f"{lost.parent.name}: {lost.name}, which the saved search restores, was deleted before it saved again; going on from {complete[-1].name}")
+        lost = Path(latest.checkpoint.path)
+        if not lost.exists():
+            unknown = sorted(p for p in lost.parent.glob("checkpoint_*") if p.name > lost.name)
+            complete = [p for p in unknown if (p / CHECKPOINT_FILE).is_file()]  # not one a killed trial was writing
+            if not complete:
+                continue
+            complete[-1].rename(lost)
+            for stale in unknown:
+                if stale != complete[-1]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            mended.append(f"{lost.parent.name}: {lost.name}, which the saved search restores, was deleted; going on from {complete[-1].name}")
+        for known in getattr(manager, "_checkpoint_results", []):  # Tune's list of the checkpoints it keeps
+            Path(known.checkpoint.path).mkdir(parents=True, exist_ok=True)
     return mended
 
 
