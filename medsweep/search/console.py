@@ -9,6 +9,7 @@ table would be noise, every trial event is one line instead.
 from __future__ import annotations
 
 import io
+import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -43,6 +44,21 @@ def _short(config: dict[str, Any]) -> str:
     ]
     parts = [f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in keys]
     return " ".join(parts)
+
+
+@contextmanager
+def dropping(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """While in the block, ``logger`` drops its records whose message starts with ``prefix``: a library's notice
+    the console has no use for (Ray's, Tune's), the logger's other records kept."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _restored_console(quiet: bool) -> SweepConsole:

@@ -67,11 +67,6 @@ class SweepInterrupted(KeyboardInterrupt):
         return f"interrupted: `medsweep resume {self.out}` continues"
 
 
-class _DropTuneStopError(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TUNE_STOP_ERROR)
-
-
 class InterruptGuard:
     """Handles SIGINT and SIGTERM for one sweep; see the module docstring."""
 
@@ -124,16 +119,17 @@ class InterruptGuard:
     @contextmanager
     def tune_stops_gracefully(self) -> Iterator[None]:
         """Around the Tuner: a first signal stops Tune gracefully; raises once ``fit`` has returned."""
+        from medsweep.search.console import dropping  # rich: not for `medsweep --help`, which imports this module
+
         self._tune_before, self._in_tune = signal.getsignal(signal.SIGUSR1), True
-        tune_logger, run_logger = logging.getLogger(_TUNE_LOGGER), logging.getLogger(f"{_TUNE_LOGGER}.tune")
-        level, quiet = tune_logger.level, _DropTuneStopError()
-        run_logger.addFilter(quiet)
+        tune_logger = logging.getLogger(_TUNE_LOGGER)
+        level = tune_logger.level
         try:
-            yield
+            with dropping(logging.getLogger(f"{_TUNE_LOGGER}.tune"), _TUNE_STOP_ERROR):
+                yield
         finally:
             self._in_tune = False
             tune_logger.setLevel(level)
-            run_logger.removeFilter(quiet)
         self.raise_if_interrupted()
 
     def raise_if_interrupted(self) -> None:

@@ -46,7 +46,7 @@ from medsweep.errors import ConfigError
 from medsweep.search.atomic_storage import atomic_local_filesystem
 from medsweep.search.cohort_pins import CohortPins
 from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
-from medsweep.search.console import SweepConsole
+from medsweep.search.console import SweepConsole, dropping
 from medsweep.search.data import StoreData, share_stores
 from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
@@ -127,23 +127,9 @@ def join_ray(address: str | None, connect_timeout: float, env: dict[str, str] | 
     else:
         # A local cluster medsweep starts and stops itself gets Ray's default token authentication; Ray's
         # notice of it ("Set RAY_AUTH_MODE=disabled to opt out") is about a choice no user makes here.
-        with _dropping(logging.getLogger("ray._private.authentication.authentication_token_setup"), "Token authentication is enabled"):
+        with dropping(logging.getLogger("ray._private.authentication.authentication_token_setup"), "Token authentication is enabled"):
             ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
     quiet_ray_data()
-
-
-@contextlib.contextmanager
-def _dropping(logger: logging.Logger, prefix: str) -> Iterator[None]:
-    """While in the block, ``logger`` drops its records whose message starts with ``prefix``."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(prefix)
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
 
 
 def quiet_tune_and_optuna() -> None:
@@ -528,10 +514,9 @@ class _WandbRunLogger(_WandbLoggingActor):
 
 
 def _remove_wandb_temp_folders() -> None:
-    for module, owner, name in (("wandb.sdk.data_types._private", None, "MEDIA_TMP"), ("wandb.sdk.artifacts.artifact", "Artifact", "_TMP_DIR")):
-        holder = sys.modules.get(module)
-        folder = getattr(getattr(holder, owner) if owner and holder else holder, name, None)
-        if isinstance(folder, tempfile.TemporaryDirectory):
+    media, artifacts = sys.modules.get("wandb.sdk.data_types._private"), sys.modules.get("wandb.sdk.artifacts.artifact")
+    for folder in (getattr(media, "MEDIA_TMP", None), getattr(getattr(artifacts, "Artifact", None), "_TMP_DIR", None)):
+        if isinstance(folder, tempfile.TemporaryDirectory):  # absent from another W&B version: nothing to remove
             folder.cleanup()
 
 
@@ -967,7 +952,7 @@ def resume_tuner(
     shared = share_data(settings, stores, console)
     # Tune's restore reads every trial's results so far, and warns of each trial that had reported none yet
     # (one pending or starting when the driver stopped): that is what a resume continues, not a fault.
-    unreported = _dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
+    unreported = dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
     with sweep_cohorts(settings, shared, stores, console) as cohorts:
         with unreported:
             tuner = Tuner.restore(
