@@ -114,3 +114,30 @@ def test_ray_datas_notice_that_progress_bars_are_off_is_not_printed():
     finally:
         logger.removeHandler(handler)
         quiet_ray_data()
+
+
+def test_the_leaderboard_prints_one_line_per_trial_at_the_consoles_width(tmp_path):
+    """Piped into a log (120 columns), the boxed leaderboard wrapped each trial's hyperparameters over 3-5 lines."""
+    import pandas as pd
+
+    long = {**FPT, "num_prompts": 16, "weight_decay": 0.1, "batch_size": 16, "lr": 0.000123456}
+    board = pd.DataFrame(
+        [
+            {"trial_id": "aaaa0001", "method": "fpt_plus", "best_val_auc": 0.93088, "epochs_run": 6, "learnable_pct": 14.51,
+             "peak_mem_mb": 5.386, "ppe": 0.8778, "status": "stopped early", **long},
+            {"trial_id": "bbbb0002", "method": "linear", "best_val_auc": 0.464, "epochs_run": 2, "learnable_pct": 0.1196,
+             "peak_mem_mb": 0.005085, "ppe": 0.4637, "status": "completed", **LINEAR, "keep_ratio": float("nan")},
+        ]
+    )  # fmt: skip
+    console = SweepConsole(record=True)
+    console.leaderboard(board, tmp_path)
+    lines = console.text().splitlines()
+    assert console.console.width == 120 and all(len(line) <= 120 for line in lines)
+    fpt_line, linear_line = (next(line for line in lines if trial in line) for trial in ("aaaa0001", "bbbb0002"))
+    assert "fpt_plus" in fpt_line and "0.9309" in fpt_line and "stopped early" in fpt_line and "lr=0.000123" in fpt_line
+    assert fpt_line.rstrip().endswith("…")  # cut to the width; leaderboard.csv has every value
+    assert "lr=0.0001 batch_size" not in linear_line and linear_line.rstrip().endswith("lr=0.0001")
+    wide = SweepConsole(record=True)
+    wide.console.width = 200
+    wide.leaderboard(board, tmp_path)
+    assert "batch_size=16" in next(line for line in wide.text().splitlines() if "aaaa0001" in line)

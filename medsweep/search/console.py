@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -255,17 +256,27 @@ class SweepConsole:
         self._refresh()
 
     def leaderboard(self, board, out: Path, limit: int = 15) -> None:
-        table = Table(title="leaderboard (validation split; the test split is never used in a search)")
-        table.add_column("trial")
-        for _, header in LEADERBOARD_COLUMNS:
-            table.add_column(header, justify="right")
-        table.add_column("hyperparameters")
-        for _, row in board.head(limit).iterrows():
-            cells = [row[c] for c, _ in LEADERBOARD_COLUMNS]
-            table.add_row(
-                str(row["trial_id"]),
-                *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells],
-                _short(row.to_dict()),
-            )
+        """The best ``limit`` trials, one line each (a log read in a pager or a SLURM output file keeps its rows
+        whole): the hyperparameters are cut with an ellipsis to the console's width; ``leaderboard.csv`` has them all."""
+        top = [row for _, row in board.head(limit).iterrows()]
+        rows = [[str(row["trial_id"]), *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c, _ in LEADERBOARD_COLUMNS]] for row in top]
+        table = Table(
+            title="leaderboard (validation split; the test split is never used in a search)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),  # a space after each value, then the box's space between columns
+        )
+        widths = []
+        for index, header in enumerate(["trial", *(header for _, header in LEADERBOARD_COLUMNS)]):
+            table.add_column(header, justify="left" if index == 0 else "right", no_wrap=True)
+            widths.append(max([len(header), *(len(cells[index]) for cells in rows)]))
+        table.add_column("hyperparameters", no_wrap=True)
+        # Each column: its values, a space of padding, and the box's space before the next column.
+        room = max(len("hyperparameters"), self.console.width - sum(w + 2 for w in widths))
+        for cells, row in zip(rows, top, strict=True):
+            settings = _short(row.to_dict())
+            table.add_row(*cells, settings if len(settings) <= room else settings[: room - 1] + "…")
         self.result(table)
         self.result(f"results in {out}: leaderboard.csv, leaderboard.parquet, best.yaml, {out / 'wandb'}")
