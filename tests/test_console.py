@@ -141,3 +141,27 @@ def test_the_leaderboard_prints_one_line_per_trial_at_the_consoles_width(tmp_pat
     wide.console.width = 200
     wide.leaderboard(board, tmp_path)
     assert "batch_size=16" in next(line for line in wide.text().splitlines() if "aaaa0001" in line)
+
+
+def test_each_trials_line_shows_its_hyperparameters_in_a_sweep_of_several_methods():
+    """Tune hands callbacks the sampled config, whose keys a sweep of several methods prefixes (``fpt_plus.lr``):
+    every per-epoch line of the default sweep showed an empty hyperparameters column."""
+    from optuna.samplers import TPESampler
+    from ray.tune.experiment import Trial
+
+    from medsweep.search.space import build_search
+    from medsweep.search.tuning import ConsoleCallback, SweepSearch
+
+    methods = ["fpt_plus", "linear"]
+    space, points = build_search(methods, {method: {"method": method} for method in methods}, dataset="synthetic")
+    searcher = SweepSearch(space=space, metric="best_val_auc", mode="max", points_to_evaluate=points, sampler=TPESampler(seed=0))
+    sampled = searcher.suggest("t0")
+    assert "fpt_plus.lr" in sampled and "lr" not in sampled  # what Tune's trial holds
+    trial = Trial("medsweep", config=sampled, stub=True)
+    console = SweepConsole(record=True)
+    callback = ConsoleCallback(console, total=1)
+    callback.on_trial_start(0, [trial], trial)
+    callback.on_trial_result(0, [trial], trial, {"epoch": 1, "val_auc": 0.71, "train_loss": 0.9})
+    callback.on_trial_complete(0, [trial], trial)
+    epoch_line = next(line for line in console.text().splitlines() if "epoch  1" in line)
+    assert f"lr={sampled['fpt_plus.lr']:.3g}" in epoch_line and f"keep_ratio={sampled['fpt_plus.keep_ratio']:.3g}" in epoch_line

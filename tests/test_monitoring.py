@@ -84,6 +84,9 @@ def test_each_offline_wandb_run_holds_its_trials_values_tags_and_summary(tiny_sw
         assert summary["tags"] == [dataset, row["method"]]
         assert summary["name"] == f"{row['method']}-{summary['run_id']}"
         assert summary["state"] == "finished"  # wandb.finish ran: the summary record is in the file
+        # The config the trial ran with, flat: this sweep of two methods samples prefixed keys (fpt_plus.lr)
+        ran = json.loads(row["config_json"])
+        assert {key: summary["config"].get(key) for key in ran} == ran and not [k for k in summary["config"] if "." in k]
         history = [json.loads(line)["history"]["item"] for line in _inspect(run_file).splitlines() if '"type":"history"' in line]
         assert [h["epoch"] for h in history] == list(range(1, int(row["epochs_run"]) + 1))
         assert max(h["val_auc"] for h in history) == pytest.approx(row["best_val_auc"])

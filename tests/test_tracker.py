@@ -104,7 +104,8 @@ def test_the_mlflow_store_holds_one_run_per_trial_with_the_leaderboards_values(m
 
 
 def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monkeypatch):
-    """A new driver (``medsweep resume``) has no trial -> run map: it finds the trial's run by its tag."""
+    """A new driver (``medsweep resume``) has no trial -> run map: it finds the trial's run by its tag. The run's
+    parameters are the trial's flat config (``lr``, not the ``linear.lr`` a sweep of several methods samples)."""
     from mlflow.tracking import MlflowClient
     from ray.tune.experiment import Trial
 
@@ -113,7 +114,9 @@ def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monk
     for epochs in ([1], [2]):  # the first driver, then the resumed one
         (callback,) = _trackers(tmp_path, synthetic_spec, tracker="mlflow")
         callback.setup()
-        trial = Trial("run_trial", config={"method": "linear", "lr": 0.01}, trial_id="abc00001", stub=True)
+        # as a sweep of several methods samples it (prefixed keys)
+        sampled = {"method": "linear", "linear.lr": 0.01, "linear.batch_size": 16, "epochs": 2}
+        trial = Trial("run_trial", config=sampled, trial_id="abc00001", stub=True)
         callback.log_trial_start(trial)
         for epoch in epochs:
             callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 10, "training_iteration": 1})
@@ -122,3 +125,5 @@ def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monk
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / MLFLOW_DB}")
     assert runs[0] == runs[1] and len(client.search_runs([callback.mlflow_util.experiment_id])) == 1
     assert [(m.step, m.value) for m in client.get_metric_history(runs[0], "val_auc")] == [(1, 0.6), (2, 0.7)]
+    # its parameters: the flat config the trial ran with, as the leaderboard has it
+    assert client.get_run(runs[0]).data.params == {"method": "linear", "lr": "0.01", "batch_size": "16", "epochs": "2"}

@@ -20,6 +20,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 
 from medsweep.errors import ConfigError
+from medsweep.search.space import trial_config
 from medsweep.search.study import MLFLOW_DB
 
 
@@ -72,7 +73,9 @@ class SweepMlflowCallback(MLflowLoggerCallback):
                 found = self.mlflow_util.start_run(tags=tags, run_name=f"{method}-{trial.trial_id}").info.run_id
             self._trial_runs[trial] = found
         self.mlflow_util._get_client().update_run(self._trial_runs[trial], status="RUNNING")  # a retried or resumed trial
-        super().log_trial_start(trial)  # logs the config as the run's parameters
+        # The run's parameters: the flat config the trial ran with (``lr``, not the ``fpt_plus.lr`` a sweep of
+        # several methods samples), as the leaderboard has it. Ray's own log_trial_start would log the sampled one.
+        self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial_config(trial.config))
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         step = int(result.get("epoch") or result[TRAINING_ITERATION])

@@ -51,7 +51,7 @@ from medsweep.search.data import StoreData, share_stores
 from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
-from medsweep.search.space import build_search
+from medsweep.search.space import build_search, trial_config
 from medsweep.search.study import COHORTS_FILE, RAY_DIR, STUDY_NAME, TRAIN_DIR, experiment_dir, study_storage
 from medsweep.search.tracking import SweepMlflowCallback, check_tracker, mlflow_experiment, mlflow_uri
 from medsweep.search.trial import run_trial
@@ -431,7 +431,9 @@ def trial_resources(settings: SweepSettings, gpus: dict[str, float], cohorts: Co
 
 
 class ConsoleCallback(Callback):
-    """Forwards trial events to the console (the live table of running trials, or one line per event).
+    """Forwards trial events to the console (the live table of running trials, or one line per event), each with
+    the trial's flat config: a sweep of several methods samples prefixed keys (``fpt_plus.lr``), and the console
+    showed no hyperparameters for them.
 
     Its count of finished trials is saved with the experiment (``get_state``),
     so a resumed sweep keeps counting from where the interrupted one stopped.
@@ -449,17 +451,17 @@ class ConsoleCallback(Callback):
         self.finished = state["finished"]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.console.trial_start(trial.trial_id, trial.config)
+        self.console.trial_start(trial.trial_id, trial_config(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.console.trial_result(trial.trial_id, trial.config, result)
+        self.console.trial_result(trial.trial_id, trial_config(trial.config), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        self.console.trial_done(trial.trial_id, trial.config, trial.last_result, self.finished, self.total)
+        self.console.trial_done(trial.trial_id, trial_config(trial.config), trial.last_result, self.finished, self.total)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.console.trial_error(trial.trial_id, trial.config, str(trial.error_file))
+        self.console.trial_error(trial.trial_id, trial_config(trial.config), str(trial.error_file))
 
 
 class CurvesSurviveRestarts(Callback):
@@ -521,7 +523,9 @@ def _remove_wandb_temp_folders() -> None:
 
 
 class SweepWandbCallback(WandbLoggerCallback):
-    """One W&B run per trial, tagged with the dataset and the trial's method, named ``<method>-<trial id>``.
+    """One W&B run per trial, tagged with the dataset and the trial's method, named ``<method>-<trial id>``, its
+    config the flat config the trial ran with (``lr``, not the ``fpt_plus.lr`` a sweep of several methods samples:
+    one column per hyperparameter across methods in W&B's tables and charts).
 
     Ray's callback takes one fixed set of ``wandb.init`` arguments for every
     trial; ``log_trial_start`` is where a trial's run is opened, so the
@@ -540,7 +544,8 @@ class SweepWandbCallback(WandbLoggerCallback):
 
     def log_trial_start(self, trial) -> None:
         method = trial.config.get("method", "unknown")
-        self.kwargs = {**self.kwargs, "tags": [self.dataset, method], "name": f"{method}-{trial.trial_id}"}
+        run = {"tags": [self.dataset, method], "name": f"{method}-{trial.trial_id}", "config": trial_config(trial.config)}
+        self.kwargs = {**self.kwargs, **run}
         super().log_trial_start(trial)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
@@ -555,6 +560,8 @@ class SweepWandbCallback(WandbLoggerCallback):
         if trial not in self._trial_logging_actors:
             self.log_trial_start(trial)
         cleaned = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
+        if "config" in cleaned:  # Tune adds the sampled config to every result; the logger updates the run's with it
+            cleaned["config"] = trial_config(trial.config)
         self._unsent.setdefault(trial, []).append((_QueueItem.RESULT, cleaned))
         self._send(trial, wait=False)
 
