@@ -425,7 +425,8 @@ def importance_blocks(out: Path, board: pd.DataFrame, folder: Path, colours: dic
             Block(
                 "text",
                 "fANOVA on each method's completed trials, scoring the value Optuna recorded for each trial "
-                "(its last reported validation AUC). With few trials these shares are rough.",
+                "(its best epoch's validation AUC, as on the leaderboard). With few trials these shares "
+                "are rough.",
             ),
             Block("image", "importance.png", caption="hyperparameter importance per method"),
         ]
