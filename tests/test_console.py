@@ -165,3 +165,27 @@ def test_each_trials_line_shows_its_hyperparameters_in_a_sweep_of_several_method
     callback.on_trial_complete(0, [trial], trial)
     epoch_line = next(line for line in console.text().splitlines() if "epoch  1" in line)
     assert f"lr={sampled['fpt_plus.lr']:.3g}" in epoch_line and f"keep_ratio={sampled['fpt_plus.keep_ratio']:.3g}" in epoch_line
+
+
+def test_on_a_terminal_the_console_takes_the_terminals_width_and_a_log_at_least_120_columns(tmp_path):
+    """The live table is redrawn in place: drawn 120 columns wide on a 100-column terminal, each row wrapped and
+    the redraw left stale rows behind. A log (no terminal) keeps 120 columns, not rich's 80."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    probe = "from medsweep.search.console import SweepConsole; print(SweepConsole().console.width)"
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    with subprocess.Popen([sys.executable, "-c", probe], stdout=child, stderr=child, env=env) as proc:
+        os.close(child)
+        assert proc.wait(timeout=60) == 0
+    assert os.read(main, 1000).decode().strip() == "100"
+    os.close(main)
+    logged = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert logged.stdout.strip() == "120"

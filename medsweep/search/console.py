@@ -78,10 +78,13 @@ class SweepConsole:
         """``record=True`` keeps everything printed (for :meth:`text`) instead of writing to the terminal;
         ``live``: the live table of running trials (default: on a terminal only)."""
         self.quiet = quiet
+        # A terminal's own width: the live table is redrawn in place, and lines wider than the terminal wrap
+        # and leave stale rows behind. A log file gets at least 120 columns (rich's default there is 80).
+        probe = Console()
         self.console = Console(
             highlight=False,
             quiet=quiet,
-            width=max(120, Console().width),
+            width=probe.width if probe.is_terminal and not record else max(120, probe.width),
             record=record,
             file=io.StringIO() if record else None,
         )
