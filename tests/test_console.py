@@ -149,7 +149,7 @@ def test_each_trials_line_shows_its_hyperparameters_in_a_sweep_of_several_method
     from optuna.samplers import TPESampler
     from ray.tune.experiment import Trial
 
-    from medsweep.search.space import build_search
+    from medsweep.search.space import build_search, trial_config
     from medsweep.search.tuning import ConsoleCallback, SweepSearch
 
     methods = ["fpt_plus", "linear"]
@@ -165,6 +165,12 @@ def test_each_trials_line_shows_its_hyperparameters_in_a_sweep_of_several_method
     callback.on_trial_complete(0, [trial], trial)
     epoch_line = next(line for line in console.text().splitlines() if "epoch  1" in line)
     assert f"lr={sampled['fpt_plus.lr']:.3g}" in epoch_line and f"keep_ratio={sampled['fpt_plus.keep_ratio']:.3g}" in epoch_line
+    # one line whatever the hyperparameters' length: they come last, cut to the console's width
+    many = {**trial_config(sampled), "keep_ratio": 0.123456789, "weight_decay": 0.000123456789, "num_prompts": 1024}
+    console.trial_result("bbbb0002", many, {"epoch": 12, "val_auc": 0.5, "train_loss": 1.0})
+    (line,) = [line for line in console.text().splitlines() if "bbbb0002" in line or "loss 1.000" in line]
+    assert "epoch 12  val_auc 0.500  loss 1.000  lr=" in line and line.rstrip().endswith("…")
+    assert len(line.rstrip()) <= console.console.width
 
 
 def test_on_a_terminal_the_console_takes_the_terminals_width_and_a_log_at_least_120_columns(tmp_path):

@@ -240,9 +240,11 @@ class SweepConsole:
         if self._live is not None:
             self._refresh()
             return
+        # One line per event whatever the hyperparameters: they come last, cut to the console's width.
         self.console.print(
-            f"  {trial_id} {row['method']:>9} {row['hyperparameters']:<40} "
-            f"epoch {row['epoch']:>2}  val_auc {auc:.3f}  loss {row['loss']:.3f}"
+            f"  {trial_id} {row['method']:>9}  epoch {row['epoch']:>2}  val_auc {auc:.3f}  loss {row['loss']:.3f}  {row['hyperparameters']}",
+            no_wrap=True,
+            overflow="ellipsis",
         )
 
     def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int | None) -> None:
