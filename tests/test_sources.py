@@ -318,6 +318,9 @@ def test_yaml_csv_and_listfiles_layouts(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="needs val_fold"):
         load_dataset_yaml(tmp_path / "nofold.yaml")
     _list_files(tmp_path / "nih", {**NIH_LINES, "train_1.txt": NIH_LINES["train_list.txt"][:1]}, images_dir="images")
+    # the folder alone (`--dataset nih`) looks in all_classes/: the error names the YAML that fixes it
+    with pytest.raises(DatasetError, match=r"all_classes not found: .*`layout: listfiles` and `images_dir: "):
+        load_dataset(str(tmp_path / "nih"), cache_dir=tmp_path)
     (tmp_path / "nih.yaml").write_text("path: nih\nimages_dir: images\nclasses: [a, b, c]\n")
     assert load_dataset_yaml(tmp_path / "nih.yaml", fraction=0.01).splits["train"][0].label == (0, 0, 1)
 

@@ -290,7 +290,9 @@ def load_list_files(
     image_root = root / images_dir
     if not image_root.is_dir():
         raise DatasetError(
-            f"images folder {image_root} not found; set images_dir to the folder the lists are relative to"
+            f"images folder {image_root} not found: list files name images relative to {images_dir}/ beside them "
+            f"(NIH ChestX-ray14's layout); move the images there, or give a dataset YAML with `path: {root}`, "
+            "`layout: listfiles` and `images_dir: <the folder they are in>`"
         )
     fraction_file = _fraction_file(root, fraction)
     files = {"train": fraction_file or train_file, "val": val_file, "test": test_file}
