@@ -256,7 +256,7 @@ def _selection(candidates: list[Candidate], chosen: Candidate, seeds: int) -> di
     return {
         "rule": (
             f"the {len(candidates)} best usable trials of the search by best validation AUC, each retrained with "
-            f"{seeds} seeds; the highest mean validation AUC is tested (ties: the search's order)"
+            f"{_seeds(seeds)}; the highest mean validation AUC is tested (ties: the search's order)"
         ),
         "candidates": [
             {
@@ -274,9 +274,13 @@ def _selection(candidates: list[Candidate], chosen: Candidate, seeds: int) -> di
     }
 
 
+def _seeds(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
 def _why(candidates: list[Candidate], chosen: Candidate) -> str:
     seeds = len(chosen.runs)
-    mean = f"{chosen.val_auc_mean:.4f} over {seeds} seed(s)"
+    mean = f"{chosen.val_auc_mean:.4f} over {_seeds(seeds)}"
     if len(candidates) == 1:
         return f"trial {chosen.item.get('trial_id')} ({chosen.method}) was the only candidate: mean validation AUC {mean}"
     first = candidates[0]
@@ -338,7 +342,7 @@ def _test_and_summarise(out: Path, spec: DatasetSpec, candidate: Candidate, cons
     ci = summary["test_auc_ci"]
     console.result(
         f"[bold]final[/] {name}: test AUC {summary['mean'].get('test_auc', math.nan):.4f} "
-        f"({CI_LEVEL:.0%} CI {ci['low']:.4f}-{ci['high']:.4f}) over {len(runs)} seeds"
+        f"({CI_LEVEL:.0%} CI {ci['low']:.4f}-{ci['high']:.4f}) over {_seeds(len(runs))}"
         if ci
         else f"[bold]final[/] {name}: no seed produced a usable checkpoint (every run diverged)"
     )
