@@ -529,7 +529,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.method} on {args.backbone} at {args.image_size} px, batch {args.batch_size}: peak {report['peak_mb']:.1f} MB ({report['device']})")
+        print(f"{args.method} on {args.backbone} at {args.image_size} px, batch {args.batch_size}: peak {report['peak_mb']:.3g} MB ({report['device']})")
     return 0
 
 
