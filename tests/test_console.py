@@ -195,3 +195,24 @@ def test_on_a_terminal_the_console_takes_the_terminals_width_and_a_log_at_least_
     os.close(main)
     logged = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert logged.stdout.strip() == "120"
+
+
+def test_the_last_line_names_the_files_the_sweep_wrote_and_its_trackers_runs_only_where_they_are(tmp_path):
+    """It named `DIR/wandb` after every sweep, also one with --tracker mlflow or none, which has no such folder."""
+    import pandas as pd
+
+    board = pd.DataFrame([{"trial_id": "aaaa0001", "method": "linear", "best_val_auc": 0.7, "epochs_run": 2,
+                           "learnable_pct": 0.1, "peak_mem_mb": 0.01, "ppe": 0.7, "status": "completed", **LINEAR}])  # fmt: skip
+    for name in ("leaderboard.csv", "leaderboard.parquet", "best.yaml", "mlflow.db"):
+        (tmp_path / name).write_text("")
+    console = SweepConsole(record=True)
+    console.leaderboard(board, tmp_path)
+
+    def said() -> str:  # a long folder wraps the line
+        return " ".join(console.text().split())
+
+    assert said().endswith(f"results in {tmp_path}: leaderboard.csv, leaderboard.parquet, best.yaml, mlflow.db")
+    (tmp_path / "mlflow.db").unlink()
+    (tmp_path / "wandb").mkdir()
+    console.leaderboard(board, tmp_path)
+    assert said().endswith(f"results in {tmp_path}: leaderboard.csv, leaderboard.parquet, best.yaml, wandb/")

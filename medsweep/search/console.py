@@ -24,8 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, MLFLOW_DB, PARETO_CSV, WANDB_DIR
 
 # (leaderboard column, header) shown in the terminal; the CSV has every column.
+# What the leaderboard's last line names, those the sweep wrote: its tracker's runs only where it has them here
+# (no W&B folder with --tracker mlflow or none, no mlflow.db with MLFLOW_TRACKING_URI set).
+ANSWER_FILES = (LEADERBOARD_CSV, LEADERBOARD_PARQUET, BEST_YAML, PARETO_CSV, WANDB_DIR, MLFLOW_DB)
 LEADERBOARD_COLUMNS = (
     ("method", "method"),
     ("best_val_auc", "val AUC"),
@@ -284,4 +288,5 @@ class SweepConsole:
             settings = _short(row.to_dict())
             table.add_row(*cells, settings if len(settings) <= room else settings[: room - 1] + "…")
         self.result(table)
-        self.result(f"results in {out}: leaderboard.csv, leaderboard.parquet, best.yaml, {out / 'wandb'}")
+        written = [name + ("/" if (out / name).is_dir() else "") for name in ANSWER_FILES if (out / name).exists()]
+        self.result(f"results in {out}: {', '.join(written)}")
