@@ -416,10 +416,10 @@ def cmd_best(args: argparse.Namespace) -> int:
         for method, item in entry["per_method"].items():
             val, config = item["validation"], item["config"]
             searched = {k: v for k, v in config.items() if k not in NOT_HYPERPARAMETERS}
-            print(
-                f"  {method:<10} val AUC {val['best_val_auc']:.4f}  learnable {val.get('learnable_pct', float('nan')):.3g}%  "
-                f"trial {item['trial_id']}  {searched}"
-            )
+            print(f"  {method:<10} val AUC {val['best_val_auc']:.4f}  learnable {val.get('learnable_pct', float('nan')):.3g}%  trial {item['trial_id']}")
+            # Every value at full precision, as `--set KEY=VALUE` (and a sweep file's `fixed`) take it.
+            pairs = (f"{key}={json.dumps(value, separators=(',', ':')) if isinstance(value, list | dict) else value}" for key, value in searched.items())
+            print(" " * 13 + " ".join(pairs))
         for method, statuses in entry.get("no_usable_trial", {}).items():
             print(f"  {method:<10} no usable trial ({statuses})")
     return 0

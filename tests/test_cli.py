@@ -81,6 +81,16 @@ def test_best_prints_each_method_of_a_finished_sweep(tiny_sweep, capsys):
     assert main(["best", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fpt_plus" in text and "linear" in text and "val AUC" in text
+    # under each method's line its hyperparameters as KEY=VALUE at full precision (it printed a Python dict)
+    from medsweep.search.export import read_best
+
+    (best,) = read_best(out).values()
+    lines = text.splitlines()
+    for method, item in best["per_method"].items():
+        settings = lines[next(i for i, line in enumerate(lines) if line.split()[:1] == [method]) + 1].split()
+        printed = dict(pair.split("=", 1) for pair in settings)
+        assert printed and all(printed[key] == str(item["config"][key]) for key in printed)
+        assert "lr" in printed and "method" not in printed and "backbone" not in printed
     assert main(["best", str(out), "--json"]) == 0
     (dataset,) = json.loads(capsys.readouterr().out)
     assert dataset == out.parent.name or dataset.startswith("synthetic")
