@@ -146,6 +146,22 @@ def test_warm_start_adds_the_earlier_trials_as_completed_before_its_own(extended
     assert json.loads((settings.out / SETTINGS_FILE).read_text())["warm_start"] == str(earlier.resolve())
 
 
+@pytest.mark.slow
+def test_resuming_a_finished_sweep_keeps_its_final_retrain(extended):
+    """`medsweep resume` on a sweep that had finished (by mistake, or to be sure) retrained and retested its final
+    candidates all over again: GPU-hours at real scale for the answer final.json already held."""
+    from medsweep.search.console import SweepConsole
+    from medsweep.search.resume import resume_sweep
+
+    out, _, _ = extended
+    best, final, trials = best_trial(out), (out / FINAL_JSON).read_text(), len(load_study(out).trials)
+    console = SweepConsole(record=True)
+    resume_sweep(out, console)
+    assert f"final not rerun: the best trial is still {best}" in console.text()
+    assert (out / FINAL_JSON).read_text() == final and best_trial(out) == best
+    assert len(load_study(out).trials) == trials and len(pd.read_csv(out / LEADERBOARD_CSV)) == FIRST + MORE
+
+
 # ------------------------------------------------------------------ refusals
 
 

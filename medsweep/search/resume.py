@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.settings import QUIET_HELP, load_settings, sweep_dataset
-from medsweep.search.study import experiment_dir
+from medsweep.search.study import BEST_YAML, FINAL_JSON, experiment_dir
 
 if TYPE_CHECKING:
     from medsweep.search.console import SweepConsole
@@ -150,7 +150,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     check_snapshot(experiment_dir(out))
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
-    from medsweep.search.extend import all_results, experiment_dirs
+    from medsweep.search.extend import all_results, best_trial, experiment_dirs, write_answer_keeping_final
     from medsweep.search.manifest import write_manifest
     from medsweep.search.sweep import prepare_stores, write_answer
 
@@ -159,6 +159,10 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     console.dataset(spec)
     with InterruptGuard(settings.out) as guard:
         guard.lock_out()  # refused while the sweep's own driver still runs
+        # final.json comes after the search and best.yaml: with it the sweep had finished (resumed by mistake, or
+        # to be sure), and its final retrain stands unless the best trial changes.
+        finished = (out / FINAL_JSON).is_file() and (out / BEST_YAML).is_file()
+        previous_best = best_trial(out) if finished else None
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
         stores = prepare_stores(settings, spec, console)
@@ -173,7 +177,11 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
                 console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
                 grid = tuning.run_tuner(settings, spec, stores, console)
         # An extended sweep's answer is built from the extensions' trials too (medsweep.search.extend).
-        write_answer(all_results(out) if experiment_dirs(out)[1:] else grid, settings, spec, console)
+        results = all_results(out) if experiment_dirs(out)[1:] else grid
+        if finished:
+            write_answer_keeping_final(results, settings, spec, console, previous_best)
+        else:
+            write_answer(results, settings, spec, console)
     return settings.out
 
 
