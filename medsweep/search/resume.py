@@ -22,6 +22,10 @@ What a resume reuses and what it redoes:
   finished trials) is refused in one line before anything starts
   (:func:`check_snapshot`).
 
+A sweep that had finished (``final.json`` written) resumes to the same answer: its leaderboard and report are
+written again, and its ``final`` retrain stands unless the best trial changed
+(:func:`~medsweep.search.extend.write_answer_keeping_final`).
+
 A sweep stopped by Ctrl-C or SIGTERM (:mod:`medsweep.search.interrupts`) is
 resumed the same way; Tune saved its experiment as it stopped, and the Optuna
 trials of its unfinished Tune trials are still RUNNING in the study, so the
