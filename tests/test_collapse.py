@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medsweep.datasets import load_imagefolder
-from medsweep.search.export import UNUSABLE, best_configs, trial_status
+from medsweep.search.export import UNUSABLE, best_configs, rank_trials, trial_status
 from medsweep.search.final import _candidates
 from medsweep.search.study import LEADERBOARD_PARQUET
 from medsweep.trainables.loop import LoopState, fit, is_better_epoch
@@ -89,6 +89,24 @@ def test_a_collapsed_trial_is_never_a_best_or_a_final_candidate(synthetic_spec, 
     board.to_parquet(tmp_path / LEADERBOARD_PARQUET)
     assert [c["trial_id"] for c in _candidates(tmp_path, entry, top=3)] == ["good00001", "fpt000001"]
     assert [c["trial_id"] for c in _candidates(tmp_path, entry, top=1)] == ["good00001"]
+
+
+def test_trials_tied_on_auc_rank_the_same_whatever_order_tune_lists_them_in(synthetic_spec):
+    """On a small validation set several trials reach the same AUC (often 1.0). Ranked by AUC alone they kept
+    Tune's listing order, which a resume or an extension changes: best.yaml named another trial, and final ran
+    again for an unchanged sweep. Ties go to the lower validation loss, then the trial id."""
+    rows = [
+        {**_row("cccc0003", "linear", 1.0, "completed"), "best_val_loss": 0.20},
+        {**_row("aaaa0001", "linear", 0.9, "completed"), "best_val_loss": 0.10},
+        {**_row("bbbb0002", "linear", 1.0, "completed"), "best_val_loss": 0.05},
+        {**_row("dddd0004", "linear", 1.0, "completed"), "best_val_loss": 0.20},
+        {**_row("eeee0005", "linear", float("nan"), "error"), "best_val_loss": float("nan")},
+    ]
+    expected = ["bbbb0002", "cccc0003", "dddd0004", "aaaa0001", "eeee0005"]
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [1, 3, 0, 4, 2]):
+        board = rank_trials(pd.DataFrame([rows[i] for i in order]))
+        assert list(board["trial_id"]) == expected
+        assert best_configs(board, synthetic_spec)[synthetic_spec.name]["best"]["trial_id"] == "bbbb0002"
 
 
 def _epochs(*vals: tuple[float, float]) -> tuple[int, float]:

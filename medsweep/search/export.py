@@ -104,7 +104,16 @@ def leaderboard(grid, settings, memory_full_mb: float | None = None) -> pd.DataF
     board["cohort_members"] = [fused.get(trial_id, 1) for trial_id in board["trial_id"]]
     if settings.multi_objective:
         board[PARETO_COLUMN] = objective_front(board, settings.objective_columns())
-    return board.sort_values("best_val_auc", ascending=False, na_position="last").reset_index(drop=True)
+    return rank_trials(board)
+
+
+def rank_trials(board: pd.DataFrame) -> pd.DataFrame:
+    """The board best first: by best validation AUC; a tie (common on a small validation set, where several
+    trials reach 1.0) goes to the lower validation loss at that epoch, then to the trial id. Ranked by AUC
+    alone, tied trials kept the order Tune listed them in, which differs between a sweep, its resume and its
+    extension: best.yaml named another trial each time, and ``final`` ran again for an unchanged answer."""
+    order = ["best_val_auc", "best_val_loss", "trial_id"]
+    return board.sort_values(order, ascending=[False, True, True], na_position="last", kind="stable").reset_index(drop=True)
 
 
 def cohort_members(out: Path) -> dict[str, int]:
