@@ -40,7 +40,6 @@ from medsweep.search.settings import QUIET_HELP, SweepSettings, load_settings, s
 from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE, experiment_dir
 
 if TYPE_CHECKING:
-    from medsweep.datasets.spec import DatasetSpec
     from medsweep.search.console import SweepConsole
 
 # Ray, torch and the console are imported inside the functions: `medsweep --help` builds this parser.
@@ -102,7 +101,7 @@ def extend_sweep(
     from medsweep.search import tuning  # Ray only once the folder is known to hold a finished sweep
     from medsweep.search.console import SweepConsole
     from medsweep.search.study import fail_orphaned_trials, load_study
-    from medsweep.search.sweep import prepare_stores
+    from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
     with InterruptGuard(settings.out) as guard:
@@ -122,23 +121,8 @@ def extend_sweep(
         if settings.trials is not None:
             settings.trials += len(grid)
             (out / SETTINGS_FILE).write_text(settings.to_json())
-        write_answer_keeping_final(all_results(out), settings, spec, console, previous_best)
+        write_answer(all_results(out), settings, spec, console, final_of=previous_best)
     return settings.out
-
-
-def write_answer_keeping_final(results: Any, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole, previous_best: str | None) -> None:
-    """The sweep's answer (:func:`~medsweep.search.sweep.write_answer`), whose ``final`` retrain runs again only if
-    the best trial is no longer ``previous_best``: ``final.json`` already holds that trial's retrain and test, which
-    cost a seed's training per candidate (GPU-hours for a full fine-tuning)."""
-    from medsweep.search import export
-    from medsweep.search.sweep import write_answer
-
-    board = export.leaderboard(results, settings)
-    best = export.best_configs(board, spec)[spec.name]["best"] if not board.empty else None
-    changed = (best or {}).get("trial_id") != previous_best
-    if not changed and settings.final_seeds:
-        console.console.print(f"[bold]final[/] not rerun: the best trial is still {previous_best}")
-    write_answer(results, settings if changed else dataclasses.replace(settings, final_seeds=0), spec, console)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ What a resume reuses and what it redoes:
 
 A sweep that had finished (``final.json`` written) resumes to the same answer: its leaderboard and report are
 written again, and its ``final`` retrain stands unless the best trial changed
-(:func:`~medsweep.search.extend.write_answer_keeping_final`).
+(``final_of`` of :func:`~medsweep.search.sweep.write_answer`).
 
 A sweep stopped by Ctrl-C or SIGTERM (:mod:`medsweep.search.interrupts`) is
 resumed the same way; Tune saved its experiment as it stopped, and the Optuna
@@ -154,7 +154,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     check_snapshot(experiment_dir(out))
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
-    from medsweep.search.extend import all_results, best_trial, experiment_dirs, write_answer_keeping_final
+    from medsweep.search.extend import all_results, best_trial, experiment_dirs
     from medsweep.search.manifest import write_manifest
     from medsweep.search.sweep import prepare_stores, write_answer
 
@@ -165,8 +165,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
         guard.lock_out()  # refused while the sweep's own driver still runs
         # final.json comes after the search and best.yaml: with it the sweep had finished (resumed by mistake, or
         # to be sure), and its final retrain stands unless the best trial changes.
-        finished = (out / FINAL_JSON).is_file() and (out / BEST_YAML).is_file()
-        previous_best = best_trial(out) if finished else None
+        previous_best = best_trial(out) if (out / FINAL_JSON).is_file() and (out / BEST_YAML).is_file() else None
         tuning.start_ray(settings)
         guard.install()  # ray.init sets its own SIGTERM handler
         stores = prepare_stores(settings, spec, console)
@@ -181,11 +180,7 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
                 console.console.print("[bold]resume[/] the search had not started; starting it on the sweep's study")
                 grid = tuning.run_tuner(settings, spec, stores, console)
         # An extended sweep's answer is built from the extensions' trials too (medsweep.search.extend).
-        results = all_results(out) if experiment_dirs(out)[1:] else grid
-        if finished:
-            write_answer_keeping_final(results, settings, spec, console, previous_best)
-        else:
-            write_answer(results, settings, spec, console)
+        write_answer(all_results(out) if experiment_dirs(out)[1:] else grid, settings, spec, console, final_of=previous_best)
     return settings.out
 
 

@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from medsweep.datasets.images import check_image_headers
@@ -176,9 +177,13 @@ def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, over
     return settings.out
 
 
-def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole) -> None:
+def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: SweepConsole, final_of: str | None = None) -> None:
     """Close the study, then leaderboard and best.yaml from a finished Tune run (fresh or resumed), the table,
-    the final retrain and the report."""
+    the final retrain and the report.
+
+    ``final_of``: the best trial whose retrain ``final.json`` already holds (a finished sweep extended or resumed):
+    ``final`` runs again only if the best trial is now another, since a retrain costs a seed's training per
+    candidate (GPU-hours for a full fine-tuning)."""
     orphans = fail_orphaned_trials(settings.out)
     if orphans:
         console.console.print(
@@ -199,7 +204,15 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
             "[bold]final[/] skipped: no trial ended usable (each failed, diverged or predicted one class for every "
             "validation image); see the report, then sweep again with more epochs or other learning rates"
         )
+    elif settings.final_seeds and final_of is not None and _best_trial_id(board, spec) == final_of:
+        console.console.print(f"[bold]final[/] not rerun: the best trial is still {final_of}")
     elif settings.final_seeds:
         final.retrain_best(settings.out, spec, settings, seeds=settings.final_seeds, console=console)
     page = report.write_report(settings.out)
     console.result(f"report: {page}")
+
+
+def _best_trial_id(board: pd.DataFrame, spec: DatasetSpec) -> str | None:
+    """The id of the trial ``best.yaml`` names as the sweep's best (None: no usable trial)."""
+    best = export.best_configs(board, spec)[spec.name]["best"]
+    return best["trial_id"] if best else None
