@@ -249,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preload", help="build the preload store of a method over a dataset, or list stores")
     pre.add_argument("--dataset", default=setting_default("dataset"))
     pre.add_argument("--method", default="fpt_plus")
-    pre.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
     pre.add_argument("--list", action="store_true", help="list stores in the cache with their sizes")
     _add_common(pre)
     _add_cluster(pre)
@@ -491,7 +490,6 @@ def cmd_preload(args: argparse.Namespace) -> int:
         spec,
         config,
         args.cache_dir,
-        feature_dtype=args.feature_dtype,
         batch_size=args.preload_batch_size,
         precision=args.precision,
         progress=console.progress,

@@ -132,6 +132,21 @@ def test_sync_and_dashboard_refuse_a_folder_that_holds_no_sweep(tmp_path):
         dashboard.run(_parse(["dashboard", str(tmp_path)], dashboard))
 
 
+def test_dashboard_refuses_a_port_out_of_range_and_a_busy_port_in_one_line(tiny_sweep, capsys):
+    out, _, _ = tiny_sweep
+    for port in ("0", "70000"):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(["dashboard", str(out), "--port", port], dashboard)
+        assert exit_.value.code == 2 and "must be a port from 1 to 65535" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(MedsweepError, match=f"cannot serve on 127.0.0.1:{port} .*; pick another --port") as error:
+            dashboard.run(_parse(["dashboard", str(out), "--port", str(port)], dashboard))
+    assert "\n" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def dashboard_url(tiny_sweep):
     """`medsweep dashboard` on the tiny sweep, on a free localhost port, for the module's tests."""

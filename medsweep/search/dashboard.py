@@ -38,11 +38,19 @@ def serve(out: Path, host: str, port: int) -> None:
         raise MedsweepError(f"cannot serve on {host}:{port} ({error.strerror or error}); pick another --port") from None
 
 
+def port_number(text: str) -> int:
+    """An ``--port`` value: a TCP port a server can listen on (0, "any free port", would leave the printed URL wrong)."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``medsweep dashboard DIR [--port 8080] [--host 127.0.0.1]``."""
     parser = subparsers.add_parser("dashboard", help="browse a sweep's Optuna study in optuna-dashboard")
     parser.add_argument("dir", type=Path, help="the sweep's output folder")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=port_number, default=8080, help="port to listen on (default: 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
 
 
