@@ -21,6 +21,7 @@ import medsweep.datasets.shards as shards_module
 from medsweep.datasets import load_imagefolder, make_synthetic
 from medsweep.datasets.store import PreloadStore
 from medsweep.errors import DatasetError
+from medsweep.search.console import SweepConsole
 from medsweep.search.frozen_pass import preload_on_cluster
 from medsweep.trainables.memory import batch_within, frozen_batch_size
 from medsweep.trainables.methods import build_method
@@ -88,7 +89,11 @@ def test_the_pipeline_writes_the_single_process_store_without_decoding_in_the_dr
     assert sum(node["images"] for node in nodes.values()) == 35
     assert {node["device"] for node in nodes.values()} == {"cpu"}
     assert {node["batch_size"] for node in nodes.values()} == {ROWS_PER_SHARD}  # CPU batch 16, cut to a shard's rows
-    assert set(nodes) <= {node["NodeID"] for node in ray_session.nodes()}
+    ray_nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in ray_session.nodes()}
+    assert set(nodes) <= set(ray_nodes) and all(done["ip"] == ray_nodes[node] for node, done in nodes.items())
+    console = SweepConsole(record=True)
+    console.store_ready("fpt_plus", result)  # where it ran, as a user knows the node: its address and short id
+    assert all(f"frozen pass on {ray_nodes[node]} (node {node[:8]}): " in console.text() for node in nodes)
     again = preload_on_cluster(spec, config_for(spec), tmp_path)
     assert again.reused and again.images_processed == 0
 

@@ -167,8 +167,9 @@ class SweepConsole:
         if not result.reused:  # where the frozen pass ran: one line per node
             for node, done in store.meta.get("frozen_pass", {}).items():
                 rate = done["images"] / done["seconds"] if done.get("seconds") else float("nan")
+                where = f"{done['ip']} (node {node[:8]})" if done.get("ip") else node
                 self.console.print(
-                    f"  frozen pass on {node}: {done['images']} images in {done.get('seconds', float('nan')):.1f} s "
+                    f"  frozen pass on {where}: {done['images']} images in {done.get('seconds', float('nan')):.1f} s "
                     f"({rate:.2f} images/s) on {done['device']}" + (f", batch {done['batch_size']}" if done.get("batch_size") else "")
                 )
 

@@ -191,7 +191,10 @@ def _run_pipeline(
     for row in written.iter_rows():
         if row["error"]:
             raise DatasetError(str(row["error"]))
-        node = nodes.setdefault(str(row["node"]), {"images": 0, "seconds": 0.0, "device": str(row["device"]), "batch_size": int(row["batch_size"])})
+        node = nodes.setdefault(
+            str(row["node"]),
+            {"ip": str(row["ip"]), "images": 0, "seconds": 0.0, "device": str(row["device"]), "batch_size": int(row["batch_size"])},
+        )
         node["images"] += int(row["images"])
         node["seconds"] += float(row["seconds"])
         advance(int(row["images"]))
@@ -216,12 +219,14 @@ class _FrozenWriter:
         self.num_classes = int(config["num_classes"])
         self.writer = StoreWriter(plan.root, plan.columns, task, plan.key_parts)
         self.node = ray.get_runtime_context().get_node_id()
+        self.ip = ray.util.get_node_ip_address()  # what a user knows a node by (nodes of one machine share it)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if batch["error"][0]:
             return {
                 "images": np.array([0]),
                 "node": np.array([""]),
+                "ip": np.array([""]),
                 "device": np.array([""]),
                 "seconds": np.array([0.0]),
                 "batch_size": np.array([0]),
@@ -240,6 +245,7 @@ class _FrozenWriter:
         return {
             "images": np.array([len(unit.samples)]),
             "node": np.array([self.node]),
+            "ip": np.array([self.ip]),
             "device": np.array([str(self.device)]),
             "seconds": np.array([time.perf_counter() - started]),
             "batch_size": np.array([self.batch_size]),
