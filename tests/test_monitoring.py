@@ -10,6 +10,7 @@ installed. The sync tests need only one real offline run, made on the spot.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search import dashboard, sync
+from medsweep.search.console import SweepConsole
 
 # `medsweep dashboard DIR ...` as its module's own parser and run() give it (independent of cli.py's wiring).
 DASHBOARD_CLI = (
@@ -92,6 +94,35 @@ def test_each_offline_wandb_run_holds_its_trials_values_tags_and_summary(tiny_sw
         assert max(h["val_auc"] for h in history) == pytest.approx(row["best_val_auc"])
         assert summary["summary"]["best_val_auc"] == pytest.approx(row["best_val_auc"])
         assert summary["summary"]["val_auc"] == pytest.approx(history[-1]["val_auc"])
+
+
+def test_an_interrupted_sweeps_open_wandb_runs_are_finished_with_their_results(ray_session, synthetic_spec, tmp_path):
+    """A sweep's interrupt stops its running trials to resume them, no trial end for Tune, so their W&B runs
+    were still open at the experiment's end: Ray's callback waited its whole upload timeout (60 s after every
+    Ctrl-C), then killed their loggers mid-run, leaving runs without their finish. Here a trial reports twice
+    and the experiment ends (as Tune's graceful stop ends it): its run is finished, both epochs in it."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.tuning import SweepWandbCallback, build_callbacks
+
+    settings = SweepSettings(methods=["linear"], out=tmp_path, tracker="wandb", wandb="offline")
+    (callback,) = [c for c in build_callbacks(settings, synthetic_spec, SweepConsole(quiet=True)) if isinstance(c, SweepWandbCallback)]
+    callback.setup()
+    storage = StorageContext(storage_path=tmp_path / "ray", experiment_dir_name="tune", trial_dir_name="trial-open0001")
+    config = {"method": "linear", "linear.lr": 0.01, "epochs": 4}  # as a sweep of several methods samples it
+    trial = Trial("run_trial", config=config, trial_id="open0001", storage=storage, stub=True)
+    Path(trial.local_path).mkdir(parents=True)  # as Tune makes it; the run's logger works in it
+    for epoch in (1, 2):
+        callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 10, "training_iteration": epoch})
+    callback.on_experiment_end([trial])
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*-open0001/run-open0001.wandb")
+    assert json.loads(_inspect(run_file, "--summary"))["state"] == "finished"
+    history = [json.loads(line)["history"]["item"] for line in _inspect(run_file).splitlines() if '"type":"history"' in line]
+    assert [h["epoch"] for h in history] == [1, 2] and callback._trial_logging_actors == {}
+    del callback  # Ray's callback's __del__ needs Ray: not at the interpreter's exit
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

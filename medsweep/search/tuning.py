@@ -122,12 +122,12 @@ def join_ray(address: str | None, connect_timeout: float, env: dict[str, str] | 
         return
     env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
-        connect(address, connect_timeout, kwargs)
-    else:
-        # A local cluster medsweep starts and stops itself gets Ray's default token authentication; Ray's
-        # notice of it ("Set RAY_AUTH_MODE=disabled to opt out") is about a choice no user makes here.
-        with dropping(logging.getLogger("ray._private.authentication.authentication_token_setup"), "Token authentication is enabled"):
+    # Ray's notice of its default token authentication ("Set RAY_AUTH_MODE=disabled to opt out") is about a
+    # choice no user makes here (a local Ray medsweep starts and stops) or the cluster's owner made (a joined one).
+    with dropping(logging.getLogger("ray._private.authentication.authentication_token_setup"), "Token authentication is enabled"):
+        if address:
+            connect(address, connect_timeout, kwargs)
+        else:
             ray.init(address="local", include_dashboard=False, **kwargs)  # never join a stray `ray start` cluster
     quiet_ray_data()
 
@@ -541,11 +541,13 @@ class SweepWandbCallback(WandbLoggerCallback):
         self.dataset = dataset
         self._unsent: dict[Any, list[tuple[_QueueItem, dict]]] = {}  # trial -> results not yet sent, in order
         self._sending: dict[Any, ray.ObjectRef] = {}  # trial -> its queue actor's reply to the last batch sent
+        self._ending: set[Any] = set()  # trials whose run was told to finish
 
     def log_trial_start(self, trial) -> None:
         method = trial.config.get("method", "unknown")
         run = {"tags": [self.dataset, method], "name": f"{method}-{trial.trial_id}", "config": trial_config(trial.config)}
         self.kwargs = {**self.kwargs, **run}
+        self._ending.discard(trial)  # a trial restarted after a failure opens its run again
         super().log_trial_start(trial)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
@@ -584,6 +586,19 @@ class SweepWandbCallback(WandbLoggerCallback):
         if (sending := self._sending.pop(trial, None)) is not None:
             ray.get(sending)
         super()._signal_logging_actor_stop(trial)
+        self._ending.add(trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Finish the runs of trials that never ended, then Ray's wait for every run's ``wandb.finish``.
+
+        A sweep's interrupt (Ctrl-C, SIGTERM) stops its running trials to resume them later, which is no trial
+        end for Tune, so their runs were still open here: Ray's callback waited its whole ``upload_timeout``
+        (60 s after every Ctrl-C) for runs nobody had told to finish, then killed their actors mid-run (and
+        Ray printed the kill). Each open run is finished now with the results it has (``medsweep resume``
+        continues it, ``resume="allow"``), so the wait is as long as ``wandb.finish`` takes."""
+        for trial in [trial for trial in self._trial_logging_actors if trial not in self._ending]:
+            self._signal_logging_actor_stop(trial)
+        super().on_experiment_end(trials, **info)
 
 
 class SweepSearch(OptunaSearch):
