@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from medsweep.cli import main
+from medsweep.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,8 @@ BAD_SWEEP_INPUTS = [
     (["--dataset", "{root}/data/train"], "is a folder with neither train/ nor train_list.txt"),
     (["--dataset", "{root}/bad-image"], "cannot read image {root}/bad-image/val/"),
     (["--out", "{root}/notes.txt"], "notes.txt is a file, not a folder"),
+    (["--out", "{root}/notes.txt/sweep"], "cannot be created: {root}/notes.txt is a file, not a folder; pass another --out"),
+    (["--dataset", "synthetic", "--cache-dir", "{root}/notes.txt"], "cannot write the synthetic set under --cache-dir {root}/notes.txt"),
     (["--out", "{root}/foreign"], "holds files medsweep did not write (thesis.tex); pass a new or empty folder, or --overwrite"),
     (["--out", "{root}/old-sweep"], "already holds a sweep; continue it with `medsweep resume {root}/old-sweep`"),
     (["--connect-timeout", "0"], "--connect-timeout must be a number of seconds > 0"),
@@ -148,6 +151,7 @@ BAD_SWEEP_INPUTS = [
 _RUN_EACH = """
 import contextlib, io, json, sys
 from medsweep.cli import main
+from medsweep.errors import ConfigError
 cases, results = json.load(open(sys.argv[1])), []
 for argv, out in cases:
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -193,6 +197,19 @@ def test_sweep_checks_everything_before_ray_starts_and_writes_nothing(bad_sweeps
     assert not run["ray_started"] and "Ray" not in run["stdout"] + run["stderr"]
     assert not run["out_exists"]
     assert after == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no one can create files in")
+def test_an_out_the_file_system_refuses_is_one_line_once_ray_is_up(tmp_path):
+    """Permissions can say yes where the file system says no (/proc, a read-only mount, a full disk; root passes
+    every permission check): the folder is made once Ray is up (:func:`prepare_out`), and a refusal there is one
+    line naming the fix, not the traceback it was."""
+    from medsweep.search.settings import SweepSettings
+    from medsweep.search.sweep import prepare_out
+
+    settings = SweepSettings(methods=["linear"], out=Path("/proc/medsweep-sweep"), cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"^cannot write --out /proc/medsweep-sweep \(.+\); pass a folder you can write to$"):
+        prepare_out(settings)
 
 
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
@@ -264,6 +281,7 @@ def test_a_sweep_json_with_an_unknown_setting_is_refused_by_every_reader(command
 _RAY_FILTER = """
 import os, sys
 from medsweep.cli import main
+from medsweep.errors import ConfigError
 main(["spaces", "show", "lora", "--json"])
 from ray._private import ray_logging
 line = "(raylet) WARNING: 14 PYTHON worker processes have been started on node: 94b3 with address: 192.0.2.2"

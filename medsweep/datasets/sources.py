@@ -636,7 +636,13 @@ def load_dataset(
 
 def _resolve(arg: str, cache_dir: Path, seed: int, fraction: float | None, synthetic_size: int) -> DatasetSpec:
     if arg == "synthetic":
-        root = make_synthetic(cache_dir / f"synthetic-s{seed}-{synthetic_size}px", seed=seed, image_size=synthetic_size)
+        try:  # the built-in set is generated into the cache, the first folder a run writes
+            root = make_synthetic(cache_dir / f"synthetic-s{seed}-{synthetic_size}px", seed=seed, image_size=synthetic_size)
+        except OSError as error:
+            raise DatasetError(
+                f"cannot write the synthetic set under --cache-dir {cache_dir} ({error.strerror or error}: "
+                f"{error.filename or cache_dir}); pass a --cache-dir that is a folder you can write to"
+            ) from None
         spec = load_imagefolder(root, name="synthetic")
         spec.image_size = synthetic_size
         return spec

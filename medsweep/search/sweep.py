@@ -27,6 +27,7 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from medsweep.datasets.images import check_image_headers
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.datasets.store import write_atomically
 from medsweep.errors import ConfigError
 from medsweep.search import export, final, report, warm
 from medsweep.search.console import SweepConsole
@@ -110,6 +112,11 @@ def check_out(out: Path, overwrite: bool = False) -> None:
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; pass a new or empty folder")
+    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: no write permission in {existing}; pass a folder you can write to")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries or overwrite:
         return
@@ -135,8 +142,11 @@ def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS_FILE).write_text(settings.to_json())
+    try:  # check_out saw what permissions say; the file system may still refuse (/proc, a full or read-only disk)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / SETTINGS_FILE, settings.to_json())  # never a half-written sweep.json to resume
+    except OSError as error:
+        raise ConfigError(f"cannot write --out {out} ({error.strerror or error}); pass a folder you can write to") from None
 
 
 def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, overwrite: bool = False) -> Path:
