@@ -429,12 +429,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole
+    from medsweep.search.out_paths import check_out_path
     from medsweep.trainables.loop import device_for_trial
     from medsweep.trainables.precision import resolve_precision
     from medsweep.trainables.runner import train_once
 
     if "precision" in _set_pairs(args.set):
         raise ConfigError("--set precision: the precision is a run setting; use --precision auto|fp32|bf16|fp16")
+    if args.out is not None:
+        check_out_path(args.out)  # before the dataset and the preload
     console = SweepConsole()
     spec = load_dataset(args.dataset, cache_dir=args.cache_dir, seed=args.seed, synthetic_size=args.image_size)
     console.dataset(spec)

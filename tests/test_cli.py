@@ -30,6 +30,8 @@ from medsweep.errors import ConfigError
         (["spaces", "show", "lora", "--weights", "imagenet", "--dataset", "nih", "--fraction", "1"], "imagenet"),
         (["spaces", "show", "lora", "--weights", "mrm"], "need a dataset"),
         (["train", "--method", "linear", "--dataset", "/no/such/folder"], "not found"),
+        # --out under a file: refused before the dataset (here the synthetic set, never generated) is read
+        (["train", "--method", "linear", "--out", __file__ + "/run"], "test_cli.py is a file, not a folder; pass another --out"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, needle, capsys):
@@ -208,7 +210,7 @@ def test_an_out_the_file_system_refuses_is_one_line_once_ray_is_up(tmp_path):
     from medsweep.search.sweep import prepare_out
 
     settings = SweepSettings(methods=["linear"], out=Path("/proc/medsweep-sweep"), cache_dir=tmp_path / "cache")
-    with pytest.raises(ConfigError, match=r"^cannot write --out /proc/medsweep-sweep \(.+\); pass a folder you can write to$"):
+    with pytest.raises(ConfigError, match=r"^cannot write --out /proc/medsweep-sweep \(.+\); pass a path you can write to, with free space$"):
         prepare_out(settings)
 
 

@@ -175,6 +175,17 @@ def test_predict_reports_a_bad_image_per_row_or_stops_with_strict(finals, synthe
     capsys.readouterr()
     assert main(["predict", str(model_dir), "--images", str(folder), "--out", str(out), "--strict"]) == 2
     assert "broken.png" in capsys.readouterr().err
+    # An --out that cannot be written: one line before predicting (a folder, a path under a file), or after it
+    # where only the file system says no (/proc); the CSV written before is left as it was.
+    written = out.read_bytes()
+    for bad, needle in ((tmp_path, "is a folder; pass the name of the file to write"), (out / "p.csv", "is a file, not a folder")):
+        assert main(["predict", str(model_dir), "--images", str(folder), "--out", str(bad)]) == 2
+        assert needle in capsys.readouterr().err
+    if Path("/proc/self").is_dir():
+        assert main(["predict", str(model_dir), "--images", str(folder), "--out", "/proc/medsweep-preds.csv"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot write --out /proc/medsweep-preds.csv" in err
+    assert out.read_bytes() == written
 
 
 def test_a_folder_that_is_not_a_model_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -183,6 +194,14 @@ def test_a_folder_that_is_not_a_model_is_one_line_and_exit_code_2(tmp_path, caps
     assert len(err.splitlines()) == 1 and "not a medsweep model folder" in err and "medsweep export" in err
     with pytest.raises(ConfigError, match="not a medsweep model folder"):
         medsweep.load_model(tmp_path)
+
+
+def test_export_refuses_an_out_it_cannot_make_before_reading_the_sweep(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(tmp_path / "no-sweep"), "--out", str(tmp_path / "notes.txt" / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt is a file, not a folder; pass another --out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_export_names_the_methods_there_are(tmp_path, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.errors import ConfigError
+from medsweep.search.out_paths import check_out_path, write_error
 from medsweep.search.settings import load_settings
 from medsweep.search.study import BEST_YAML, FINAL_JSON, SETTINGS_FILE, experiment_dir
 
@@ -117,20 +118,24 @@ def export_model(sweep: Path, out: Path, method: str | None = None, seed: int | 
     state = torch.load(Path(chosen["checkpoint"]) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["state"]
     if chosen["source"]["from"] == "best trial" and state.best_state:  # a Tune checkpoint is the last epoch's
         trained.load_state_dict(state.best_state, strict=False)
-    return write_model_dir(
-        out,
-        trained,
-        config,
-        chosen["classes"],
-        metrics=chosen["metrics"],
-        source={**chosen["source"], "dataset": chosen["dataset"], "dataset_arguments": dataset_arguments(sweep)},
-        epochs_run=state.epoch,
-        with_backbone=with_backbone,
-        keep_adapter=keep_adapter,
-    )
+    try:
+        return write_model_dir(
+            out,
+            trained,
+            config,
+            chosen["classes"],
+            metrics=chosen["metrics"],
+            source={**chosen["source"], "dataset": chosen["dataset"], "dataset_arguments": dataset_arguments(sweep)},
+            epochs_run=state.epoch,
+            with_backbone=with_backbone,
+            keep_adapter=keep_adapter,
+        )
+    except OSError as error:  # a full or read-only disk: each file in the folder is whole or absent (write_model_dir)
+        raise write_error(error, out) from None
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_path(args.out)  # before loading anything
     out = export_model(args.dir, args.out, args.method, args.seed, args.with_backbone, args.keep_adapter)
     print(f"model written to {out}; load it with medsweep.load_model({str(out)!r}) or run `medsweep predict {out} --images PATH`")
     return 0

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medsweep.datasets.store import write_atomically
 from medsweep.errors import ConfigError, DatasetError
+from medsweep.search.out_paths import check_out_path, write_error
 from medsweep.search.settings import setting_default
 
 if TYPE_CHECKING:
@@ -97,7 +99,15 @@ def predict_files(
 
 
 def write_csv(out: Path, predictions: list[Prediction], classes: list[str], task: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """The predictions as ``out``, written whole or not at all (an OS error is the CLI's one line)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, lambda path: _write_rows(path, predictions, classes, task))
+    except OSError as error:
+        raise write_error(error, out) from None
+
+
+def _write_rows(out: Path, predictions: list[Prediction], classes: list[str], task: str) -> None:
     with out.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", *(f"prob_{name}" for name in classes), "predicted", "error"])
@@ -119,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from medsweep.trainables.model_dir import load_model, read_model_info
 
     info = read_model_info(args.model)  # a folder that is not a model: one line, before torch builds anything
+    check_out_path(args.out, folder=False)  # before predicting: the CSV is written last
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.images is not None:

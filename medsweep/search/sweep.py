@@ -27,7 +27,6 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from medsweep.search import export, final, report, warm
 from medsweep.search.console import SweepConsole
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.manifest import write_manifest
+from medsweep.search.out_paths import check_out_path, write_error
 from medsweep.search.settings import SweepSettings, fixed_config, resolve_trial_precision, sweep_dataset
 from medsweep.search.study import SETTINGS_FILE, STUDY_FILE, SWEEP_OUTPUTS, fail_orphaned_trials
 from medsweep.trainables.backbones import build_backbone, frozen_weights_unused
@@ -110,13 +110,7 @@ def check_out(out: Path, overwrite: bool = False) -> None:
     else found there was not written by medsweep. ``overwrite`` accepts both
     (:func:`prepare_out` then deletes the previous sweep's files).
     """
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; pass a new or empty folder")
-    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out} cannot be created: {existing} is a file, not a folder; pass another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out} cannot be written: no write permission in {existing}; pass a folder you can write to")
+    check_out_path(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries or overwrite:
         return
@@ -146,7 +140,7 @@ def prepare_out(settings: SweepSettings, overwrite: bool = False) -> None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(out / SETTINGS_FILE, settings.to_json())  # never a half-written sweep.json to resume
     except OSError as error:
-        raise ConfigError(f"cannot write --out {out} ({error.strerror or error}); pass a folder you can write to") from None
+        raise write_error(error, out) from None
 
 
 def run_sweep(settings: SweepSettings, console: SweepConsole | None = None, overwrite: bool = False) -> Path:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from medsweep.datasets.images import load_image, resize_square
+from medsweep.datasets.store import write_atomically
 from medsweep.errors import ConfigError
 from medsweep.trainables.backbones import MAE_SUFFIX, Backbone, backbone_normalisation, list_backbones
 from medsweep.trainables.inputs import normalise_float, resize
@@ -100,7 +101,9 @@ def write_model_dir(
         if adapters == ADAPTERS_MERGED:
             method.merge_adapters()
     state = method.state_dict() if adapters == ADAPTERS_MERGED else method.trainable_state_dict()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
+    weights = {k: v.detach().cpu() for k, v in state.items()}
+    # Each file whole or not there (a full disk mid-export leaves the previous export's, never half of one).
+    write_atomically(out / WEIGHTS_FILE, lambda path: torch.save(weights, path))
     mean, std = backbone_normalisation(config["backbone"])
     if with_backbone:
         _save_backbone(config, out / BACKBONE_DIR, mean, std)
@@ -122,7 +125,7 @@ def write_model_dir(
         "metrics": metrics,
         "source": source,
     }
-    (out / MODEL_JSON).write_text(json.dumps(info, indent=2, default=str))
+    write_atomically(out / MODEL_JSON, json.dumps(info, indent=2, default=str))
     return out
 
 
