@@ -41,6 +41,22 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, needle, capsys):
     assert needle in err
 
 
+def test_a_sweep_that_has_not_finished_is_sent_to_resume_by_every_command_that_reads_its_answer(tmp_path, capsys):
+    """An interrupted sweep's folder holds its settings but no answer: each command that reads the answer
+    names `medsweep resume`, where it told the user to pass a sweep's folder, which they had."""
+    from medsweep.search.settings import SweepSettings
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(SweepSettings(methods=["linear"], out=out, cache_dir=tmp_path / "cache").to_json())
+    for argv in (["best"], ["report"], ["final"], ["export", "--out", str(tmp_path / "model")], ["extend", "--trials", "1"]):
+        assert main([argv[0], str(out), *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"the sweep in {out} has not finished" in err, err
+        assert f"finish it with `medsweep resume {out}` first" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"] and [p.name for p in out.iterdir()] == ["sweep.json"]
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -31,10 +31,9 @@ import pandas as pd
 import yaml
 
 from medsweep.datasets.spec import DatasetSpec
-from medsweep.errors import ConfigError
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
-from medsweep.search.study import BEST_YAML, COHORTS_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV, RAY_DIR
+from medsweep.search.study import BEST_YAML, COHORTS_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV, RAY_DIR, not_finished
 from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.trainables.metrics import pme, ppe
 
@@ -224,5 +223,5 @@ def write_outputs(board: pd.DataFrame, settings, spec: DatasetSpec, out: Path) -
 def read_best(out: Path) -> dict[str, Any]:
     path = Path(out) / BEST_YAML
     if not path.is_file():
-        raise ConfigError(f"{out} has no {BEST_YAML}; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
+        raise not_finished(out, BEST_YAML)
     return yaml.safe_load(path.read_text())

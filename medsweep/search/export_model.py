@@ -16,7 +16,7 @@ from typing import Any
 from medsweep.errors import ConfigError
 from medsweep.search.out_paths import check_out_path, write_error
 from medsweep.search.settings import load_settings
-from medsweep.search.study import BEST_YAML, FINAL_JSON, SETTINGS_FILE, experiment_dir
+from medsweep.search.study import BEST_YAML, FINAL_JSON, SETTINGS_FILE, experiment_dir, not_finished
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,7 +112,7 @@ def export_model(sweep: Path, out: Path, method: str | None = None, seed: int | 
             raise ConfigError(f"{sweep} has no final retrain ({FINAL_JSON}), so no seeds; drop --seed or run `medsweep final {sweep}`")
         chosen = from_best_trial(sweep, method)
     else:
-        raise ConfigError(f"{sweep} has neither {FINAL_JSON} nor {BEST_YAML}; pass the output folder of a finished sweep")
+        raise not_finished(sweep, BEST_YAML)
     config = chosen["config"]
     trained = load_trained(config["method"], config, chosen["checkpoint"])
     state = torch.load(Path(chosen["checkpoint"]) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)["state"]

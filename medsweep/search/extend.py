@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from medsweep.errors import ConfigError
 from medsweep.search.interrupts import InterruptGuard
 from medsweep.search.settings import QUIET_HELP, SweepSettings, load_settings, sweep_dataset
-from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE, experiment_dir
+from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, RAY_DIR, SETTINGS_FILE, experiment_dir, not_finished
 
 if TYPE_CHECKING:
     from medsweep.search.console import SweepConsole
@@ -57,7 +57,7 @@ def check_extendable(out: Path, trials: int | None, budget_hours: float | None) 
     if budget_hours is not None and not 0 < budget_hours < math.inf:
         raise ConfigError(f"--budget-hours must be a number of hours > 0 (e.g. 0.5), got {budget_hours}")
     if not ((out / LEADERBOARD_CSV).is_file() and (out / BEST_YAML).is_file()):
-        raise ConfigError(f"the sweep in {out} has not finished (no {LEADERBOARD_CSV}); finish it with `medsweep resume {out}` first")
+        raise not_finished(out, LEADERBOARD_CSV)
     return settings
 
 

@@ -474,6 +474,7 @@ def _json_safe(value: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.dir)
+    read_best(args.dir)  # a sweep without its answer: one line, before the dataset is read (or generated)
     if args.cache_dir is not None:
         settings.cache_dir = args.cache_dir
     spec = sweep_dataset(settings)

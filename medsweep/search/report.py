@@ -45,6 +45,7 @@ from medsweep.search.study import (
     STUDY_FILE,
     experiment_dir,
     load_study,
+    not_finished,
 )
 from medsweep.trainables.config import NOT_HYPERPARAMETERS
 
@@ -539,9 +540,7 @@ def write_report(out: Path, fmt: str = "md") -> Path:
         raise ConfigError(f"--format must be md or html, got {fmt!r}")
     board_path = out / LEADERBOARD_CSV
     if not board_path.is_file():
-        raise ConfigError(
-            f"{out} has no {LEADERBOARD_CSV}; pass the output folder of a finished sweep (see `medsweep sweep --out`)"
-        )
+        raise not_finished(out, LEADERBOARD_CSV)
     try:
         board = pd.read_csv(board_path, dtype={"trial_id": str})  # an all-digit id is still an id
     except pd.errors.EmptyDataError:  # the leaderboard of a sweep in which no trial reported has no columns

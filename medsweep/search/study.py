@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medsweep.errors import ConfigError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -46,6 +48,14 @@ SWEEP_OUTPUTS = (
     SETTINGS_FILE, STUDY_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, BEST_YAML, PARETO_CSV,
     FINAL_YAML, FINAL_JSON, FINAL_DIR, REPORT_DIR, MANIFEST_JSON, RAY_DIR, TRAIN_DIR, WANDB_DIR, MLFLOW_DB, LOCK_FILE,
 )  # fmt: skip
+
+
+def not_finished(out: Path, missing: str) -> ConfigError:
+    """The one line for a folder without ``missing`` (an answer file): a sweep that has not finished is told to
+    resume (an interrupted one holds its settings but no answer yet), any other folder to name a sweep's."""
+    if (Path(out) / SETTINGS_FILE).is_file():
+        return ConfigError(f"the sweep in {out} has not finished (no {missing}); finish it with `medsweep resume {out}` first")
+    return ConfigError(f"{out} has no {missing}; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
 
 
 def study_storage(out: Path) -> optuna.storages.JournalStorage:
