@@ -178,6 +178,11 @@ def test_dashboard_refuses_a_port_out_of_range_and_a_busy_port_in_one_line(tiny_
     assert "\n" not in str(error.value)
 
 
+def test_the_dashboard_is_announced_at_an_address_a_browser_can_open():
+    assert dashboard.dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
+    assert dashboard.dashboard_url("0.0.0.0", 8081) == f"http://{socket.gethostname()}:8081/dashboard"
+
+
 @pytest.fixture(scope="module")
 def dashboard_url(tiny_sweep):
     """`medsweep dashboard` on the tiny sweep, on a free localhost port, for the module's tests."""

@@ -11,6 +11,7 @@ to 127.0.0.1 unless told otherwise: a dashboard can edit a study's notes.
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from medsweep.errors import ConfigError, MedsweepError
@@ -24,6 +25,11 @@ def sweep_storage(out: Path):
     return study_storage(out)
 
 
+def dashboard_url(host: str, port: int) -> str:
+    """The address to open; a server on every address (0.0.0.0) is opened by this machine's name, not 0.0.0.0."""
+    return f"http://{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}/dashboard"
+
+
 def serve(out: Path, host: str, port: int) -> None:
     """Serve optuna-dashboard on the sweep's study until interrupted."""
     storage = sweep_storage(out)
@@ -31,7 +37,7 @@ def serve(out: Path, host: str, port: int) -> None:
         from optuna_dashboard import run_server
     except ImportError:
         raise ConfigError("optuna-dashboard is not installed; install it with `pip install 'medsweep[dashboard]'`") from None
-    print(f"optuna-dashboard of {out}: http://{host}:{port}/dashboard (Ctrl-C stops it)", flush=True)
+    print(f"optuna-dashboard of {out}: {dashboard_url(host, port)} (Ctrl-C stops it)", flush=True)
     try:
         run_server(storage, host=host, port=port)
     except OSError as error:
