@@ -29,7 +29,8 @@ def check_out_path(path: Path, flag: str = "--out", folder: bool = True) -> None
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a folder; pass another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path} cannot be written: no write permission in {existing}; pass a path you can write to")
+        why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "gives you no write permission"
+        raise ConfigError(f"{flag} {path} cannot be written: {existing} {why}; pass a path you can write to")
 
 
 def write_error(error: OSError, path: Path, flag: str = "--out") -> ConfigError:
