@@ -86,6 +86,9 @@ def test_each_offline_wandb_run_holds_its_trials_values_tags_and_summary(tiny_sw
         assert summary["tags"] == [dataset, row["method"]]
         assert summary["name"] == f"{row['method']}-{summary['run_id']}"
         assert summary["state"] == "finished"  # wandb.finish ran: the summary record is in the file
+        # where the trial's files are: its folder in the sweep (Ray's default, its staging folder, goes with Ray's session)
+        assert Path(summary["config"]["trial_log_path"]).parent == out / "ray" / "tune"
+        assert (Path(summary["config"]["trial_log_path"]) / "progress.csv").is_file()
         # The config the trial ran with, flat: this sweep of two methods samples prefixed keys (fpt_plus.lr)
         ran = json.loads(row["config_json"])
         assert {key: summary["config"].get(key) for key in ran} == ran and not [k for k in summary["config"] if "." in k]
@@ -118,7 +121,9 @@ def test_an_interrupted_sweeps_open_wandb_runs_are_finished_with_their_results(r
         callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 10, "training_iteration": epoch})
     callback.on_experiment_end([trial])
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*-open0001/run-open0001.wandb")
-    assert json.loads(_inspect(run_file, "--summary"))["state"] == "finished"
+    summary = json.loads(_inspect(run_file, "--summary"))
+    assert summary["state"] == "finished"
+    assert summary["config"]["trial_log_path"] == trial.path == str(tmp_path / "ray" / "tune" / "trial-open0001")
     history = [json.loads(line)["history"]["item"] for line in _inspect(run_file).splitlines() if '"type":"history"' in line]
     assert [h["epoch"] for h in history] == [1, 2] and callback._trial_logging_actors == {}
     del callback  # Ray's callback's __del__ needs Ray: not at the interpreter's exit

@@ -506,7 +506,15 @@ class CohortLeaves(Callback):
 class _WandbRunLogger(_WandbLoggingActor):
     """Ray's per-trial W&B logging actor, which also removes the two temporary folders ``import wandb`` makes in
     each process (for media and artifacts): Ray kills the actor once its run has finished, so their cleanup at
-    interpreter exit never runs, and every trial left two folders in /tmp (thousands on a long sweep's node)."""
+    interpreter exit never runs, and every trial left two folders in /tmp (thousands on a long sweep's node).
+
+    Ray records the folder it runs in as the run's ``trial_log_path``: its driver's staging folder under Ray's
+    session directory, gone with the session. The run records the trial's folder in the sweep instead
+    (``DIR/ray/tune/trial-*``: its ``progress.csv``, ``result.json`` and checkpoints), passed as ``trial_dir``."""
+
+    def __init__(self, *args: Any, trial_dir: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logdir = trial_dir
 
     def run(self) -> None:
         try:
@@ -546,7 +554,7 @@ class SweepWandbCallback(WandbLoggerCallback):
     def log_trial_start(self, trial) -> None:
         method = trial.config.get("method", "unknown")
         run = {"tags": [self.dataset, method], "name": f"{method}-{trial.trial_id}", "config": trial_config(trial.config)}
-        self.kwargs = {**self.kwargs, **run}
+        self.kwargs = {**self.kwargs, **run, "trial_dir": trial.path}  # trial_dir: the logger's, not wandb.init's
         self._ending.discard(trial)  # a trial restarted after a failure opens its run again
         super().log_trial_start(trial)
 
