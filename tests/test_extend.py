@@ -239,3 +239,28 @@ def test_a_sweep_holds_its_folder_lock_until_its_guard_exits(tmp_path):
         with pytest.raises(ConfigError, match=f"still running in {tmp_path}"):
             acquire(tmp_path)
     acquire(tmp_path).release()
+
+
+@pytest.mark.slow
+def test_a_trial_that_reported_nothing_is_read_without_tunes_warning(finished, tmp_path, caplog):
+    """A trial pending when ``--budget-hours`` ended the search (or the driver stopped) has no results: reading the
+    sweep's trials (the leaderboard of ``extend``, the grid a search returns) printed Tune's warning of it, a list
+    of FileNotFoundErrors, where the sweep says itself what became of such trials."""
+    import logging
+    import shutil
+
+    from medsweep.search.extend import all_results
+
+    out = tmp_path / "sweep"
+    shutil.copytree(finished[0] / "ray", out / "ray")
+    pending = sorted((out / "ray" / "tune").glob("trial-*"))[0]
+    for name in ("result.json", "progress.csv"):
+        (pending / name).unlink()
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis.addHandler(caplog.handler)  # Ray's loggers do not propagate to the root, where caplog listens
+    try:
+        results = all_results(out)
+    finally:
+        analysis.removeHandler(caplog.handler)
+    assert len(results) == FIRST
+    assert not [record for record in caplog.records if "Failed to fetch metrics" in record.getMessage()]

@@ -77,7 +77,10 @@ def all_results(out: Path) -> list[Any]:
     """Every Tune trial result of the sweep and its extensions (what the leaderboard is built from)."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    grids = [ResultGrid(ExperimentAnalysis(str(path))) for path in experiment_dirs(out)]
+    from medsweep.search.tuning import unreported_trials_unlogged
+
+    with unreported_trials_unlogged():
+        grids = [ResultGrid(ExperimentAnalysis(str(path))) for path in experiment_dirs(out)]
     return [grid[i] for grid in grids for i in range(len(grid))]
 
 

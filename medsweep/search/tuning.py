@@ -954,8 +954,15 @@ def run_tuner(
 
 def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
     """Run a built or restored Tuner, as many trials pending at once as there are trial slots, under the live table."""
-    with trials_pending_at_once(settings), console.live_trials(total=settings.trials):
+    with trials_pending_at_once(settings), console.live_trials(total=settings.trials), unreported_trials_unlogged():
         return tuner.fit()
+
+
+def unreported_trials_unlogged() -> contextlib.AbstractContextManager[None]:
+    """Tune's reading of an experiment's results (its result grid, a restore) without its warning for each trial that
+    reported nothing: one pending or starting when ``--budget-hours`` ended the search or the driver stopped. The
+    sweep says what became of those itself (the study's never-run trials marked FAIL; a resume continues them)."""
+    return dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
 
 
 def can_resume(settings: SweepSettings) -> bool:
@@ -980,11 +987,8 @@ def resume_tuner(
     ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
     sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
-    # Tune's restore reads every trial's results so far, and warns of each trial that had reported none yet
-    # (one pending or starting when the driver stopped): that is what a resume continues, not a fault.
-    unreported = dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
     with sweep_cohorts(settings, shared, stores, console) as cohorts:
-        with unreported:
+        with unreported_trials_unlogged():
             tuner = Tuner.restore(
                 str(experiment_dir(settings.out)),
                 trainable=build_trainable(settings, shared, cohorts),
