@@ -15,6 +15,7 @@ one line naming ``medsweep resume``, exit code 130 or 143.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import errno
 import importlib
 import json
@@ -425,7 +426,6 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import datetime as dt
 
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole
@@ -459,6 +459,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_line(store: Any) -> str:
+    """One line of ``medsweep preload --list``: what tells stores apart (method, dataset, backbone, image size,
+    precision of the frozen pass: every part of the key a user chooses) and when it was written."""
+    head = f"{store.key}  {store.size_bytes() / 2**20:8.1f} MB"
+    if store.is_damaged():
+        return f"{head}  damaged (the next `medsweep preload` or sweep of the same inputs repairs it)"
+    if not store.is_complete():
+        return f"{head}  incomplete (resume with `medsweep preload`)"
+    meta = store.meta
+    parts = meta.get("key_parts", {})
+    rows = sum(s["rows"] for s in meta["splits"].values())
+    size = parts.get("method_frozen_path", {}).get("image_size")
+    stored = "".join(f" + {name.removesuffix('_pixel_values')} {px} px" for name, px in parts.get("images", {}).items())
+    written = dt.datetime.fromtimestamp(store.meta_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    return (
+        f"{head}  {meta.get('method')} on {meta.get('dataset')} (manifest {parts.get('dataset', '?')}, {rows} images), "
+        f"{parts.get('backbone', '?')}" + (f" at {size} px" if size else "") + f"{stored}, {parts.get('frozen_precision', '?')}, "
+        f"{store.bytes_per_image() / 1024:.1f} KiB/image, written {written}"
+    )
+
+
 def cmd_preload(args: argparse.Namespace) -> int:
     from medsweep.datasets.store import list_stores
 
@@ -467,15 +488,9 @@ def cmd_preload(args: argparse.Namespace) -> int:
         if not stores:
             print(f"no preload stores under {args.cache_dir}")
         for store in stores:
-            state = "complete" if store.is_complete() else "incomplete (resume with `medsweep preload`)"
-            detail = ""
-            if store.is_damaged():
-                state = "damaged (the next `medsweep preload` or sweep of the same inputs repairs it)"
-            elif store.is_complete():
-                meta = store.meta
-                rows = sum(s["rows"] for s in meta["splits"].values())
-                detail = f" {meta.get('method')} on {meta.get('dataset')}, {rows} images, {store.bytes_per_image() / 1024:.1f} KiB/image"
-            print(f"{store.key}  {store.size_bytes() / 2**20:8.1f} MB  {state}{detail}")
+            print(store_line(store))
+        if stores:
+            print(f"a store no sweep needs any more can be deleted: rm -r {Path(args.cache_dir) / 'stores'}/KEY")
         return 0
     from medsweep.datasets import load_dataset
     from medsweep.search.console import SweepConsole

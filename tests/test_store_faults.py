@@ -62,6 +62,17 @@ def reference(spec, tmp_path_factory) -> PreloadStore:
 # -- damaged metadata --------------------------------------------------------------------------------------
 
 
+def test_the_list_tells_stores_apart_and_says_how_to_free_one(reference, capsys) -> None:
+    """What a user chooses that makes a new store (method, dataset, backbone, image size, precision) is on its line."""
+    cache = reference.root.parent.parent
+    assert main(["preload", "--list", "--cache-dir", str(cache)]) == 0
+    line, advice = capsys.readouterr().out.splitlines()
+    parts = reference.meta["key_parts"]
+    assert line.startswith(f"{reference.key}  ") and f"linear on {reference.meta['dataset']} (manifest {parts['dataset']}, " in line
+    assert f"{parts['backbone']} at {parts['method_frozen_path']['image_size']} px, fp32, " in line and ", written 20" in line
+    assert advice.endswith(f"rm -r {cache / 'stores'}/KEY")
+
+
 def test_truncated_store_json_is_repaired_and_listed_as_damaged(spec, reference, tmp_path, capsys) -> None:
     store = preload(spec, linear(spec), tmp_path, shard_target_bytes=small_shards(spec)).store
     store.meta_path.write_text(store.meta_path.read_text()[:40])

@@ -41,7 +41,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -367,10 +366,6 @@ def discard_shard(shard: Path) -> None:
 def list_stores(cache_dir: Path) -> list[PreloadStore]:
     folder = Path(cache_dir) / "stores"
     return sorted((PreloadStore(p) for p in folder.iterdir() if p.is_dir()), key=lambda s: s.key) if folder.is_dir() else []
-
-
-def remove_store(store: PreloadStore) -> None:
-    shutil.rmtree(store.root, ignore_errors=True)
 
 
 def decode_columns(batch: dict[str, np.ndarray], columns: Iterable[ColumnSpec]) -> dict[str, np.ndarray]:
