@@ -58,6 +58,25 @@ def test_without_a_terminal_every_event_is_one_line():
     assert "(1 done)" in text
 
 
+def test_an_epoch_that_predicted_one_class_is_marked_and_the_done_line_names_the_best_epoch():
+    """Epoch 2 has the higher AUC but predicted one class: the trial's best is epoch 1, which the lines say."""
+    console = SweepConsole(record=True)
+    with console.live_trials(total=2):
+        console.trial_result("aaaa0001", FPT, {"epoch": 1, "val_auc": 0.593, "val_collapsed": 0.0, "train_loss": 1.3})
+        console.trial_result("aaaa0001", FPT, {"epoch": 2, "val_auc": 0.637, "val_collapsed": 1.0, "train_loss": 1.1})
+        console.trial_done("aaaa0001", FPT, {"best_val_auc": 0.593, "best_epoch": 1, "best_collapsed": 0.0}, 1, 2)
+        console.trial_done("bbbb0002", LINEAR, {"best_val_auc": 0.5, "best_epoch": 3, "best_collapsed": 1.0}, 2, 2)
+    lines = console.text().splitlines()
+    assert "epoch  1  val_auc 0.593  loss" in lines[0] and "epoch  2  val_auc 0.637 (one class)  loss" in lines[1]
+    assert "done aaaa0001 fpt_plus best val_auc 0.593 (epoch 1)  (1/2)" in lines[2]
+    assert "done bbbb0002 linear best val_auc 0.500 (epoch 3, every epoch one class)  (2/2)" in lines[3]
+    live = _terminal_console()  # the live table's best column is the trial's best too, not the highest AUC shown
+    with live.live_trials(total=2):
+        live.trial_result("aaaa0001", FPT, {"epoch": 2, "val_auc": 0.637, "val_collapsed": 1.0, "best_val_auc": 0.593, "train_loss": 1.1})
+        row = next(line for line in _last_frame(live.console.export_text(clear=False)).splitlines() if "aaaa0001" in line)
+    assert "0.637" in row and "0.593" in row
+
+
 def test_quiet_prints_the_answer_and_nothing_of_the_search(tmp_path):
     """``--quiet`` once printed nothing at all (rich's quiet console dropped the leaderboard too)."""
     import pandas as pd

@@ -241,13 +241,18 @@ class SweepConsole:
         row = self._row(trial_id, config)
         auc = result.get("val_auc", float("nan"))
         row.update(epoch=result.get("epoch", 0), val_auc=auc, loss=result.get("train_loss", float("nan")))
-        row["best"] = max(row.get("best", -1.0), auc) if auc == auc else row.get("best", float("nan"))
+        if "best_val_auc" in result:  # the trial's own best: one-class epochs never count (as on the leaderboard)
+            row["best"] = result["best_val_auc"]
+        else:
+            row["best"] = max(row.get("best", -1.0), auc) if auc == auc else row.get("best", float("nan"))
         if self._live is not None:
             self._refresh()
             return
-        # One line per event whatever the hyperparameters: they come last, cut to the console's width.
+        # One line per event whatever the hyperparameters: they come last, cut to the console's width. An epoch
+        # whose validation predictions fell in one class is marked: it is never the trial's best.
+        one_class = " (one class)" if result.get("val_collapsed") == 1.0 else ""
         self.console.print(
-            f"  {trial_id} {row['method']:>9}  epoch {row['epoch']:>2}  val_auc {auc:.3f}  loss {row['loss']:.3f}  {row['hyperparameters']}",
+            f"  {trial_id} {row['method']:>9}  epoch {row['epoch']:>2}  val_auc {auc:.3f}{one_class}  loss {row['loss']:.3f}  {row['hyperparameters']}",
             no_wrap=True,
             overflow="ellipsis",
         )
@@ -255,9 +260,13 @@ class SweepConsole:
     def trial_done(self, trial_id: str, config: dict[str, Any], result: dict[str, Any] | None, done: int, total: int | None) -> None:
         self._running.pop(trial_id, None)
         self._finished, self._total = done, total or self._total
-        best = (result or {}).get("best_val_auc", float("nan"))
+        result = result or {}
+        best = result.get("best_val_auc", float("nan"))
         count = f"{done}/{total}" if total else f"{done} done"
-        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}  ({count})")
+        # The best epoch is the best that did not predict one class (README: How the best is chosen), which is
+        # not always the highest AUC the epoch lines showed: say which epoch it is.
+        where = f" (epoch {result['best_epoch']}{', every epoch one class' if result.get('best_collapsed') else ''})" if "best_epoch" in result else ""
+        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}{where}  ({count})")
         self._refresh()
 
     def trial_error(self, trial_id: str, config: dict[str, Any], error_file: str) -> None:
