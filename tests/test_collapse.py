@@ -101,9 +101,10 @@ def test_trials_tied_on_auc_rank_the_same_whatever_order_tune_lists_them_in(synt
         {**_row("bbbb0002", "linear", 1.0, "completed"), "best_val_loss": 0.05},
         {**_row("dddd0004", "linear", 1.0, "completed"), "best_val_loss": 0.20},
         {**_row("eeee0005", "linear", float("nan"), "error"), "best_val_loss": float("nan")},
+        {**_row("ffff0006", "linear", 1.0, "collapsed"), "best_val_loss": 0.01},  # never the answer: after the usable
     ]
-    expected = ["bbbb0002", "cccc0003", "dddd0004", "aaaa0001", "eeee0005"]
-    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [1, 3, 0, 4, 2]):
+    expected = ["bbbb0002", "cccc0003", "dddd0004", "aaaa0001", "ffff0006", "eeee0005"]
+    for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [1, 5, 3, 0, 4, 2]):
         board = rank_trials(pd.DataFrame([rows[i] for i in order]))
         assert list(board["trial_id"]) == expected
         assert best_configs(board, synthetic_spec)[synthetic_spec.name]["best"]["trial_id"] == "bbbb0002"

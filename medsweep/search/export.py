@@ -110,9 +110,14 @@ def rank_trials(board: pd.DataFrame) -> pd.DataFrame:
     """The board best first: by best validation AUC; a tie (common on a small validation set, where several
     trials reach 1.0) goes to the lower validation loss at that epoch, then to the trial id. Ranked by AUC
     alone, tied trials kept the order Tune listed them in, which differs between a sweep, its resume and its
-    extension: best.yaml named another trial each time, and ``final`` ran again for an unchanged answer."""
-    order = ["best_val_auc", "best_val_loss", "trial_id"]
-    return board.sort_values(order, ascending=[False, True, True], na_position="last", kind="stable").reset_index(drop=True)
+    extension: best.yaml named another trial each time, and ``final`` ran again for an unchanged answer.
+
+    Trials that can be the answer come first: a collapsed trial (its AUC is real, its predictions one class)
+    at the top of the board read as the sweep's winner, while best.yaml and ``final`` passed over it."""
+    ranked = board.assign(_unusable=board["status"].isin(UNUSABLE)) if "status" in board else board.assign(_unusable=False)
+    order = ["_unusable", "best_val_auc", "best_val_loss", "trial_id"]
+    ranked = ranked.sort_values(order, ascending=[True, False, True, True], na_position="last", kind="stable")
+    return ranked.drop(columns="_unusable").reset_index(drop=True)
 
 
 def cohort_members(out: Path) -> dict[str, int]:
