@@ -39,6 +39,17 @@ def test_pareto_front_keeps_non_dominated_points_and_ties():
     assert pareto_front(auc, cost).tolist() == [True, True, False, True, False, False, True, False]
 
 
+def test_a_collapsed_trial_is_never_on_the_reports_cost_front():
+    """Its AUC is the highest and its cost the lowest, but it predicted one class: never a trade-off to take, and
+    it does not push the usable trials off the front either."""
+    from medsweep.search.report import cost_front
+
+    board = pd.DataFrame(
+        {"best_val_auc": [0.9, 0.8, 0.7], "learnable_pct": [1.0, 5.0, 2.0], "status": ["collapsed", "completed", "stopped early"]}
+    )
+    assert cost_front(board, "learnable_pct").tolist() == [False, True, True]
+
+
 def test_pareto_front_edge_cases():
     assert pareto_front([0.7], [3.0]).tolist() == [True]
     assert pareto_front([], []).tolist() == []

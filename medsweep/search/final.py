@@ -257,6 +257,8 @@ def _selection(candidates: list[Candidate], chosen: Candidate, seeds: int) -> di
         "rule": (
             f"the {len(candidates)} best usable trials of the search by best validation AUC, each retrained with "
             f"{_seeds(seeds)}; the highest mean validation AUC is tested (ties: the search's order)"
+            if len(candidates) > 1
+            else f"the best usable trial of the search by best validation AUC, retrained with {_seeds(seeds)} and tested"
         ),
         "candidates": [
             {

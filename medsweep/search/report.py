@@ -33,6 +33,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from medsweep.errors import ConfigError
+from medsweep.search.export import UNUSABLE
 from medsweep.search.manifest import read_manifest
 from medsweep.search.pareto import pareto_front
 from medsweep.search.study import (
@@ -69,9 +70,17 @@ DPI = 120
 # ------------------------------------------------------------------ analysis
 
 
+def cost_front(board: pd.DataFrame, x: str) -> np.ndarray:
+    """Mask of the trials on the AUC-vs-``x`` front among those that can be the answer: a collapsed trial's AUC
+    is real but its predictions one class, so it is never a trade-off worth taking (as in best.yaml's front)."""
+    usable = ~board["status"].isin(UNUSABLE).to_numpy()
+    score = board[SCORE].where(usable)  # NaN: neither on the front nor dominating
+    return pareto_front(score, board[x]) & usable
+
+
 def pareto_table(board: pd.DataFrame) -> pd.DataFrame:
-    """The trials on the AUC-vs-params or AUC-vs-memory front, with a flag column for each."""
-    flags = {f"pareto_{x}": pareto_front(board[SCORE], board[x]) for x, *_ in COST_AXES}
+    """The usable trials on the AUC-vs-params or AUC-vs-memory front, with a flag column for each."""
+    flags = {f"pareto_{x}": cost_front(board, x) for x, *_ in COST_AXES}
     columns = ["trial_id", "method", SCORE, *(x for x, *_ in COST_AXES), "config_json"]
     table = board[[c for c in columns if c in board]].assign(**flags)
     return table[np.logical_or.reduce(list(flags.values()))].reset_index(drop=True)
@@ -182,7 +191,7 @@ def plot_cost(board: pd.DataFrame, x: str, xlabel: str, title: str, colours: dic
     ax = fig.subplots()
     for method, group in board.groupby("method"):
         ax.scatter(group[x], group[SCORE], s=40, color=colours[method], alpha=0.8, label=method)
-    front = board[pareto_front(board[SCORE], board[x])].sort_values(x)
+    front = board[cost_front(board, x)].sort_values(x)
     ax.plot(front[x], front[SCORE], color="black", linewidth=1, drawstyle="steps-post", zorder=1)
     ax.scatter(front[x], front[SCORE], s=130, facecolors="none", edgecolors="black", linewidths=1.5, label="Pareto front")
     for i, (_, row) in enumerate(front.iterrows()):
@@ -351,9 +360,10 @@ def leaderboard_blocks(board: pd.DataFrame) -> list[Block]:
     ranked = board[board["status"] != "collapsed"]
     top = ranked.head(TOP_ROWS)
     shown = f"top {len(top)} of {len(ranked)}" if len(ranked) > len(top) else f"all {len(ranked)}"
+    apart = "; the collapsed are listed apart below" if len(collapsed) else ""
     blocks = [
         Block("heading", "Leaderboard"),
-        Block("text", f"{shown} trials by best validation AUC ({counts}); every column is in leaderboard.csv."),
+        Block("text", f"{shown} trials by best validation AUC, of {len(board)} ({counts}{apart}); every column is in leaderboard.csv."),
         Block("table", table=_board_table(top)),
     ]
     if not collapsed.empty:
