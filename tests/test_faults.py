@@ -306,6 +306,27 @@ def test_a_rerun_trial_whose_end_the_study_holds_keeps_its_value_and_logs_nothin
     assert [(t.state.name, t.value) for t in study.get_trials()] == [("COMPLETE", 0.7)]
 
 
+def test_an_epoch_reported_again_after_a_resume_keeps_its_first_value_without_a_warning():
+    """A trial resumed from a checkpoint older than its last report reports that epoch again: the study keeps
+    the first value, and Optuna's UserWarning of the second ("The reported value is ignored") stays off the console."""
+    import warnings
+
+    from optuna.samplers import TPESampler
+
+    from medsweep.search.space import build_search
+    from medsweep.search.tuning import SweepSearch
+
+    space, points = build_search(["linear"], {"linear": {"method": "linear"}}, dataset="synthetic")
+    searcher = SweepSearch(space=space, metric="best_val_auc", mode="max", points_to_evaluate=points, sampler=TPESampler(seed=0))
+    searcher.suggest("t0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        searcher.on_trial_result("t0", {"best_val_auc": 0.6, "training_iteration": 2})
+        searcher.on_trial_result("t0", {"best_val_auc": 0.8, "training_iteration": 2})  # the epoch, rerun
+    assert [str(w.message) for w in caught] == []
+    assert searcher._ot_trials["t0"].storage.get_trial(searcher._ot_trials["t0"]._trial_id).intermediate_values == {2: 0.6}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, tiny_root, cache_dir, tmp_path, monkeypatch):

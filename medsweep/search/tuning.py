@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -669,8 +670,12 @@ class SweepSearch(OptunaSearch):
         A driver killed (SIGKILL, a second Ctrl-C) after a trial's end was told
         to the study but before Tune's next snapshot restores that trial as
         unfinished; its rerun's reports would raise ``UpdateFinishedTrialError``
-        and end the resumed sweep. The study keeps the value it was told."""
-        with contextlib.suppress(UpdateFinishedTrialError):
+        and end the resumed sweep. The study keeps the value it was told.
+
+        A trial resumed from a checkpoint older than its last report (an interrupt between the two) reports
+        that epoch again; Optuna keeps the first value and warned of the second on the console."""
+        with contextlib.suppress(UpdateFinishedTrialError), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=", category=UserWarning)
             super().on_trial_result(trial_id, result)
 
 
