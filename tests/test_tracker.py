@@ -111,7 +111,7 @@ def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monk
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = []
-    for epochs in ([1], [2]):  # the first driver, then the resumed one
+    for epochs in ([1], [2]):  # the first driver, interrupted after epoch 1, then the resumed one
         (callback,) = _trackers(tmp_path, synthetic_spec, tracker="mlflow")
         callback.setup()
         # as a sweep of several methods samples it (prefixed keys)
@@ -120,10 +120,15 @@ def test_a_resumed_trial_continues_its_mlflow_run(tmp_path, synthetic_spec, monk
         callback.log_trial_start(trial)
         for epoch in epochs:
             callback.log_trial_result(epoch, trial, {"epoch": epoch, "val_auc": 0.5 + epoch / 10, "training_iteration": 1})
-        callback.log_trial_end(trial)
+        if epochs == [1]:  # the interrupt: no trial end, the experiment ends; the run is not left RUNNING
+            callback.on_experiment_end([trial])
+            assert callback.mlflow_util._get_client().get_run(callback._trial_runs[trial]).info.status == "KILLED"
+        else:
+            callback.log_trial_end(trial)
         runs.append(callback._trial_runs[trial])
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / MLFLOW_DB}")
     assert runs[0] == runs[1] and len(client.search_runs([callback.mlflow_util.experiment_id])) == 1
+    assert client.get_run(runs[0]).info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(runs[0], "val_auc")] == [(1, 0.6), (2, 0.7)]
     # its parameters: the flat config the trial ran with, as the leaderboard has it
     assert client.get_run(runs[0]).data.params == {"method": "linear", "lr": "0.01", "batch_size": "16", "epochs": "2"}

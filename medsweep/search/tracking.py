@@ -51,7 +51,8 @@ class SweepMlflowCallback(MLflowLoggerCallback):
     trial would open a second run: the run is found again by its ``trial_id``
     tag instead. Metrics are logged at step = the loop's ``epoch`` (Tune's
     iteration counter restarts when a trial is restored from its checkpoint).
-    Runs end when their trials do (``FINISHED``, or ``FAILED``).
+    Runs end when their trials do (``FINISHED``, or ``FAILED``); a run whose trial an interrupt stopped (no trial
+    end for Tune) ends ``KILLED`` with the experiment, and ``medsweep resume`` sets it ``RUNNING`` again.
     """
 
     def __init__(self, dataset: str, **kwargs: Any) -> None:
@@ -80,6 +81,15 @@ class SweepMlflowCallback(MLflowLoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         step = int(result.get("epoch") or result[TRAINING_ITERATION])
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
+
+    def on_experiment_end(self, trials, **info: Any) -> None:
+        """Runs still ``RUNNING`` belong to trials Tune stopped to resume them (Ctrl-C, SIGTERM): left so, MLflow
+        showed them running for ever."""
+        client = self.mlflow_util._get_client()
+        for run_id in self._trial_runs.values():
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
+        super().on_experiment_end(trials, **info)
 
     def _existing_run(self, trial_id: str) -> str | None:
         """The run an earlier driver of this sweep opened for ``trial_id``, if any."""
