@@ -428,7 +428,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
 
     from medsweep.datasets import load_dataset
-    from medsweep.search.console import SweepConsole
+    from medsweep.search.console import SweepConsole, best_epoch_note, one_class_note
     from medsweep.search.out_paths import check_out_path
     from medsweep.trainables.loop import device_for_trial
     from medsweep.trainables.precision import resolve_precision
@@ -450,12 +450,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     def on_epoch(m: dict[str, Any]) -> None:
         console.console.print(
             f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-            f"val_auc {m['val_auc']:.4f}  val_acc {m['val_accuracy']:.3f}  ({m['epoch_seconds']:.1f} s)"
+            f"val_auc {m['val_auc']:.4f}{one_class_note(m)}  val_acc {m['val_accuracy']:.3f}  ({m['epoch_seconds']:.1f} s)"
         )
 
     reports = train_once(spec, config, args.cache_dir, out, console.progress, lambda r: console.store_ready(args.method, r), on_epoch, args.skip_bad_images)
-    best = max(r["best_val_auc"] for r in reports)
-    console.console.print(f"best val_auc {best:.4f}; config, metrics.jsonl and checkpoints in {out}")
+    last = reports[-1]  # its best: the best epoch that did not predict one class (not the highest AUC shown)
+    console.console.print(f"best val_auc {last['best_val_auc']:.4f}{best_epoch_note(last)}; config, metrics.jsonl and checkpoints in {out}")
     return 0
 
 

@@ -230,6 +230,23 @@ def test_an_out_the_file_system_refuses_is_one_line_once_ray_is_up(tmp_path):
         prepare_out(settings)
 
 
+def test_train_prints_its_epochs_and_the_best_as_the_loop_chose_it(bad_inputs, tmp_path, capsys):
+    """``medsweep train``: one line per epoch (one-class epochs marked), then the run's best, which is its last
+    report's best (the best epoch that did not predict one class), not the highest AUC an epoch line showed."""
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(bad_inputs / "data"), "--method", "linear", "--backbone", "vit-tiny", "--image-size", "32"]
+    assert main([*argv, "--epochs", "3", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    reports = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == len(reports) == 3
+    for line, report in zip(epochs, reports, strict=True):
+        assert f"val_auc {report['val_auc']:.4f}{' (one class)' if report['val_collapsed'] == 1.0 else ''}  val_acc" in line
+    last = reports[-1]
+    (best,) = [line for line in lines if line.startswith("best val_auc ")]
+    assert best.startswith(f"best val_auc {last['best_val_auc']:.4f} (epoch {last['best_epoch']}")
+
+
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):
     """``--overwrite`` deletes exactly the files a sweep writes (checked without running one: the
     folder is prepared once Ray is up, which needs a real sweep; see test_faults for those)."""

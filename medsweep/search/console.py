@@ -51,6 +51,19 @@ def _short(config: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def one_class_note(result: dict[str, Any]) -> str:
+    """`` (one class)`` after an epoch's AUC when its validation predictions fell in one class: such an epoch is
+    never a trial's best (README: How the best is chosen), whatever its AUC."""
+    return " (one class)" if result.get("val_collapsed") == 1.0 else ""
+
+
+def best_epoch_note(result: dict[str, Any]) -> str:
+    """`` (epoch N)`` after a trial's best AUC, which is not always the highest AUC its epochs showed."""
+    if "best_epoch" not in result:
+        return ""
+    return f" (epoch {result['best_epoch']}{', every epoch one class' if result.get('best_collapsed') else ''})"
+
+
 @contextmanager
 def dropping(logger: logging.Logger, prefix: str) -> Iterator[None]:
     """While in the block, ``logger`` drops its records whose message starts with ``prefix``: a library's notice
@@ -248,11 +261,10 @@ class SweepConsole:
         if self._live is not None:
             self._refresh()
             return
-        # One line per event whatever the hyperparameters: they come last, cut to the console's width. An epoch
-        # whose validation predictions fell in one class is marked: it is never the trial's best.
-        one_class = " (one class)" if result.get("val_collapsed") == 1.0 else ""
+        # One line per event whatever the hyperparameters: they come last, cut to the console's width.
+        metrics = f"epoch {row['epoch']:>2}  val_auc {auc:.3f}{one_class_note(result)}  loss {row['loss']:.3f}"
         self.console.print(
-            f"  {trial_id} {row['method']:>9}  epoch {row['epoch']:>2}  val_auc {auc:.3f}{one_class}  loss {row['loss']:.3f}  {row['hyperparameters']}",
+            f"  {trial_id} {row['method']:>9}  {metrics}  {row['hyperparameters']}",
             no_wrap=True,
             overflow="ellipsis",
         )
@@ -263,10 +275,7 @@ class SweepConsole:
         result = result or {}
         best = result.get("best_val_auc", float("nan"))
         count = f"{done}/{total}" if total else f"{done} done"
-        # The best epoch is the best that did not predict one class (README: How the best is chosen), which is
-        # not always the highest AUC the epoch lines showed: say which epoch it is.
-        where = f" (epoch {result['best_epoch']}{', every epoch one class' if result.get('best_collapsed') else ''})" if "best_epoch" in result else ""
-        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}{where}  ({count})")
+        self.console.print(f"[green]done[/] {trial_id} {config.get('method', '?')} best val_auc {best:.3f}{best_epoch_note(result)}  ({count})")
         self._refresh()
 
     def trial_error(self, trial_id: str, config: dict[str, Any], error_file: str) -> None:
