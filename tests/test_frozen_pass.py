@@ -96,6 +96,9 @@ def test_the_pipeline_writes_the_single_process_store_without_decoding_in_the_dr
     assert all(f"frozen pass on {ray_nodes[node]} (node {node[:8]}): " in console.text() for node in nodes)
     again = preload_on_cluster(spec, config_for(spec), tmp_path)
     assert again.reused and again.images_processed == 0
+    for _ in range(3):  # as final retrains three candidates of one method: one line says the store is reused
+        console.store_ready("fpt_plus", again)
+    assert console.text().count(f"store {store.key} reused") == 1
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,7 @@ class SweepConsole:
         self.live = (self.console.is_terminal and not quiet) if live is None else live
         self._live: Live | None = None
         self._running: dict[str, dict[str, Any]] = {}
+        self._reused_shown: set[tuple[str, str]] = set()  # (method, store key) whose reuse was printed
         self._finished = 0
         self._total: int | None = None
         SweepConsole._latest = weakref.ref(self)
@@ -167,6 +168,10 @@ class SweepConsole:
 
     def store_ready(self, method: str, result: Any) -> None:
         store = result.store
+        if result.reused and (method, store.key) in self._reused_shown:
+            return  # final retrains several candidates of one method on one store: one line says it is reused
+        if result.reused:
+            self._reused_shown.add((method, store.key))
         size_mb = store.size_bytes() / 2**20
         per_image = store.bytes_per_image() / 1024
         how = "reused" if result.reused else f"written in {result.seconds:.1f} s ({result.images_processed} images)"
