@@ -56,6 +56,10 @@ def test_without_a_terminal_every_event_is_one_line():
     assert "running trials" not in text
     assert "aaaa0001  fpt_plus" in text and "epoch  1  val_auc 0.712" in text
     assert "(1 done)" in text
+    # a notice longer than the log's 120 columns stays one line (grep finds it whole), not broken mid-sentence
+    notice = "materialized once, shared by every trial: " + "it fits in 50% of the object store " * 6
+    console.data_ready({"store": notice})
+    assert f"ray data {notice}" in console.text().splitlines()
 
 
 def test_an_epoch_that_predicted_one_class_is_marked_and_the_done_line_names_the_best_epoch():

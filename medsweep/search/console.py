@@ -98,12 +98,16 @@ class SweepConsole:
         # A terminal's own width: the live table is redrawn in place, and lines wider than the terminal wrap
         # and leave stale rows behind. A log file gets at least 120 columns (rich's default there is 80).
         probe = Console()
+        terminal = probe.is_terminal and not record
         self.console = Console(
             highlight=False,
             quiet=quiet,
-            width=probe.width if probe.is_terminal and not record else max(120, probe.width),
+            width=probe.width if terminal else max(120, probe.width),
             record=record,
             file=io.StringIO() if record else None,
+            # In a log, a longer line stays one line (grep finds it whole): rich broke them mid-sentence at 120
+            # columns. Lines meant to fit (per-epoch lines, the leaderboard) are cut to the width themselves.
+            soft_wrap=not terminal,
         )
         self.live = (self.console.is_terminal and not quiet) if live is None else live
         self._live: Live | None = None
