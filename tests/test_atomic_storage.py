@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import ClassVar
 
+import pyarrow
 import pyarrow.fs
+import ray.cloudpickle
+from ray import tune
 
-from medsweep.search.atomic_storage import atomic_local_filesystem
+from medsweep.search.atomic_storage import AtomicLocalHandler, _RenameOnClose, atomic_local_filesystem, snapshots_wait_for_their_copy
 
 # A writer that copies a large snapshot over the old one through the storage, says so half-way, and waits.
 _KILLED_WRITER = """
@@ -63,3 +69,54 @@ def test_tunes_copy_replaces_each_file_only_once_it_is_whole(tmp_path):
     back = tmp_path / "restored"  # how Tune downloads on restore, through the unpickled filesystem trial actors get
     pyarrow.fs.copy_files(str(storage_dir), str(back), source_filesystem=pickle.loads(pickle.dumps(storage)))
     assert (back / "trial-1" / "result.json").read_text() == '{"epoch": 2}'
+
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trial actors get this test's trainable and storage
+
+
+class _SlowSnapshotCopy(AtomicLocalHandler):
+    """The sweep's storage, with a copy of ``experiment_state-*.json`` that opens its source, pauses before it reads
+    (a busy disk), and records each copy that is not one whole JSON document."""
+
+    torn: ClassVar[list[str]] = []
+
+    def open_output_stream(self, path: str, metadata: dict | None) -> pyarrow.NativeFile:
+        if not Path(path).name.startswith("experiment_state"):
+            return super().open_output_stream(path, metadata)
+        time.sleep(0.02)  # pyarrow opened the source before this stream and reads it after
+        return pyarrow.PythonFile(_CheckedOnClose(path), mode="w")
+
+    def __reduce__(self) -> tuple:
+        return _SlowSnapshotCopy, ()
+
+
+class _CheckedOnClose(_RenameOnClose):
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            try:
+                json.loads(Path(self.partial).read_text())
+            except ValueError as torn:
+                _SlowSnapshotCopy.torn.append(str(torn))
+        super().close()
+
+
+def _report_often(config: dict) -> None:
+    for step in range(60):
+        time.sleep(0.005)  # a result, and a snapshot, every few milliseconds
+        tune.report({"step": step, "padding": "x" * (step % 5) * 200})  # snapshots of changing length
+
+
+def test_no_snapshot_is_copied_while_tune_rewrites_it(tmp_path, ray_session, monkeypatch):
+    """Tune rewrites its staged snapshot in place at every step here; without waiting for the previous copy, some
+    copy read an emptied or half-rewritten file ("Expecting value: line 1 column 1") in each of three runs."""
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    snapshots_wait_for_their_copy()
+    snapshots_wait_for_their_copy()  # installed once however often it is called
+    _SlowSnapshotCopy.torn.clear()
+    run = tune.RunConfig(storage_path=str(tmp_path), name="sweep", storage_filesystem=pyarrow.fs.PyFileSystem(_SlowSnapshotCopy()), verbose=0)
+    grid = tune.Tuner(_report_often, run_config=run).fit()
+
+    assert grid[0].metrics["step"] == 59
+    assert _SlowSnapshotCopy.torn == []
+    assert [json.loads(state.read_text())["trial_data"] for state in (tmp_path / "sweep").glob("experiment_state-*.json")]

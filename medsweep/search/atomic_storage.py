@@ -15,13 +15,23 @@ file written through it goes to a hidden temporary name beside its target and
 is renamed over the target once it is closed, so the old version stays until
 the new one is whole. Temporary files are hidden from directory listings, so a
 restore (which copies the experiment folder back) never sees one left by a kill.
+
+A whole copy of a torn source is still torn: Tune rewrites ``experiment_state-*.json`` in its
+staging folder in place (``open(path, "w")``) at each snapshot, while the copy of the previous
+snapshot may still be reading it, so the sweep's folder could hold the start of one snapshot and
+the end of the next ("Extra data", or an empty state). :func:`snapshots_wait_for_their_copy` makes
+each snapshot wait for the previous copy first; the copy of a few small local files takes
+milliseconds, and a snapshot is taken every few seconds at most.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow
@@ -29,10 +39,41 @@ import pyarrow.fs
 
 PARTIAL_SUFFIX = ".partial"  # ".<name>.<random>.partial": a file being written (or left by a killed writer)
 
+logger = logging.getLogger(__name__)
+
 
 def atomic_local_filesystem() -> pyarrow.fs.FileSystem:
     """The local filesystem with whole-file writes, for ``RunConfig(storage_filesystem=...)``."""
     return pyarrow.fs.PyFileSystem(AtomicLocalHandler())
+
+
+def snapshots_wait_for_their_copy() -> None:
+    """Make Tune's experiment snapshot wait until the copy of the previous one to storage has ended.
+
+    Tune starts that copy in a background thread and, at its next snapshot, rewrites the staged files
+    in place whether or not the copy is still reading them (``TuneController.save_to_dir`` after
+    ``_ExperimentCheckpointManager`` skipped the wait). Waiting on the controller's own syncer first
+    keeps writer and reader apart; the copy's failure is logged as Ray logs it where it waits itself.
+    Idempotent: the wrapper is installed once per process."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    if getattr(TuneController.save_to_dir, "waits_for_the_copy", False):
+        return
+    TuneController.save_to_dir = _after_the_copy(TuneController.save_to_dir)  # type: ignore[method-assign]
+
+
+def _after_the_copy(save_to_dir: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(save_to_dir)
+    def save_after_the_copy(controller: Any) -> None:
+        storage = controller._storage
+        try:
+            storage.syncer.wait()
+        except Exception:
+            logger.error("Copying the sweep's snapshot to %s failed:", storage.experiment_fs_path, exc_info=True)
+        save_to_dir(controller)
+
+    save_after_the_copy.waits_for_the_copy = True  # type: ignore[attr-defined]
+    return save_after_the_copy
 
 
 def _partial_path(path: str) -> str:

@@ -44,7 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.errors import ConfigError
-from medsweep.search.atomic_storage import atomic_local_filesystem
+from medsweep.search.atomic_storage import atomic_local_filesystem, snapshots_wait_for_their_copy
 from medsweep.search.cohort_pins import CohortPins
 from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole, dropping
@@ -958,7 +958,9 @@ def run_tuner(
 
 
 def _fit(settings: SweepSettings, console: SweepConsole, cohorts: Cohorts | None, tuner: Tuner) -> tune.ResultGrid:
-    """Run a built or restored Tuner, as many trials pending at once as there are trial slots, under the live table."""
+    """Run a built or restored Tuner, as many trials pending at once as there are trial slots, under the live table,
+    each experiment snapshot copied whole from a staging folder no snapshot rewrites meanwhile."""
+    snapshots_wait_for_their_copy()
     with trials_pending_at_once(settings), console.live_trials(total=settings.trials), unreported_trials_unlogged():
         return tuner.fit()
 
