@@ -27,7 +27,8 @@ from typing import Any
 from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, QUIET_HELP, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
-from medsweep.spaces import PRECISION_NAMES
+from medsweep.spaces import METHODS, PRECISION_NAMES
+from medsweep.spaces.tables import FPT_LEARNING_RATES, LORA_DATASETS
 from medsweep.trainables.config import TrainConfig
 
 # Ray's raylet warns on the driver's console each time the worker processes it started on a node pass another
@@ -110,11 +111,18 @@ def _train_default(name: str) -> Any:
     return TrainConfig.__dataclass_fields__[name].default
 
 
+DATASET_HELP = "'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML"
+METHOD_HELP = f"one of {', '.join(METHODS)}"
+SPACES_DATASET_HELP = (
+    f"a dataset with a published recommendation: FPT/FPT+ {', '.join(FPT_LEARNING_RATES)}; LoRA-medical {', '.join(LORA_DATASETS)}"
+)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=setting_default("backbone"), help="registered name, save_pretrained folder or hub id")
     parser.add_argument("--image-size", type=int, default=setting_default("image_size"), help="input size of the backbone / frozen path")
     parser.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="where preload stores and the synthetic set live")
-    parser.add_argument("--seed", type=int, default=setting_default("seed"))
+    parser.add_argument("--seed", type=int, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sweep = sub.add_parser("sweep", help="run a sweep (no arguments: the built-in synthetic demo)")
-    sweep.add_argument("--dataset", default=setting_default("dataset"), help="'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML")
+    sweep.add_argument("--dataset", default=setting_default("dataset"), help=DATASET_HELP)
     sweep.add_argument("--method", action="append", dest="methods", help=f"method to sweep (repeatable); default {' and '.join(DEFAULT_METHODS)}")
     # None here, DEFAULT_TRIALS in cmd_sweep: without --trials, --budget-hours alone is an unbounded search.
     sweep.add_argument(
@@ -179,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=setting_default("gpus_per_trial"),
         help="GPU fraction each trial reserves, for every method; default auto: sized per method from its probed memory (0 without GPUs)",
     )
-    sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"))
+    sweep.add_argument("--cpus-per-trial", type=float, default=setting_default("cpus_per_trial"), help="CPUs each trial (or cohort) reserves")
     sweep.add_argument("--workers", type=int, default=setting_default("workers"), help="DDP workers for full fine-tuning trials")
     sweep.add_argument(
         "--cohort-size",
@@ -229,15 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sweep)
 
     best = sub.add_parser("best", help="print the best configuration per dataset and method of a finished sweep")
-    best.add_argument("dir", type=Path)
-    best.add_argument("--json", action="store_true")
+    best.add_argument("dir", type=Path, help="output folder of a finished sweep")
+    best.add_argument("--json", action="store_true", help="print best.yaml's content as JSON")
 
     train = sub.add_parser("train", help="train one configuration (the loop a trial runs), without a sweep")
-    train.add_argument("--dataset", default=setting_default("dataset"))
-    train.add_argument("--method", required=True)
+    train.add_argument("--dataset", default=setting_default("dataset"), help=DATASET_HELP)
+    train.add_argument("--method", required=True, help=METHOD_HELP)
     train.add_argument("--epochs", type=_positive_int, default=setting_default("max_epochs"), help="default: a sweep's --max-epochs")
     train.add_argument("--lr", type=float, default=None, help="default: the method's recommended learning rate")
-    train.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"))
+    train.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"), help="images per optimizer step")
     train.add_argument("--out", type=Path, default=None, help="where to write metrics.jsonl, config.json, checkpoints")
     train.add_argument(
         "--precision",
@@ -248,33 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train)
 
     pre = sub.add_parser("preload", help="build the preload store of a method over a dataset, or list stores")
-    pre.add_argument("--dataset", default=setting_default("dataset"))
-    pre.add_argument("--method", default="fpt_plus")
+    pre.add_argument("--dataset", default=setting_default("dataset"), help=DATASET_HELP)
+    pre.add_argument("--method", default="fpt_plus", help=METHOD_HELP)
     pre.add_argument("--list", action="store_true", help="list stores in the cache with their sizes")
     _add_common(pre)
     _add_cluster(pre)
 
     params = sub.add_parser("params", help="total and learnable parameters of a method at its recommended values (as train runs it)")
-    params.add_argument("--method", required=True)
-    params.add_argument("--num-classes", type=_positive_int, default=5)
-    params.add_argument("--json", action="store_true")
+    params.add_argument("--method", required=True, help=METHOD_HELP)
+    params.add_argument("--num-classes", type=_positive_int, default=5, help="outputs of the classification head")
+    params.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(params)
 
     probe = sub.add_parser("probe", help="peak memory of one training step at the method's recommended values (as train runs it)")
-    probe.add_argument("--method", required=True)
-    probe.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"))
-    probe.add_argument("--num-classes", type=_positive_int, default=5)
-    probe.add_argument("--json", action="store_true")
+    probe.add_argument("--method", required=True, help=METHOD_HELP)
+    probe.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"), help="images in the probed step")
+    probe.add_argument("--num-classes", type=_positive_int, default=5, help="outputs of the classification head")
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(probe)
 
     spaces = sub.add_parser("spaces", help="search spaces and recommended points")
     spaces_sub = spaces.add_subparsers(dest="spaces_command", required=True, parser_class=_Parser)
     show = spaces_sub.add_parser("show", help="print a method's space and recommended starting point")
-    show.add_argument("method")
-    show.add_argument("--dataset", default=None)
+    show.add_argument("method", help=METHOD_HELP)
+    show.add_argument("--dataset", default=None, help=SPACES_DATASET_HELP)
     show.add_argument("--fraction", type=float, default=None, help="label fraction in percent (1, 10, 100)")
     show.add_argument("--weights", default=None, help="LoRA-medical pretrained weights: mrm or cxr_mae")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
 
     final = sub.add_parser("final", help="retrain a finished sweep's best configuration with several seeds and test it once")
     final.add_argument("dir", type=Path, help="output folder of a finished sweep")
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write a report (Markdown or HTML with plots) of a finished sweep")
     report.add_argument("dir", type=Path, help="output folder of a finished sweep")
-    report.add_argument("--format", choices=["md", "html"], default="md")
+    report.add_argument("--format", choices=["md", "html"], default="md", help="Markdown or HTML; either shows the PNG plots written beside it")
 
     for name in ("resume", "extend", "dashboard", "sync", "export", "predict"):  # these modules import nothing heavy at the top
         importlib.import_module(MODULE_COMMANDS[name]).add_parser(sub)

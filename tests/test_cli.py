@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -266,6 +269,27 @@ def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, t
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "thesis.tex"]
     assert json.loads((out / "sweep.json").read_text())["methods"] == ["linear"]
     assert {"sweep.json", "optuna-study.log", "ray"} <= set(SWEEP_OUTPUTS)
+
+
+def _options(parser: argparse.ArgumentParser, command: str) -> Iterator[tuple[str, argparse.Action]]:
+    """Every option and positional of every command, as (command line, action)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{command} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield command, action
+
+
+def test_every_option_of_every_command_says_what_it_does_and_the_readme_names_it():
+    from medsweep.cli import build_parser
+
+    options = list(_options(build_parser(), "medsweep"))
+    assert len(options) > 100
+    assert [f"{command} {action.option_strings or action.dest}" for command, action in options if not action.help] == []
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    flags = {flag for _, action in options for flag in action.option_strings if flag.startswith("--")}
+    assert sorted(flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", readme)) == []
 
 
 def test_every_option_that_is_a_sweep_setting_defaults_to_the_settings_default():
