@@ -92,7 +92,8 @@ def test_fused_members_are_trials_and_asha_stops_each_alone(ray_session, synthet
     cohorts = _cohorts(settings.out)
     assert any(len(cohort["trials"]) > 1 for cohort in cohorts), cohorts  # really fused
     assert max(len(cohort["trials"]) for cohort in cohorts) <= 3, cohorts  # spread over both servers
-    assert f"cohorts {len(cohorts)} trained, of {', '.join(str(len(c['trials'])) for c in cohorts)} members" in text
+    trained = ", ".join(f"{c['method']} of {len(c['trials'])} member{'s' * (len(c['trials']) != 1)}" for c in cohorts)
+    assert f"cohorts {len(cohorts)} trained: {trained} (ray/cohorts.json)" in text
     assert set(t for cohort in cohorts for t in cohort["trials"]) == set(board["trial_id"])
     # The board says how many trials each trained with (its cohort's size at its start).
     trained_with = {t: len(cohort["trials"]) for cohort in cohorts for t in cohort["trials"]}

@@ -268,6 +268,23 @@ def test_label_fraction_keeps_every_class() -> None:
         apply_label_fraction(spec, 1.5, seed=0)
 
 
+def test_the_classes_an_auc_leaves_out_are_named_per_split() -> None:
+    """A label no validation image has (or every one has) has no AUC there: the split's macro AUC averages the other
+    labels, which the sweep's dataset line says (seen on a list-file set whose rare label was absent from val)."""
+    train = [Sample(Path(f"/x/t{i}.png"), (i % 2, 1 - i % 2, 1)) for i in range(4)]
+    val = [Sample(Path(f"/x/v{i}.png"), (i % 2, 0, 1)) for i in range(4)]
+    test = [Sample(Path(f"/x/s{i}.png"), (i % 2, 1 - i % 2, i % 2)) for i in range(4)]
+    spec = DatasetSpec("x", Path("/x"), "multilabel", ["a", "b", "c"], {"train": train, "val": val, "test": test})
+    assert spec.class_counts("val") == [2, 0, 4]
+    assert spec.classes_without_auc("val") == ["b", "c"] and spec.classes_without_auc("test") == []
+    assert spec.auc_notes() == ["val: no image has b; every image has c; its AUC is a's alone"]
+
+    classes = _multiclass_spec((3, 3, 3))
+    classes.splits["test"] = [sample for sample in classes.splits["val"] if sample.label != 1]
+    assert classes.auc_notes() == ["test: no image of 1; its AUC averages the other 2 classes"]
+    assert _multiclass_spec((3, 3)).auc_notes() == []
+
+
 # ------------------------------------------------------------------- YAML
 
 

@@ -77,3 +77,39 @@ class DatasetSpec:
     def summary(self) -> str:
         counts = ", ".join(f"{s} {len(self.splits.get(s, []))}" for s in SPLITS)
         return f"{self.name}: {self.task}, {self.num_classes} classes, {counts} images"
+
+    def class_counts(self, split: str) -> list[int]:
+        """Images of ``split`` per class: of that class (multi-class) or having that label (multi-label)."""
+        counts = [0] * self.num_classes
+        for sample in self.splits.get(split, []):
+            for index in (sample.label,) if isinstance(sample.label, int) else (i for i, flag in enumerate(sample.label) if flag):
+                counts[index] += 1
+        return counts
+
+    def classes_without_auc(self, split: str) -> list[str]:
+        """The classes a macro AUC over ``split`` leaves out, its one-vs-rest (or per-label) outcome being the same
+        for every image there: a class with no image in the split, or a label that every image or none has
+        (``medsweep.trainables.metrics``). The AUC of a validation split averages the other classes only."""
+        images = len(self.splits.get(split, []))
+        constant = (0,) if self.task == "multiclass" else (0, images)
+        return [name for name, count in zip(self.classes, self.class_counts(split), strict=True) if images and count in constant]
+
+    def auc_notes(self) -> list[str]:
+        """One line per evaluated split whose AUC leaves classes out (see :meth:`classes_without_auc`)."""
+        notes = []
+        for split in ("val", "test"):
+            left_out = self.classes_without_auc(split)
+            if not left_out:
+                continue
+            scored = [name for name in self.classes if name not in left_out]
+            kind = "classes" if self.task == "multiclass" else "labels"
+            kept = f"its AUC averages the other {len(scored)} {kind}" if len(scored) > 1 else f"its AUC is {scored[0]}'s alone" if scored else "it has no AUC"
+            if self.task == "multiclass":
+                notes.append(f"{split}: no image of {', '.join(left_out)}; {kept}")
+                continue
+            counts = dict(zip(self.classes, self.class_counts(split), strict=True))
+            nowhere = [name for name in left_out if counts[name] == 0]
+            everywhere = [name for name in left_out if counts[name] > 0]
+            said = [f"no image has {', '.join(nowhere)}"] * bool(nowhere) + [f"every image has {', '.join(everywhere)}"] * bool(everywhere)
+            notes.append(f"{split}: {'; '.join(said)}; {kept}")
+        return notes

@@ -143,6 +143,8 @@ class SweepConsole:
 
     def dataset(self, spec: DatasetSpec) -> None:
         self.console.print(f"[bold]dataset[/] {spec.summary()}")
+        for note in spec.auc_notes():
+            self.console.print(f"  {note}")
 
     def progress(self, description: str, total: int) -> Callable[[int], None]:
         """A progress bar that closes itself when ``total`` is reached."""

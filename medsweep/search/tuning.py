@@ -743,8 +743,12 @@ def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str,
             console.console.print(f"[bold]cohorts[/] off: each trial of {', '.join(sizes)} runs alone; {_why_alone(settings, gpus)}")
         yield cohorts
     if cohorts is not None and cohorts.ran:
-        counts = ", ".join(str(len(cohort["trials"])) for cohort in cohorts.ran)
-        console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained, of {counts} members ({RAY_DIR}/{COHORTS_FILE})")
+        console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained: {cohorts_trained(cohorts.ran)} ({RAY_DIR}/{COHORTS_FILE})")
+
+
+def cohorts_trained(ran: list[dict[str, Any]]) -> str:
+    """The cohorts a sweep trained, as "linear of 3 members, fpt_plus of 2": what the sweep's end line says."""
+    return ", ".join(f"{cohort['method']} of {len(cohort['trials'])} member{'s' if len(cohort['trials']) != 1 else ''}" for cohort in ran)
 
 
 def _why_alone(settings: SweepSettings, gpus: float) -> str:
