@@ -37,6 +37,7 @@ def test_a_sweep_writes_a_manifest_of_versions_devices_data_stores_seeds_and_com
     spec = sweep_dataset(settings)
     assert manifest["dataset"]["manifest_hash"] == spec.manifest_hash()
     assert manifest["dataset"]["splits"] == {split: len(samples) for split, samples in spec.splits.items()}
+    assert manifest["dataset"]["auc_notes"] == spec.auc_notes() == []  # every synthetic class in every split
     assert manifest["seeds"] == {"search": settings.seed, "final": []}  # the tiny sweep skips the final retrain
     assert manifest["resumes"] == []
     # The store keys are the ones the trials read (Tune's record of each trial's config), and the stores are in the cache.
@@ -80,3 +81,12 @@ def test_the_report_shows_the_manifest(tiny_sweep):
 def test_a_sweep_without_a_manifest_says_so_in_the_report(tmp_path):
     heading, note = reproducibility_blocks(tmp_path)
     assert heading.text == "Reproducibility" and f"No readable {MANIFEST_JSON}" in note.text
+
+
+def test_the_report_names_the_classes_a_splits_auc_leaves_out(tmp_path):
+    note = "val: no image has effusion; its AUC averages the other 13 labels"
+    dataset = {"name": "nih", "manifest_hash": "0123abcd", "splits": {"train": 9, "val": 3, "test": 3}, "auc_notes": [note]}
+    (tmp_path / MANIFEST_JSON).write_text(json.dumps({"dataset": dataset, "seeds": {"search": 0, "final": []}}))
+    table = reproducibility_blocks(tmp_path)[-1].table
+    assert table is not None
+    assert dict(zip(table[""], table["value"], strict=True))["dataset"] == f"nih: manifest hash 0123abcd, train 9, val 3, test 3; {note}"

@@ -57,6 +57,7 @@ def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str,
                 "classes": list(spec.classes),
                 "manifest_hash": spec.manifest_hash(),
                 "splits": {split: len(spec.splits.get(split, [])) for split in SPLITS},
+                "auc_notes": spec.auc_notes(),  # classes a split's AUC leaves out
             },
             "seeds": {
                 "search": settings.seed,

@@ -522,6 +522,7 @@ def reproducibility_blocks(out: Path) -> list[Block]:
         "dataset": (
             f"{dataset.get('name')}: manifest hash {dataset.get('manifest_hash')}, "
             + ", ".join(f"{split} {n}" for split, n in dataset.get("splits", {}).items())
+            + "".join(f"; {note}" for note in dataset.get("auc_notes", []))
         ),
         "stores": ", ".join(f"{method} {key}" for method, key in manifest.get("stores", {}).items()),
         "seeds": f"search {seeds.get('search')}" + (f", final {', '.join(map(str, final))}" if final else ", no final retrain"),
