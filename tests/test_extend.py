@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 from medsweep.cli import main
 from medsweep.errors import ConfigError
 from medsweep.search.extend import best_trial, extend_sweep
-from medsweep.search.settings import SweepSettings, load_settings
-from medsweep.search.study import FINAL_JSON, LEADERBOARD_CSV, SETTINGS_FILE, load_study
+from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
+from medsweep.search.study import FINAL_JSON, LEADERBOARD_CSV, LOCK_FILE, MANIFEST_JSON, SETTINGS_FILE, load_study
 from medsweep.search.sweep import run_sweep
 from medsweep.search.tuning import tpe_startup_trials
 from medsweep.search.warm import WARM_START_ATTR
@@ -214,6 +214,21 @@ def test_extend_refuses_a_sweep_whose_driver_still_runs(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_extend_refuses_a_dataset_whose_images_or_labels_changed(tmp_path, capsys, synthetic_root):
+    """New trials on other images would share a leaderboard with trials scored on the old ones."""
+    folder = _finished_looking(tmp_path / "sweep")
+    (folder / SETTINGS_FILE).write_text(SweepSettings(dataset=str(synthetic_root), out=folder, cache_dir=folder / "cache").to_json())
+    spec = sweep_dataset(load_settings(folder))
+    sizes = {split: len(samples) for split, samples in spec.splits.items()}
+    dataset = {"classes": spec.classes, "splits": sizes, "manifest_hash": "0" * 16, "membership_hash": "1" * 16}
+    (folder / MANIFEST_JSON).write_text(json.dumps({"dataset": dataset, "stores": {}}))
+    (folder / LOCK_FILE).touch()  # as the sweep's own driver left it (each driver writes its pid there)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != LOCK_FILE}
+    assert main(["extend", str(folder), "--trials", "2"]) == 2
+    assert "is not the one this sweep started on (as many images, but other files or labels)" in _one_line(capsys)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != LOCK_FILE} == before
 
 
 def test_warm_start_refuses_an_earlier_sweep_of_other_methods(tmp_path, synthetic_root, cache):

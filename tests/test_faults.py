@@ -343,7 +343,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, ti
 
     Each trial alone (``--cohort-size 1``): fused members progress together, so a finished trial beside
     a checkpointed one is a moment only trials run one by one give (tests/test_cohorts.py kills a fused sweep)."""
-    killed_driver_resumes(tiny_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "1", need_finished=True)
+    killed_driver_resumes(tiny_root, cache_dir, tmp_path, monkeypatch, "--cohort-size", "1", need_finished=True, touch_an_image=True)
 
 
 def _assert_snapshot_whole(experiment: Path) -> None:
@@ -357,11 +357,23 @@ def _assert_snapshot_whole(experiment: Path) -> None:
 
 
 def killed_driver_resumes(
-    tiny_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch, *extra: str, need_finished: bool, trials: int = 3, epochs: int = 6
+    tiny_root: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch,
+    *extra: str,
+    need_finished: bool,
+    trials: int = 3,
+    epochs: int = 6,
+    touch_an_image: bool = False,
 ) -> Path:
     """SIGKILL a sweep's driver (started with ``extra`` flags) once a trial holds a checkpoint with epochs left
     (and, with ``need_finished``, another has finished), ``medsweep resume`` it from another directory, and
-    check that it ends with exactly ``trials`` trials, none run again from scratch. Returns the sweep folder."""
+    check that it ends with exactly ``trials`` trials, none run again from scratch. Returns the sweep folder.
+
+    ``touch_an_image``: the resume sees an image with a new modification time (a dataset copied without its
+    file times): it rebuilds the store, whose key differs, and the restored trials, whose configs name the
+    sweep's first store, read the rebuilt one (they once failed with a KeyError)."""
     out, log = tmp_path / "sweep", tmp_path / "driver.log"
     started_in, resumed_in = tmp_path / "started-here", tmp_path / "resumed" / "from" / "elsewhere"
     started_in.mkdir()
@@ -391,8 +403,17 @@ def killed_driver_resumes(
     _assert_snapshot_whole(out / "ray" / "tune")
 
     monkeypatch.chdir(resumed_in)
-    assert resume.run(_resume_args(out)) == 0
+    touched = next(tiny_root.rglob("*.png"))
+    times = touched.stat()
+    if touch_an_image:
+        os.utime(touched, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))
+    try:
+        assert resume.run(_resume_args(out)) == 0
+    finally:
+        os.utime(touched, ns=(times.st_atime_ns, times.st_mtime_ns))  # the module's other tests see the set as it was
     assert not any(resumed_in.iterdir())  # nothing looked for or written relative to the new directory
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["resumes"][0]["stores"] != manifest["stores"]) is touch_an_image  # the store was rebuilt
 
     board = pd.read_csv(out / "leaderboard.csv", dtype={"trial_id": str})
     assert len(board) == trials and board["trial_id"].is_unique

@@ -13,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medsweep.datasets.spec import DatasetSpec, Sample
 from medsweep.datasets.store import PreloadStore
-from medsweep.search.manifest import PACKAGES, read_manifest, write_manifest
+from medsweep.errors import ConfigError
+from medsweep.search.manifest import PACKAGES, dataset_change, read_manifest, store_keys_used, write_manifest
 from medsweep.search.report import reproducibility_blocks, write_report
 from medsweep.search.settings import load_settings, sweep_dataset
 from medsweep.search.study import MANIFEST_JSON
@@ -90,3 +92,51 @@ def test_the_report_names_the_classes_a_splits_auc_leaves_out(tmp_path):
     table = reproducibility_blocks(tmp_path)[-1].table
     assert table is not None
     assert dict(zip(table[""], table["value"], strict=True))["dataset"] == f"nih: manifest hash 0123abcd, train 9, val 3, test 3; {note}"
+
+
+def _spec(root: Path, labels: dict[str, list[int]], classes: tuple[str, ...] = ("a", "b")) -> DatasetSpec:
+    splits = {split: [Sample(root / f"{split}{i}.png", label) for i, label in enumerate(values)] for split, values in labels.items()}
+    for sample in (sample for samples in splits.values() for sample in samples):
+        if not sample.path.exists():
+            sample.path.write_bytes(b"png")
+    return DatasetSpec("d", root, "multiclass", list(classes), splits)
+
+
+def _started_on(out: Path, spec: DatasetSpec, manifest_hash: str, legacy: bool = False) -> None:
+    """The manifest of a sweep started on ``spec`` when its files hashed to ``manifest_hash`` (``legacy``: written
+    before manifests held a membership hash)."""
+    entry = {"classes": spec.classes, "manifest_hash": manifest_hash, "splits": {split: len(samples) for split, samples in spec.splits.items()}}
+    if not legacy:
+        entry["membership_hash"] = spec.membership_hash()
+    (out / MANIFEST_JSON).write_text(json.dumps({"dataset": entry, "stores": {"linear": "k1"}, "resumes": [{"stores": {"linear": "k2"}}]}))
+
+
+def test_a_resume_goes_on_over_files_that_changed_and_refuses_other_images_or_labels(tmp_path):
+    """A resume once failed every restored trial with a KeyError after an image was edited (the store key changed),
+    and would have mixed trials of two datasets after one was added or relabeled."""
+    root, out = tmp_path / "data", tmp_path / "sweep"
+    root.mkdir(), out.mkdir()
+    labels = {"train": [0, 1, 0, 1], "val": [0, 1], "test": [1, 0]}
+    spec = _spec(root, labels)
+    first_files = spec.manifest_hash()
+    _started_on(out, spec, first_files)
+    assert dataset_change(out, spec, "data") is None
+    assert dataset_change(tmp_path / "no-manifest", spec, "data") is None
+    assert store_keys_used(out) == {"k1": "linear", "k2": "linear"}
+
+    (root / "val0.png").write_bytes(b"edited png")
+    assert "files changed since the sweep started" in str(dataset_change(out, _spec(root, labels), "data"))
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # a copy elsewhere: other paths (and times, copied without them), the same images below its root
+    assert "files changed" in str(dataset_change(out, _spec(moved, labels), "data"))
+
+    with pytest.raises(ConfigError, match=r"^the dataset data is not the one this sweep started on \(val 2 images then, 3 now\): .*--warm-start"):
+        dataset_change(out, _spec(root, {**labels, "val": [0, 1, 1]}), "data")
+    with pytest.raises(ConfigError, match=r"\(as many images, but other files or labels\)"):
+        dataset_change(out, _spec(root, {**labels, "train": [1, 1, 0, 1]}), "data")
+    with pytest.raises(ConfigError, match=r"\(classes a, b then, a, c now\)"):
+        dataset_change(out, _spec(root, labels, ("a", "c")), "data")
+    _started_on(out, spec, first_files, legacy=True)  # a manifest from before membership hashes: sizes and classes
+    assert "files changed" in str(dataset_change(out, _spec(root, labels), "data"))
+    with pytest.raises(ConfigError, match=r"val 2 images then, 1 now"):
+        dataset_change(out, _spec(root, {**labels, "val": [0]}), "data")

@@ -74,6 +74,19 @@ class DatasetSpec:
                 )
         return digest.hexdigest()[:16]
 
+    def membership_hash(self) -> str:
+        """Hash of what the dataset is, whatever its files' times: task, classes, and each split's images (paths
+        below ``root``, so a moved copy hashes the same) with their labels. :meth:`manifest_hash` also covers each
+        file's size and modification time; a dataset whose membership hash is unchanged but whose manifest hash
+        differs was edited in place or copied without its file times."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.task, self.classes]).encode())
+        for split in SPLITS:
+            for sample in self.splits.get(split, []):
+                path = sample.path.relative_to(self.root) if sample.path.is_relative_to(self.root) else sample.path
+                digest.update(json.dumps([split, path.as_posix(), sample.label]).encode())
+        return digest.hexdigest()[:16]
+
     def summary(self) -> str:
         counts = ", ".join(f"{s} {len(self.splits.get(s, []))}" for s in SPLITS)
         return f"{self.name}: {self.task}, {self.num_classes} classes, {counts} images"

@@ -30,6 +30,7 @@ from typing import Any
 
 from medsweep.datasets.spec import SPLITS, DatasetSpec
 from medsweep.datasets.store import read_json, write_atomically
+from medsweep.errors import ConfigError
 from medsweep.search.settings import SweepSettings
 from medsweep.search.study import MANIFEST_JSON
 
@@ -56,6 +57,7 @@ def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str,
                 "task": spec.task,
                 "classes": list(spec.classes),
                 "manifest_hash": spec.manifest_hash(),
+                "membership_hash": spec.membership_hash(),
                 "splits": {split: len(spec.splits.get(split, [])) for split in SPLITS},
                 "auc_notes": spec.auc_notes(),  # classes a split's AUC leaves out
             },
@@ -67,6 +69,43 @@ def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str,
         }
     write_atomically(path, json.dumps(document, indent=2, default=str))
     return path
+
+
+def dataset_change(out: Path, spec: DatasetSpec, dataset_arg: str) -> str | None:
+    """How ``spec`` differs from the dataset the sweep in ``out`` started on (its ``manifest.json``): None when it
+    is the same; a notice when only its files' sizes or times changed (an edit in place, a copy without file
+    times: the stores are rebuilt and the sweep's trials go on with them); a one-line :class:`ConfigError` when
+    its images, labels or classes differ, whose trials could not be compared with the sweep's."""
+    then = (read_manifest(out) or {}).get("dataset") or {}
+    if not then.get("manifest_hash") or then["manifest_hash"] == spec.manifest_hash():
+        return None
+    counts = {split: len(spec.splits.get(split, [])) for split in SPLITS}
+    if "membership_hash" in then:
+        same_images = then["membership_hash"] == spec.membership_hash()
+    else:  # a manifest from before membership hashes: its classes and split sizes
+        same_images = then.get("classes") == spec.classes and then.get("splits") == counts
+    if same_images:
+        return (
+            "the dataset's files changed since the sweep started (sizes or modification times: edited, or copied "
+            "without their times); its stores are rebuilt from them and the sweep's trials go on with them"
+        )
+    if then.get("classes") != spec.classes:
+        what = f"classes {', '.join(then.get('classes') or [])} then, {', '.join(spec.classes)} now"
+    else:
+        sizes = then.get("splits") or {}
+        moved = [f"{split} {sizes[split]} images then, {n} now" for split, n in counts.items() if split in sizes and sizes[split] != n]
+        what = ", ".join(moved) or "as many images, but other files or labels"
+    raise ConfigError(
+        f"the dataset {dataset_arg} is not the one this sweep started on ({what}): its trials were scored on the "
+        f"images as they were; put those back, or start a new sweep on it (`--warm-start {out}` begins from this one's trials)"
+    )
+
+
+def store_keys_used(out: Path) -> dict[str, str]:
+    """Every preload store key the sweep's runs (its start and each resume) read, to its method."""
+    manifest = read_manifest(out) or {}
+    runs = [manifest, *manifest.get("resumes", [])]
+    return {key: method for run in runs for method, key in (run.get("stores") or {}).items()}
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:

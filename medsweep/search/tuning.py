@@ -49,6 +49,7 @@ from medsweep.search.cohort_pins import CohortPins
 from medsweep.search.cohorts import CPU_COHORT_SIZE, MAX_COHORT_SIZE, cohort_servers, fused_methods
 from medsweep.search.console import SweepConsole, dropping
 from medsweep.search.data import StoreData, share_stores
+from medsweep.search.manifest import store_keys_used
 from medsweep.search.members import Cohorts, run_member, run_trial_or_member
 from medsweep.search.router import router_name
 from medsweep.search.settings import OBJECTIVES, SweepSettings, fixed_config, sweep_dataset, wandb_mode
@@ -976,6 +977,13 @@ def unreported_trials_unlogged() -> contextlib.AbstractContextManager[None]:
     return dropping(logging.getLogger("ray.tune.analysis.experiment_analysis"), "Failed to fetch metrics")
 
 
+def earlier_stores(out: Path, stores: dict[str, PreloadResult], data: dict[str, StoreData]) -> dict[str, StoreData]:
+    """The stores the sweep's earlier runs read, by their keys, as this run's store of the same method: a trial
+    restored with an earlier key (the dataset's files changed since: ``medsweep.search.manifest.dataset_change``)
+    reads the store rebuilt from them."""
+    return {key: data[stores[method].store.key] for key, method in store_keys_used(out).items() if method in stores and key not in data}
+
+
 def can_resume(settings: SweepSettings) -> bool:
     """Whether Tune saved the sweep's experiment: its ``tuner.pkl`` (written when the Tuner is built)
     and an experiment snapshot (written once the search runs). Either is missing if the driver died
@@ -998,6 +1006,7 @@ def resume_tuner(
     ``TimeoutStopper`` is built afresh from ``time_budget_s`` by every ``fit``): a resumed
     sweep gets the whole budget again, counted from the resume."""
     shared = share_data(settings, stores, console)
+    shared.stores.update(earlier_stores(settings.out, stores, shared.stores))
     with sweep_cohorts(settings, shared, stores, console) as cohorts:
         with unreported_trials_unlogged():
             tuner = Tuner.restore(
