@@ -239,3 +239,24 @@ def test_the_last_line_names_the_files_the_sweep_wrote_and_its_trackers_runs_onl
     (tmp_path / "wandb").mkdir()
     console.leaderboard(board, tmp_path)
     assert said().endswith(f"results in {tmp_path}: leaderboard.csv, leaderboard.parquet, best.yaml, wandb/")
+
+
+def test_a_multi_objective_sweep_names_its_pareto_front_below_the_leaderboard(tmp_path):
+    """The front was only in pareto.csv and a leaderboard.csv column: the console's answer did not say which
+    trials trade accuracy for cost."""
+    import pandas as pd
+
+    row = {"epochs_run": 2, "peak_mem_mb": 0.01, "ppe": 0.7, "status": "completed", **LINEAR}
+    board = pd.DataFrame(
+        [
+            {**row, "trial_id": "aaaa0001", "method": "fpt_plus", "best_val_auc": 0.80, "learnable_pct": 14.5, "on_pareto_front": True},
+            {**row, "trial_id": "aaaa0002", "method": "linear", "best_val_auc": 0.77, "learnable_pct": 0.2, "on_pareto_front": True},
+            {**row, "trial_id": "aaaa0003", "method": "linear", "best_val_auc": 0.70, "learnable_pct": 0.2, "on_pareto_front": False},
+        ]
+    )
+    console = SweepConsole(record=True)
+    console.leaderboard(board, tmp_path, objectives=["auc", "params"])
+    assert "pareto front of auc, params: aaaa0001 fpt_plus, aaaa0002 linear (pareto.csv)" in console.text().splitlines()
+    single = SweepConsole(record=True)
+    single.leaderboard(board, tmp_path, objectives=["auc"])
+    assert "pareto" not in single.text()

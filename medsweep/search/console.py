@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medsweep.datasets.spec import DatasetSpec
-from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, MLFLOW_DB, PARETO_CSV, WANDB_DIR
+from medsweep.search.study import BEST_YAML, LEADERBOARD_CSV, LEADERBOARD_PARQUET, MLFLOW_DB, PARETO_COLUMN, PARETO_CSV, WANDB_DIR
 
 # (leaderboard column, header) shown in the terminal; the CSV has every column.
 # What the leaderboard's last line names, those the sweep wrote: its tracker's runs only where it has them here
@@ -294,9 +294,10 @@ class SweepConsole:
         self.console.print(f"[red]error[/] {trial_id} {config.get('method', '?')}: see {error_file}")
         self._refresh()
 
-    def leaderboard(self, board, out: Path, limit: int = 15) -> None:
+    def leaderboard(self, board, out: Path, limit: int = 15, objectives: list[str] | None = None) -> None:
         """The best ``limit`` trials, one line each (a log read in a pager or a SLURM output file keeps its rows
-        whole): the hyperparameters are cut with an ellipsis to the console's width; ``leaderboard.csv`` has them all."""
+        whole): the hyperparameters are cut with an ellipsis to the console's width; ``leaderboard.csv`` has them all.
+        With several ``objectives``, a line names the trials on their Pareto front (in the board's order)."""
         top = [row for _, row in board.head(limit).iterrows()]
         rows = [[str(row["trial_id"]), *[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c, _ in LEADERBOARD_COLUMNS]] for row in top]
         table = Table(
@@ -318,5 +319,9 @@ class SweepConsole:
             settings = _short(row.to_dict())
             table.add_row(*cells, settings if len(settings) <= room else settings[: room - 1] + "…")
         self.result(table)
+        if objectives and len(objectives) > 1 and PARETO_COLUMN in board:
+            front = board[board[PARETO_COLUMN].astype(bool)]
+            trials = ", ".join(f"{row['trial_id']} {row['method']}" for _, row in front.iterrows())
+            self.result(f"pareto front of {', '.join(objectives)}: {trials or 'no usable trial'} ({PARETO_CSV})")
         written = [name + ("/" if (out / name).is_dir() else "") for name in ANSWER_FILES if (out / name).exists()]
         self.result(f"results in {out}: {', '.join(written)}")

@@ -33,14 +33,13 @@ import yaml
 from medsweep.datasets.spec import DatasetSpec
 from medsweep.search.pareto import pareto_front
 from medsweep.search.space import trial_config
-from medsweep.search.study import BEST_YAML, COHORTS_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_CSV, RAY_DIR, not_finished
+from medsweep.search.study import BEST_YAML, COHORTS_FILE, LEADERBOARD_CSV, LEADERBOARD_PARQUET, PARETO_COLUMN, PARETO_CSV, RAY_DIR, not_finished
 from medsweep.trainables.config import PLUMBING_KEYS
 from medsweep.trainables.metrics import pme, ppe
 
 # Config keys that are plumbing, not hyperparameters (see medsweep.trainables.config.Placement).
 INTERNAL_KEYS = PLUMBING_KEYS
 VAL_METRICS = ("val_auc", "val_accuracy", "val_f1", "val_kappa", "val_loss")
-PARETO_COLUMN = "on_pareto_front"
 # Statuses never selected: no best of a method or of the sweep, not retrained by ``final``, off the Pareto front.
 UNUSABLE = ("error", "diverged", "collapsed")
 

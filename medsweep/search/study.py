@@ -30,6 +30,7 @@ LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_PARQUET = "leaderboard.parquet"
 BEST_YAML = "best.yaml"
 PARETO_CSV = "pareto.csv"  # the front of a multi-objective sweep (and, under REPORT_DIR, the report's copy)
+PARETO_COLUMN = "on_pareto_front"  # the leaderboard's column marking that front's trials
 FINAL_YAML = "final.yaml"
 FINAL_JSON = "final.json"
 FINAL_DIR = "final"  # final/<method>/seed-<n>/: each final retrain's run

@@ -196,7 +196,7 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
         )
     board = export.leaderboard(grid, settings)
     export.write_outputs(board, settings, spec, settings.out)
-    console.leaderboard(board, settings.out)
+    console.leaderboard(board, settings.out, objectives=settings.objective)
     if board.empty:  # e.g. a --budget-hours that ended before any trial reported an epoch
         console.result(
             f"[bold]no trial reported a result[/]: nothing to retrain or report; give the search more time with "
