@@ -113,6 +113,16 @@ def test_every_member_equals_its_standalone_fit(synthetic_spec, stores, method, 
         torch.testing.assert_close(trained.trainable_state_dict()[name], value, rtol=1e-3, atol=1e-4)
 
 
+def test_linear_members_whose_epoch_ends_in_a_one_image_batch_equal_their_standalone_fits(synthetic_spec, stores, tmp_path):
+    """The probe's norm standardises a one-image training batch with its running statistics, inside vmap too."""
+    rows = stores["linear"].meta["splits"]["train"]["rows"]
+    configs = [{**config, "batch_size": rows - 1, "epochs": 2} for config in configs_of(synthetic_spec, "linear", MEMBERS)]
+    io = CohortStoreIO(stores["linear"], len(configs))
+    fit_cohort(configs, io, tmp_path / "cohort")
+    for i, config in enumerate(configs):
+        assert_same_run(io.members[i].reports, standalone(stores["linear"], config, tmp_path / f"alone-{i}"))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 @pytest.mark.parametrize("method", ["linear", "fpt_plus"])
 def test_members_of_one_optimizer_step_together_and_equal_their_standalone_fits(synthetic_spec, stores, method, optimizer, tmp_path, monkeypatch):

@@ -54,6 +54,27 @@ def test_linear_probe_learns_the_synthetic_grades(synthetic_spec, linear_store, 
     assert all(r["status"] == "running" for r in io.reports)
 
 
+def test_a_linear_epoch_ending_in_a_one_image_batch_trains_it_with_the_running_statistics(synthetic_spec, linear_store, tmp_path):
+    """A training split of 8k + 1 images at batch 8 (linear's recommended) ended every linear trial's first epoch
+    with PyTorch's "Expected more than 1 value per channel when training" from the probe's BatchNorm."""
+    from medsweep.trainables.methods.linear import FeatureNorm
+
+    rows = linear_store.meta["splits"]["train"]["rows"]
+    io = StoreIO(linear_store)
+    fit(_config(synthetic_spec, epochs=2, batch_size=rows - 1), io, tmp_path)  # each epoch: rows - 1 images, then 1
+    assert [r["status"] for r in io.reports] == ["running", "running"] and all(math.isfinite(r["train_loss"]) for r in io.reports)
+
+    norm, reference = FeatureNorm(4, affine=False).train(), torch.nn.BatchNorm1d(4, affine=False).train()
+    batch = torch.randn(5, 4)
+    assert torch.equal(norm(batch), reference(batch)) and torch.equal(norm.running_mean, reference.running_mean)
+    one = torch.randn(1, 4, requires_grad=True)
+    standardised = norm(one)
+    assert torch.allclose(standardised, (one - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps))
+    assert torch.equal(norm.running_mean, reference.running_mean)  # not updated by a batch of one
+    standardised.sum().backward()
+    assert one.grad is not None
+
+
 def test_resumed_run_continues_from_its_checkpoint_and_matches_an_uninterrupted_one(synthetic_spec, linear_store, tmp_path):
     config = _config(synthetic_spec, epochs=4)
     straight = StoreIO(linear_store)

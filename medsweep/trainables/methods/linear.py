@@ -8,7 +8,9 @@ A BatchNorm without affine parameters standardises the feature before the
 head, as MAE's and DINO's linear-probing protocols do: frozen features can sit
 at any scale (a randomly initialised tiny ViT's CLS varies by ~0.03), and
 without it one learning rate cannot suit every backbone. It adds no learnable
-parameters.
+parameters. A training batch of one image (the last of an epoch whose training
+split is one more than a multiple of the batch size) has no batch statistics:
+it is standardised with the running ones instead (:class:`FeatureNorm`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medsweep.trainables.backbones import build_backbone, feature_dim, pooled_features
@@ -27,6 +30,18 @@ class LinearConfig(MethodConfig):
     """Linear probe; no fields beyond the common ones."""
 
 
+class FeatureNorm(nn.BatchNorm1d):
+    """MAE's linear-probe BatchNorm (no affine parameters), which standardises a one-image training batch with its
+    running statistics: PyTorch refuses batch statistics of one value per channel, and a linear trial whose
+    training split left one image over (e.g. 8k + 1 images at batch 8) failed its first epoch. The running
+    statistics are not updated by such a batch, as they would not be by an evaluation."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and features.shape[0] == 1:
+            return F.batch_norm(features, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(features)
+
+
 class LinearProbe(Method):
     preloadable = True
 
@@ -34,7 +49,7 @@ class LinearProbe(Method):
         super().__init__(config)
         self.backbone = build_backbone(config.backbone, config.image_size).freeze()
         self.encoder = self.backbone.model  # registered as a submodule so counts include it
-        self.norm = nn.BatchNorm1d(feature_dim(self.backbone), affine=False)
+        self.norm = FeatureNorm(feature_dim(self.backbone), affine=False)
         self.head = nn.Linear(feature_dim(self.backbone), config.num_classes)
 
     def image_inputs(self) -> dict[str, ImageInput]:
