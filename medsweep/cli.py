@@ -29,7 +29,6 @@ from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, QUIET_HELP, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
 from medsweep.spaces import METHODS, PRECISION_NAMES
 from medsweep.spaces.tables import FPT_LEARNING_RATES, LORA_DATASETS
-from medsweep.trainables.config import TrainConfig
 
 # Ray's raylet warns on the driver's console each time the worker processes it started on a node pass another
 # multiple of its startup concurrency (the node's CPUs): "N PYTHON worker processes have been started on node ...".
@@ -105,12 +104,8 @@ def _set_pairs(pairs: list[str]) -> dict[str, Any]:
 
 # Every option that is also a sweep setting takes its default from SweepSettings (setting_default),
 # whichever command it belongs to, so `medsweep train --backbone` and `medsweep sweep --backbone`
-# cannot drift apart; the options of one training config take TrainConfig's.
-def _train_default(name: str) -> Any:
-    """The default of a :class:`TrainConfig` field (the options of the commands that train or probe one config)."""
-    return TrainConfig.__dataclass_fields__[name].default
-
-
+# cannot drift apart; the options of one training config (--lr, --batch-size) default to the
+# sweep's recommended trial (_run_config).
 DATASET_HELP = "'synthetic', an ImageFolder folder, a list-file folder or a dataset YAML"
 METHOD_HELP = f"one of {', '.join(METHODS)}"
 SPACES_DATASET_HELP = (
@@ -245,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", required=True, help=METHOD_HELP)
     train.add_argument("--epochs", type=_positive_int, default=setting_default("max_epochs"), help="default: a sweep's --max-epochs")
     train.add_argument("--lr", type=float, default=None, help="default: the method's recommended learning rate")
-    train.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"), help="images per optimizer step")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="images per optimizer step; default: the method's recommended")
     train.add_argument("--out", type=Path, default=None, help="where to write metrics.jsonl, config.json, checkpoints")
     train.add_argument(
         "--precision",
@@ -270,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="peak memory of one training step at the method's recommended values (as train runs it)")
     probe.add_argument("--method", required=True, help=METHOD_HELP)
-    probe.add_argument("--batch-size", type=_positive_int, default=_train_default("batch_size"), help="images in the probed step")
+    probe.add_argument("--batch-size", type=_positive_int, default=None, help="images in the probed step; default: the method's recommended")
     probe.add_argument("--num-classes", type=_positive_int, default=5, help="outputs of the classification head")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(probe)
@@ -319,11 +314,14 @@ def _method_config(args: argparse.Namespace, method: str, **extra: Any) -> dict[
 
 
 def _run_config(args: argparse.Namespace, method: str, dataset: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The flat config ``train``, ``params`` and ``probe`` run: the method's recommended values (the
-    centre of its sweep space), then the command's flags and ``--set`` values."""
+    """The flat config ``train``, ``params`` and ``probe`` run: the sweep's recommended trial (the method's
+    recommended values, the centre of its sweep space, with the sweep's :func:`run_defaults`), then the
+    command's flags and ``--set`` values."""
+    from medsweep.search.settings import run_defaults
     from medsweep.spaces import recommended
 
-    return {**recommended(method, dataset=dataset), **_method_config(args, method, **extra)}
+    epochs = getattr(args, "epochs", setting_default("max_epochs"))
+    return {**recommended(method, dataset=dataset), **run_defaults(method, args.backbone, epochs), **_method_config(args, method, **extra)}
 
 
 # `sweep` options whose dest is not the SweepSettings field they set; every other dest is the field's name.
@@ -452,7 +450,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _run_config(args, args.method, dataset=spec.name)
     # Resolved here, on the device the loop trains on, so config.json records the precision that ran.
     precision = resolve_precision(args.precision, device_for_trial())
-    config.update(epochs=args.epochs, batch_size=args.batch_size, precision=precision, **({"lr": args.lr} if args.lr else {}))
+    given = {"batch_size": args.batch_size, "lr": args.lr}
+    config.update(epochs=args.epochs, precision=precision, **{key: value for key, value in given.items() if value})
     out = args.out or Path("runs") / f"{args.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def on_epoch(m: dict[str, Any]) -> None:
@@ -549,11 +548,13 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from medsweep.trainables.probe import probe_memory
 
-    report = probe_memory(_run_config(args, args.method, num_classes=args.num_classes), args.batch_size)
+    config = _run_config(args, args.method, num_classes=args.num_classes)
+    batch_size = args.batch_size or int(config["batch_size"])
+    report = probe_memory(config, batch_size)
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.method} on {args.backbone} at {args.image_size} px, batch {args.batch_size}: peak {report['peak_mb']:.3g} MB ({report['device']})")
+        print(f"{args.method} on {args.backbone} at {args.image_size} px, batch {batch_size}: peak {report['peak_mb']:.3g} MB ({report['device']})")
     return 0
 
 

@@ -257,25 +257,32 @@ def _settable_keys(method: str) -> set[str]:
     return get_method(method).config_cls.field_names() | set(TrainConfig.__dataclass_fields__)
 
 
-def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dict[str, Any]:
-    """Values a trial does not search: data shape, backbone, budget, resources, ``--set`` values
-    and the method's ``fixed`` values of ``search_ranges`` (these win over ``--set``: they name the method).
+def run_defaults(method: str, backbone: str, epochs: int) -> dict[str, Any]:
+    """Values every run of ``method`` takes unless set: a sweep's trials (:func:`fixed_config`) and one run of
+    ``medsweep train``, ``params`` or ``probe``, so that those reproduce the sweep's recommended trial.
 
-    A side network's input size is derived from the frozen input size (FPT+:
-    a quarter) rather than taken from the published 512 px recipe's 128 px.
+    A side network's input size is derived from the frozen input size (FPT+: a quarter) rather than
+    taken from the published 512 px recipe's 128 px; a staged method's first stage is half the epoch
+    budget (the published 25-100 epochs exceed it); the demo backbone gets :data:`DEMO_FIXED`.
     """
+    keys = _settable_keys(method)
+    derived: dict[str, Any] = {"side_image_size": 0} if "side_image_size" in keys else {}
+    if "stage1_epochs" in keys:
+        derived["stage1_epochs"] = max(1, epochs // 2)
+    demo = DEMO_FIXED if backbone == DEMO_BACKBONE else {}
+    return {**derived, **{k: v for k, v in demo.items() if k in keys}}
+
+
+def fixed_config(settings: SweepSettings, spec: DatasetSpec, method: str) -> dict[str, Any]:
+    """Values a trial does not search: data shape, backbone, budget, resources, :func:`run_defaults`, ``--set``
+    values and the method's ``fixed`` values of ``search_ranges`` (these win over ``--set``: they name the method)."""
+    from medsweep.spaces import fixed_values
     from medsweep.trainables.methods import runs_ddp
 
     keys = _settable_keys(method)
-    derived = {"side_image_size": 0} if "side_image_size" in keys else {}
-    if "stage1_epochs" in keys:  # the published stage lengths (25-100 epochs) exceed a sweep's budget
-        derived["stage1_epochs"] = max(1, settings.max_epochs // 2)
-    from medsweep.spaces import fixed_values
-
-    demo = DEMO_FIXED if settings.backbone == DEMO_BACKBONE else {}
-    user = {k: v for k, v in {**demo, **settings.fixed, **fixed_values(settings.search_ranges.get(method))}.items() if k in keys}
+    user = {k: v for k, v in {**settings.fixed, **fixed_values(settings.search_ranges.get(method))}.items() if k in keys}
     return {
-        **derived,
+        **run_defaults(method, settings.backbone, settings.max_epochs),
         "method": method,
         "backbone": settings.backbone,
         "image_size": settings.image_size,
