@@ -428,6 +428,9 @@ def cmd_best(args: argparse.Namespace) -> int:
             print(" " * 13 + " ".join(pairs))
         for method, statuses in entry.get("no_usable_trial", {}).items():
             print(f"  {method:<10} no usable trial ({statuses})")
+        if entry.get("pareto_front"):
+            trials = ", ".join(f"{item['trial_id']} {item['config'].get('method', '?')}" for item in entry["pareto_front"])
+            print(f"  pareto front of {', '.join(entry.get('objectives', []))}: {trials}")
     return 0
 
 

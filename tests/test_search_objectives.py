@@ -193,14 +193,15 @@ def multi_sweep(tmp_path_factory, ray_session, synthetic_root, cache):
 
 
 @pytest.mark.slow
-def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
+def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep, capsys):
     from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
+    from medsweep.cli import main
     from medsweep.search.study import load_study
     from medsweep.spaces import points_to_evaluate, to_trial_config
 
-    out, settings, _ = multi_sweep
+    out, settings, text = multi_sweep
     study = load_study(out)
     assert study.directions == [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
     trials = sorted(study.trials, key=lambda t: t.number)
@@ -239,6 +240,11 @@ def test_multi_objective_sweep_exports_the_studys_pareto_front(multi_sweep):
     assert entry["best"]["trial_id"] == board.iloc[0]["trial_id"]  # best.yaml's answer stays the best AUC
     assert {e["trial_id"] for e in entry["pareto_front"]} == set(front["trial_id"])
     assert np.isfinite(front["peak_mem_mb"]).all()
+    named = ", ".join(f"{row.trial_id} {row.method}" for row in board[board["on_pareto_front"]].itertuples())
+    assert f"pareto front of auc, memory: {named} (pareto.csv)" in text  # the sweep's console, below its leaderboard
+    assert main(["best", str(out)]) == 0
+    named = ", ".join(f"{e['trial_id']} {e['config']['method']}" for e in entry["pareto_front"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"  pareto front of auc, memory: {named}"
 
 
 # ------------------------------------------------------------------ time budget
