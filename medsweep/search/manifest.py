@@ -6,8 +6,13 @@ trials read), before the search starts, so an interrupted sweep has one too.
 It holds the medsweep version (and the git commit when medsweep runs from a
 checkout), Python and the versions of the packages that change results, the
 devices (the Ray cluster's CPUs and GPUs, the driver's CUDA devices), the
-dataset's manifest hash and split sizes, each method's store key, the seeds
-and the command line.
+dataset's manifest hash (its files) and membership hash (its images and
+labels), split sizes and the classes a split's AUC leaves out, each method's
+store key, the seeds and the command line.
+
+``medsweep resume`` and ``extend`` compare the dataset with it
+(:func:`dataset_change`): other files rebuild the stores, other images or
+labels are refused.
 
 ``medsweep resume`` keeps the original and appends a record of its own to
 ``resumes`` (when, command line, versions, devices, store keys): a resume may
