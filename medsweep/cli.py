@@ -26,7 +26,17 @@ from typing import Any
 
 from medsweep.errors import ConfigError, MedsweepError
 from medsweep.search.interrupts import SweepInterrupted
-from medsweep.search.settings import DEFAULT_METHODS, DEFAULT_TRIALS, QUIET_HELP, SEARCHES, TRACKERS, WANDB_MODES, SweepSettings, setting_default
+from medsweep.search.settings import (
+    DEFAULT_METHODS,
+    DEFAULT_TRIALS,
+    MAX_SEED,
+    QUIET_HELP,
+    SEARCHES,
+    TRACKERS,
+    WANDB_MODES,
+    SweepSettings,
+    setting_default,
+)
 from medsweep.spaces import METHODS, PRECISION_NAMES
 from medsweep.spaces.tables import FPT_LEARNING_RATES, LORA_DATASETS
 
@@ -46,10 +56,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"medsweep: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _whole_number(text: str) -> int:
+    """An integer option's value, or argparse's one-line error naming it (not the parsing function's name)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
     return value
 
 
@@ -64,9 +89,10 @@ def _batch_or_auto(text: str) -> int | None:
     if text.strip().lower() == "auto":
         return None
     try:
-        return _positive_int(text)
+        int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be auto or a whole number >= 1, got {text!r}") from None
+    return _positive_int(text)
 
 
 def _gpus(text: str) -> float | None:
@@ -117,7 +143,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=setting_default("backbone"), help="registered name, save_pretrained folder or hub id")
     parser.add_argument("--image-size", type=int, default=setting_default("image_size"), help="input size of the backbone / frozen path")
     parser.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="where preload stores and the synthetic set live")
-    parser.add_argument("--seed", type=int, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
+    parser.add_argument("--seed", type=_seed, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 

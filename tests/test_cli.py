@@ -66,6 +66,9 @@ def test_a_sweep_that_has_not_finished_is_sent_to_resume_by_every_command_that_r
         (["sweep", "--trials", "many"], "invalid int value"),
         (["preload", "--preload-batch-size", "0"], "--preload-batch-size: must be at least 1"),
         (["preload", "--preload-batch-size", "lots"], "--preload-batch-size: must be auto or a whole number >= 1"),
+        (["sweep", "--seed", "-1"], "--seed: must be between 0 and 2147483647, got -1"),  # was NumPy's traceback
+        (["train", "--method", "linear", "--seed", "x"], "--seed: expected a whole number, got 'x'"),  # was "invalid _seed value"
+        (["train", "--method", "linear", "--epochs", "2.5"], "--epochs: expected a whole number, got '2.5'"),
     ],
 )
 def test_argparse_errors_are_one_line_too(argv, needle):

@@ -64,6 +64,7 @@ def test_flags_given_on_the_command_line_win_over_the_file(tmp_path) -> None:
         ({"methods": ["linear"], "search_ranges": {"linear": {"batch_size": {"low": 8, "high": 64}}}}, "searched over choices"),
         ({"methods": ["lora"], "search_ranges": {"lora": {"optimizer": {"choices": ["adam"]}}}}, "'adam' is not one of sgd, adamw"),
         ({"methods": ["linear"], "search_ranges": {"linear": {"batch_size": {"choices": [0, 8]}}}}, "batch_size must be"),
+        ({"methods": ["linear"], "seed": -1}, "--seed must be between 0 and 2147483647"),
     ],
 )
 def test_unknown_keys_and_bad_ranges_are_one_line_and_exit_code_2(tmp_path, capsys, content, needle) -> None:

@@ -46,9 +46,12 @@ def serve(out: Path, host: str, port: int) -> None:
 
 def port_number(text: str) -> int:
     """An ``--port`` value: a TCP port a server can listen on (0, "any free port", would leave the printed URL wrong)."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text!r}")
     return value
 
 

@@ -42,6 +42,8 @@ OBJECTIVES = {"auc": ("best_val_auc", "max"), "memory": ("peak_mem_mb", "min"), 
 # 100000 would ask a ViT for ~40 GB of position embeddings before anything else failed.
 MAX_IMAGE_SIZE = 4096
 MIN_IMAGE_SIZE = 8
+# Seeds are unsigned 32-bit for NumPy and Optuna; a sweep's final retrains and extensions add to its seed.
+MAX_SEED = 2**31 - 1
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 QUIET_HELP = "print only the answer: the leaderboard, the final test and where the files are"  # every --quiet
 # Where each trial's run is logged (medsweep.search.tracking): W&B (its mode is --wandb), an MLflow
@@ -160,6 +162,8 @@ class SweepSettings:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
         if self.tracker not in TRACKERS:
             raise ConfigError(f"--tracker must be {', '.join(TRACKERS[:-1])} or {TRACKERS[-1]}, got {self.tracker!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (NumPy's and Optuna's seeds are unsigned), got {self.seed}")
         if self.final_seeds < 0:
             raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
         if self.final_top < 1:
