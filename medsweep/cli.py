@@ -29,7 +29,9 @@ from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import (
     DEFAULT_METHODS,
     DEFAULT_TRIALS,
+    MAX_IMAGE_SIZE,
     MAX_SEED,
+    MIN_IMAGE_SIZE,
     QUIET_HELP,
     SEARCHES,
     TRACKERS,
@@ -68,6 +70,13 @@ def _positive_int(text: str) -> int:
     value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = _whole_number(text)
+    if not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {value}")
     return value
 
 
@@ -141,7 +150,7 @@ SPACES_DATASET_HELP = (
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=setting_default("backbone"), help="registered name, save_pretrained folder or hub id")
-    parser.add_argument("--image-size", type=int, default=setting_default("image_size"), help="input size of the backbone / frozen path")
+    parser.add_argument("--image-size", type=_image_size, default=setting_default("image_size"), help="input size of the backbone / frozen path")
     parser.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="where preload stores and the synthetic set live")
     parser.add_argument("--seed", type=_seed, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
@@ -480,7 +489,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Resolved here, on the device the loop trains on, so config.json records the precision that ran.
     precision = resolve_precision(args.precision, device_for_trial())
     given = {"batch_size": args.batch_size, "lr": args.lr}
-    config.update(epochs=args.epochs, precision=precision, **{key: value for key, value in given.items() if value})
+    config.update(epochs=args.epochs, precision=precision, **{key: value for key, value in given.items() if value is not None})
     out = args.out or Path("runs") / f"{args.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     def on_epoch(m: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ from medsweep.errors import ConfigError
         (["sweep", "--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
         (["sweep", "--set", "rank=4"], "--set rank: no selected method"),
         (["sweep", "--dataset", "/no/such/folder"], "dataset /no/such/folder not found"),
-        (["sweep", "--image-size", "100000"], "--image-size must be between 8 and 4096"),
         (["sweep", "--method", "linear", "--method", "linear"], "--method given twice"),
         (["best", "/no/such/sweep"], "has no best.yaml"),
         (["params", "--method", "fpt_plus", "--backbone", "./missing-dir"], "neither a registered name, an existing directory nor an MAE .pth"),
@@ -69,6 +68,8 @@ def test_a_sweep_that_has_not_finished_is_sent_to_resume_by_every_command_that_r
         (["sweep", "--seed", "-1"], "--seed: must be between 0 and 2147483647, got -1"),  # was NumPy's traceback
         (["train", "--method", "linear", "--seed", "x"], "--seed: expected a whole number, got 'x'"),  # was "invalid _seed value"
         (["train", "--method", "linear", "--epochs", "2.5"], "--epochs: expected a whole number, got '2.5'"),
+        (["sweep", "--image-size", "100000"], "--image-size: must be between 8 and 4096"),
+        (["probe", "--method", "linear", "--image-size", "99999"], "--image-size: must be between 8 and 4096"),  # was an allocation traceback
     ],
 )
 def test_argparse_errors_are_one_line_too(argv, needle):
@@ -145,8 +146,8 @@ def bad_inputs(tmp_path_factory) -> Path:
 
 
 BAD_SWEEP_INPUTS = [
-    (["--image-size", "0"], "--image-size must be between 8 and 4096 pixels, got 0"),
-    (["--image-size", "100000"], "--image-size must be between 8 and 4096 pixels, got 100000"),
+    (["--image-size", "0"], "--image-size: must be between 8 and 4096 pixels, got 0"),
+    (["--image-size", "100000"], "--image-size: must be between 8 and 4096 pixels, got 100000"),
     (["--backbone", "vit-base-patch16-384", "--image-size", "8"], "smaller than one patch of vit-base-patch16-384 (16 px)"),
     (["--backbone", "./no-such-backbone"], "neither a registered name, an existing directory nor an MAE .pth"),
     # A hub id: from the hub, or without a network (here) from the local cache only, at once (the hub client's
@@ -251,6 +252,16 @@ def test_train_prints_its_epochs_and_the_best_as_the_loop_chose_it(bad_inputs, t
     last = reports[-1]
     (best,) = [line for line in lines if line.startswith("best val_auc ")]
     assert best.startswith(f"best val_auc {last['best_val_auc']:.4f} (epoch {last['best_epoch']}")
+
+
+def test_train_refuses_a_bad_learning_rate_before_its_preload(bad_inputs, tmp_path, capsys):
+    """`--lr 0` trained at the recommended rate without a word (0 read as "not given"); `--lr -1` was refused only
+    after the frozen pass had built the store."""
+    argv = ["train", "--dataset", str(bad_inputs / "data"), "--method", "linear", "--backbone", "vit-tiny", "--image-size", "32"]
+    for lr in ("0", "-1"):
+        assert main([*argv, "--lr", lr, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 2
+        assert f"lr must be in (0, inf), got {float(lr)}" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "stores").exists() and not (tmp_path / "run").exists()
 
 
 def test_overwrite_replaces_a_previous_sweep_but_keeps_other_files(bad_inputs, tmp_path):

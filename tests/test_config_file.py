@@ -65,6 +65,7 @@ def test_flags_given_on_the_command_line_win_over_the_file(tmp_path) -> None:
         ({"methods": ["lora"], "search_ranges": {"lora": {"optimizer": {"choices": ["adam"]}}}}, "'adam' is not one of sgd, adamw"),
         ({"methods": ["linear"], "search_ranges": {"linear": {"batch_size": {"choices": [0, 8]}}}}, "batch_size must be"),
         ({"methods": ["linear"], "seed": -1}, "--seed must be between 0 and 2147483647"),
+        ({"methods": ["linear"], "image_size": 100000}, "--image-size must be between 8 and 4096 pixels"),
     ],
 )
 def test_unknown_keys_and_bad_ranges_are_one_line_and_exit_code_2(tmp_path, capsys, content, needle) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medsweep.datasets.spec import DatasetSpec
+from medsweep.trainables.config import TrainConfig
 from medsweep.trainables.loop import device_for_trial, fit
 from medsweep.trainables.methods import build_method
 from medsweep.trainables.preload import PreloadResult, preload
@@ -43,6 +44,7 @@ def train_once(
 ) -> list[dict[str, Any]]:
     """Train ``config`` on ``spec``; writes ``config.json``, ``metrics.jsonl`` and checkpoints under ``out``."""
     config = {**config, "num_classes": spec.num_classes, "task": spec.task}
+    TrainConfig.from_dict(config)  # a bad training value is refused before the preload, not after it
     # The frozen pass on the device the trial trains on (a GPU when there is one), at the trial's precision;
     # the backbone built for it is dropped before training builds the trial's own model.
     frozen = build_method(config["method"], config).to_device(device_for_trial())
