@@ -35,7 +35,7 @@ from medsweep.search.members import Cohorts
 from medsweep.search.settings import SweepSettings, load_settings
 from medsweep.search.study import COHORTS_FILE, load_study
 from medsweep.search.sweep import run_sweep
-from medsweep.search.tuning import PENDING_TRIALS_ENV, cohort_size_for, trial_resources, trials_pending_at_once
+from medsweep.search.tuning import PENDING_TRIALS_ENV, cohort_size_for, cohorts_off, trial_resources, trials_pending_at_once
 
 EPOCHS = 3
 
@@ -344,3 +344,22 @@ def test_a_group_forms_after_its_own_quiet_time_while_other_groups_keep_joining(
         stop.set()
         joiner.join()
     assert server.ran == [{"method": "linear", "start_epoch": 0, "trials": ["a0"]}]
+
+
+def test_the_console_says_why_trials_run_alone_also_when_a_cohort_size_was_asked_for_in_vain():
+    """`--cohort-size 4` with --no-preload (or only methods that train on images) ran every trial alone without a word."""
+    cpu = SweepSettings(methods=["fpt_plus", "linear"])
+    assert cohorts_off(cpu, ["fpt_plus", "linear"], 0.0) == (
+        "each trial of fpt_plus, linear runs alone; on CPUs that is the faster (BENCHMARKS.md figures 11 and 11b); --cohort-size K trains K together"
+    )
+    assert "GPU fraction holds one member's probed step" in str(cohorts_off(cpu, ["fpt_plus"], 0.25))
+    few = SweepSettings(methods=["linear"], trials=2, cohort_size=4)
+    assert "--trials 2 leaves each cohort server fewer than 2 trials" in str(cohorts_off(few, ["linear"], 0.0))
+    images = SweepSettings(methods=["lora", "fpt_plus"], cohort_size=4, preload_features=False)
+    assert cohorts_off(images, [], 0.0) == (
+        "--cohort-size 4 is not used: with --no-preload every trial runs its frozen backbone itself, so each trial runs alone"
+    )
+    lora = SweepSettings(methods=["lora"], cohort_size=4)
+    assert cohorts_off(lora, [], 0.0) == "--cohort-size 4 is not used: lora trains on images, not on preloaded features, so each trial runs alone"
+    assert cohorts_off(SweepSettings(methods=["lora"]), [], 0.0) is None
+    assert cohorts_off(SweepSettings(methods=["linear"], cohort_size=1), [], 0.0) is None

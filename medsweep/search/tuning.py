@@ -740,8 +740,8 @@ def sweep_cohorts(settings: SweepSettings, shared: SharedData, stores: dict[str,
                 f"[bold]cohorts[/] members per cohort: {fused}, on {len(cohorts.servers)} cohort server(s); a method's "
                 "trials come in runs that share their shape keys (--cohort-size 1: each trial alone)"
             )
-        elif sizes:
-            console.console.print(f"[bold]cohorts[/] off: each trial of {', '.join(sizes)} runs alone; {_why_alone(settings, gpus)}")
+        elif off := cohorts_off(settings, list(sizes), gpus):
+            console.console.print(f"[bold]cohorts[/] off: {off}")
         yield cohorts
     if cohorts is not None and cohorts.ran:
         console.console.print(f"[bold]cohorts[/] {len(cohorts.ran)} trained: {cohorts_trained(cohorts.ran)} ({RAY_DIR}/{COHORTS_FILE})")
@@ -752,13 +752,26 @@ def cohorts_trained(ran: list[dict[str, Any]]) -> str:
     return ", ".join(f"{cohort['method']} of {len(cohort['trials'])} member{'s' if len(cohort['trials']) != 1 else ''}" for cohort in ran)
 
 
-def _why_alone(settings: SweepSettings, gpus: float) -> str:
-    """Why no method fuses although some could: the reason for the console."""
-    if settings.cohort_size:
-        return f"--trials {settings.trials} leaves each cohort server fewer than 2 trials"
-    if gpus:
-        return "its GPU fraction holds one member's probed step (--cohort-size K trains K together)"
-    return "on CPUs that is the faster (BENCHMARKS.md figures 11 and 11b); --cohort-size K trains K together"
+def cohorts_off(settings: SweepSettings, fusable: list[str], gpus: float) -> str | None:
+    """Why a sweep without cohort servers trains each trial alone, for the console: its ``fusable`` methods could
+    fuse but for the sizing, or ``--cohort-size`` asked for cohorts that no trial can join; None when nothing
+    was asked and nothing could fuse (``--cohort-size 1``, or only methods that train on images)."""
+    if fusable:
+        if settings.cohort_size:
+            why = f"--trials {settings.trials} leaves each cohort server fewer than 2 trials"
+        elif gpus:
+            why = "its GPU fraction holds one member's probed step (--cohort-size K trains K together)"
+        else:
+            why = "on CPUs that is the faster (BENCHMARKS.md figures 11 and 11b); --cohort-size K trains K together"
+        return f"each trial of {', '.join(fusable)} runs alone; {why}"
+    if settings.cohort_size and settings.cohort_size > 1:
+        why = (
+            "with --no-preload every trial runs its frozen backbone itself"
+            if not settings.preload_features
+            else f"{', '.join(settings.methods)} {'trains' if len(settings.methods) == 1 else 'train'} on images, not on preloaded features"
+        )
+        return f"--cohort-size {settings.cohort_size} is not used: {why}, so each trial runs alone"
+    return None
 
 
 def points_to_enqueue(storage: JournalStorage, points: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
