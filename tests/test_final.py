@@ -124,8 +124,17 @@ def test_the_top_candidates_are_retrained_and_only_the_best_mean_on_validation_i
 
 
 def test_a_diverging_seed_is_reported_without_test_metrics(synthetic_spec, cache, tmp_path):
+    from medsweep.search.console import SweepConsole
+
     settings = _hand_made_sweep(tmp_path, synthetic_spec, cache, lr=1e12, optimizer="sgd", grad_clip=0.0)
-    method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1)[synthetic_spec.name]["methods"]["linear"]
+    # The sweep searched on one image fewer: final retrains on the set as it is, and says so.
+    sizes = {split: len(samples) for split, samples in synthetic_spec.splits.items()}
+    searched = {"classes": synthetic_spec.classes, "manifest_hash": "0" * 16, "membership_hash": "1" * 16, "splits": {**sizes, "val": sizes["val"] - 1}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": searched}))
+    console = SweepConsole(record=True)
+    method = retrain_best(tmp_path, synthetic_spec, settings, seeds=1, console=console)[synthetic_spec.name]["methods"]["linear"]
+    said = " ".join(console.text().split())
+    assert f"final the dataset is not the one the sweep searched on (val {sizes['val'] - 1} images then, {sizes['val']} now)" in said
     assert method["seeds"][0]["status"] == "diverged" and method["seeds"][0]["test"] == {}
     assert method["test_auc_ci"] is None and method["mean"] == {}
     assert pd.read_csv(tmp_path / TEST_PREDICTIONS_CSV).empty  # nothing was tested: the header alone

@@ -16,7 +16,7 @@ import pytest
 from medsweep.datasets.spec import DatasetSpec, Sample
 from medsweep.datasets.store import PreloadStore
 from medsweep.errors import ConfigError
-from medsweep.search.manifest import PACKAGES, dataset_change, read_manifest, store_keys_used, write_manifest
+from medsweep.search.manifest import PACKAGES, check_same_dataset, dataset_change, read_manifest, store_keys_used, write_manifest
 from medsweep.search.report import reproducibility_blocks, write_report
 from medsweep.search.settings import load_settings, sweep_dataset
 from medsweep.search.study import MANIFEST_JSON
@@ -120,23 +120,24 @@ def test_a_resume_goes_on_over_files_that_changed_and_refuses_other_images_or_la
     spec = _spec(root, labels)
     first_files = spec.manifest_hash()
     _started_on(out, spec, first_files)
-    assert dataset_change(out, spec, "data") is None
-    assert dataset_change(tmp_path / "no-manifest", spec, "data") is None
+    assert check_same_dataset(out, spec, "data") is None
+    assert check_same_dataset(tmp_path / "no-manifest", spec, "data") is None
     assert store_keys_used(out) == {"k1": "linear", "k2": "linear"}
 
     (root / "val0.png").write_bytes(b"edited png")
-    assert "files changed since the sweep started" in str(dataset_change(out, _spec(root, labels), "data"))
+    assert "files changed since the sweep started" in str(check_same_dataset(out, _spec(root, labels), "data"))
     moved = tmp_path / "moved"
     shutil.copytree(root, moved)  # a copy elsewhere: other paths (and times, copied without them), the same images below its root
-    assert "files changed" in str(dataset_change(out, _spec(moved, labels), "data"))
+    assert "files changed" in str(check_same_dataset(out, _spec(moved, labels), "data"))
 
     with pytest.raises(ConfigError, match=r"^the dataset data is not the one this sweep started on \(val 2 images then, 3 now\): .*--warm-start"):
-        dataset_change(out, _spec(root, {**labels, "val": [0, 1, 1]}), "data")
+        check_same_dataset(out, _spec(root, {**labels, "val": [0, 1, 1]}), "data")
+    assert dataset_change(out, _spec(root, {**labels, "val": [1, 0, 1]})) == (False, "val 2 images then, 3 now")  # what final says
     with pytest.raises(ConfigError, match=r"\(as many images, but other files or labels\)"):
-        dataset_change(out, _spec(root, {**labels, "train": [1, 1, 0, 1]}), "data")
+        check_same_dataset(out, _spec(root, {**labels, "train": [1, 1, 0, 1]}), "data")
     with pytest.raises(ConfigError, match=r"\(classes a, b then, a, c now\)"):
-        dataset_change(out, _spec(root, labels, ("a", "c")), "data")
+        check_same_dataset(out, _spec(root, labels, ("a", "c")), "data")
     _started_on(out, spec, first_files, legacy=True)  # a manifest from before membership hashes: sizes and classes
-    assert "files changed" in str(dataset_change(out, _spec(root, labels), "data"))
+    assert "files changed" in str(check_same_dataset(out, _spec(root, labels), "data"))
     with pytest.raises(ConfigError, match=r"val 2 images then, 1 now"):
-        dataset_change(out, _spec(root, {**labels, "val": [0]}), "data")
+        check_same_dataset(out, _spec(root, {**labels, "val": [0]}), "data")

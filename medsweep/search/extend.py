@@ -103,7 +103,7 @@ def extend_sweep(
     settings = check_extendable(out, trials, budget_hours)
     from medsweep.search import tuning  # Ray only once the folder is known to hold a finished sweep
     from medsweep.search.console import SweepConsole
-    from medsweep.search.manifest import dataset_change
+    from medsweep.search.manifest import check_same_dataset
     from medsweep.search.study import fail_orphaned_trials, load_study
     from medsweep.search.sweep import prepare_stores, write_answer
 
@@ -112,7 +112,7 @@ def extend_sweep(
         guard.lock_out()  # refused while the sweep (or another extension) still runs
         spec = sweep_dataset(settings)
         console.dataset(spec)
-        changed = dataset_change(out, spec, settings.dataset)  # refused if its images or labels differ
+        changed = check_same_dataset(out, spec, settings.dataset)  # refused if its images or labels differ
         if changed:
             console.console.print(f"[bold]extend[/] {changed}")
         previous_best = best_trial(out)

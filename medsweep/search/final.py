@@ -54,6 +54,7 @@ from medsweep.datasets.store import PreloadStore
 from medsweep.errors import ConfigError
 from medsweep.search.console import SweepConsole
 from medsweep.search.export import UNUSABLE, board_entry, read_best
+from medsweep.search.manifest import FILES_CHANGED, dataset_change
 from medsweep.search.settings import SweepSettings, load_settings, sweep_dataset
 from medsweep.search.study import FINAL_DIR, FINAL_JSON, FINAL_YAML, LEADERBOARD_PARQUET, TEST_PREDICTIONS_CSV
 from medsweep.trainables.loop import device_for_trial, fit, load_trained, predict
@@ -160,6 +161,11 @@ def retrain_best(
     out = Path(out)
     console = console or SweepConsole()
     entry = _dataset_entry(read_best(out), spec, out)
+    change = dataset_change(out, spec)
+    if change is not None:
+        same_images, what = change
+        other = f"the dataset is not the one the sweep searched on ({what}): its candidates are retrained, compared and tested on it as it is now"
+        console.console.print(f"[bold]final[/] {FILES_CHANGED if same_images else other}")
     with _torch_threads(max(1, int(settings.cpus_per_trial))):
         candidates = [_retrain(out, spec, settings, item, seeds, console) for item in _candidates(out, entry, top)]
         chosen = max(candidates, key=lambda c: c.val_auc_mean if math.isfinite(c.val_auc_mean) else -math.inf)

@@ -11,8 +11,9 @@ labels), split sizes and the classes a split's AUC leaves out, each method's
 store key, the seeds and the command line.
 
 ``medsweep resume`` and ``extend`` compare the dataset with it
-(:func:`dataset_change`): other files rebuild the stores, other images or
-labels are refused.
+(:func:`check_same_dataset`): other files rebuild the stores, other images or
+labels are refused; ``medsweep final`` retrains on the dataset as it is and
+says how it differs.
 
 ``medsweep resume`` keeps the original and appends a record of its own to
 ``resumes`` (when, command line, versions, devices, store keys): a resume may
@@ -76,11 +77,16 @@ def write_manifest(settings: SweepSettings, spec: DatasetSpec, stores: dict[str,
     return path
 
 
-def dataset_change(out: Path, spec: DatasetSpec, dataset_arg: str) -> str | None:
-    """How ``spec`` differs from the dataset the sweep in ``out`` started on (its ``manifest.json``): None when it
-    is the same; a notice when only its files' sizes or times changed (an edit in place, a copy without file
-    times: the stores are rebuilt and the sweep's trials go on with them); a one-line :class:`ConfigError` when
-    its images, labels or classes differ, whose trials could not be compared with the sweep's."""
+FILES_CHANGED = (
+    "the dataset's files changed since the sweep started (sizes or modification times: edited, or copied "
+    "without their times); its stores are rebuilt from them"
+)
+
+
+def dataset_change(out: Path, spec: DatasetSpec) -> tuple[bool, str] | None:
+    """How ``spec`` differs from the dataset the sweep in ``out`` started on (its ``manifest.json``): None when
+    it is the same (or the sweep has no manifest); else whether its images and labels are the same (only their
+    files' sizes or times changed: an edit in place, a copy without file times), and what differs."""
     then = (read_manifest(out) or {}).get("dataset") or {}
     if not then.get("manifest_hash") or then["manifest_hash"] == spec.manifest_hash():
         return None
@@ -90,16 +96,25 @@ def dataset_change(out: Path, spec: DatasetSpec, dataset_arg: str) -> str | None
     else:  # a manifest from before membership hashes: its classes and split sizes
         same_images = then.get("classes") == spec.classes and then.get("splits") == counts
     if same_images:
-        return (
-            "the dataset's files changed since the sweep started (sizes or modification times: edited, or copied "
-            "without their times); its stores are rebuilt from them and the sweep's trials go on with them"
-        )
+        return True, "the same images and labels in files of other sizes or times"
     if then.get("classes") != spec.classes:
-        what = f"classes {', '.join(then.get('classes') or [])} then, {', '.join(spec.classes)} now"
-    else:
-        sizes = then.get("splits") or {}
-        moved = [f"{split} {sizes[split]} images then, {n} now" for split, n in counts.items() if split in sizes and sizes[split] != n]
-        what = ", ".join(moved) or "as many images, but other files or labels"
+        return False, f"classes {', '.join(then.get('classes') or [])} then, {', '.join(spec.classes)} now"
+    sizes = then.get("splits") or {}
+    moved = [f"{split} {sizes[split]} images then, {n} now" for split, n in counts.items() if split in sizes and sizes[split] != n]
+    return False, ", ".join(moved) or "as many images, but other files or labels"
+
+
+def check_same_dataset(out: Path, spec: DatasetSpec, dataset_arg: str) -> str | None:
+    """For ``medsweep resume`` and ``extend``, which add trials to the sweep's: None when the dataset is the one
+    the sweep started on; a notice when only its files changed (the stores are rebuilt and the sweep's trials go
+    on with them); a one-line :class:`ConfigError` when its images, labels or classes differ, since new trials
+    could not be compared with the sweep's."""
+    change = dataset_change(out, spec)
+    if change is None:
+        return None
+    same_images, what = change
+    if same_images:
+        return f"{FILES_CHANGED} and the sweep's trials go on with them"
     raise ConfigError(
         f"the dataset {dataset_arg} is not the one this sweep started on ({what}): its trials were scored on the "
         f"images as they were; put those back, or start a new sweep on it (`--warm-start {out}` begins from this one's trials)"

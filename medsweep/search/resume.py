@@ -155,13 +155,13 @@ def resume_sweep(out: Path, console: SweepConsole | None = None) -> Path:
     from medsweep.search import tuning  # Ray imports only once the folder is known to hold a sweep
     from medsweep.search.console import SweepConsole
     from medsweep.search.extend import all_results, best_trial, experiment_dirs
-    from medsweep.search.manifest import dataset_change, write_manifest
+    from medsweep.search.manifest import check_same_dataset, write_manifest
     from medsweep.search.sweep import prepare_stores, write_answer
 
     console = console or SweepConsole()
     spec = sweep_dataset(settings)
     console.dataset(spec)
-    changed = dataset_change(out, spec, settings.dataset)  # refused here (before Ray) if its images or labels differ
+    changed = check_same_dataset(out, spec, settings.dataset)  # refused here (before Ray) if its images or labels differ
     if changed:
         console.console.print(f"[bold]resume[/] {changed}")
     with InterruptGuard(settings.out) as guard:

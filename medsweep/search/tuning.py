@@ -992,7 +992,7 @@ def unreported_trials_unlogged() -> contextlib.AbstractContextManager[None]:
 
 def earlier_stores(out: Path, stores: dict[str, PreloadResult], data: dict[str, StoreData]) -> dict[str, StoreData]:
     """The stores the sweep's earlier runs read, by their keys, as this run's store of the same method: a trial
-    restored with an earlier key (the dataset's files changed since: ``medsweep.search.manifest.dataset_change``)
+    restored with an earlier key (the dataset's files changed since: ``medsweep.search.manifest.check_same_dataset``)
     reads the store rebuilt from them."""
     return {key: data[stores[method].store.key] for key, method in store_keys_used(out).items() if method in stores and key not in data}
 
