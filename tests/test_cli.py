@@ -59,6 +59,19 @@ def test_a_sweep_that_has_not_finished_is_sent_to_resume_by_every_command_that_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"] and [p.name for p in out.iterdir()] == ["sweep.json"]
 
 
+def test_a_command_a_message_suggests_is_quoted_for_the_shell(tmp_path, capsys):
+    """`medsweep resume /data/my sweep` as printed ran `resume /data/my` when pasted."""
+    from medsweep.search.settings import SweepSettings
+
+    out = tmp_path / "my sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(SweepSettings(methods=["linear"], out=out, cache_dir=tmp_path / "cache").to_json())
+    assert main(["best", str(out)]) == 2
+    assert f"finish it with `medsweep resume '{out}'` first" in capsys.readouterr().err
+    assert main(["predict", str(out), "--images", str(tmp_path)]) == 2
+    assert f"write one with `medsweep export SWEEP_DIR --out '{out}'`" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

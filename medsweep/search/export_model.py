@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def from_best_trial(sweep: Path, method: str | None) -> dict[str, Any]:
     trial_dir = experiment_dir(sweep) / f"trial-{item['trial_id']}"
     checkpoints = sorted(trial_dir.glob("checkpoint_*"))
     if not checkpoints:
-        raise ConfigError(f"trial {item['trial_id']} of {sweep} has no checkpoint under {trial_dir}; run `medsweep final {sweep}` and export again")
+        again = f"run `medsweep final {shlex.quote(str(sweep))}` and export again"
+        raise ConfigError(f"trial {item['trial_id']} of {sweep} has no checkpoint under {trial_dir}; {again}")
     config = {**item["config"], "num_classes": len(entry["classes"]), "task": entry["task"]}
     return {
         "dataset": dataset,
@@ -109,7 +111,7 @@ def export_model(sweep: Path, out: Path, method: str | None = None, seed: int | 
         chosen = from_final(sweep, method, seed)
     elif (sweep / BEST_YAML).is_file():
         if seed is not None:
-            raise ConfigError(f"{sweep} has no final retrain ({FINAL_JSON}), so no seeds; drop --seed or run `medsweep final {sweep}`")
+            raise ConfigError(f"{sweep} has no final retrain ({FINAL_JSON}), so no seeds; drop --seed or run `medsweep final {shlex.quote(str(sweep))}`")
         chosen = from_best_trial(sweep, method)
     else:
         raise not_finished(sweep, BEST_YAML)
@@ -137,5 +139,5 @@ def export_model(sweep: Path, out: Path, method: str | None = None, seed: int | 
 def run(args: argparse.Namespace) -> int:
     check_out_path(args.out)  # before loading anything
     out = export_model(args.dir, args.out, args.method, args.seed, args.with_backbone, args.keep_adapter)
-    print(f"model written to {out}; load it with medsweep.load_model({str(out)!r}) or run `medsweep predict {out} --images PATH`")
+    print(f"model written to {out}; load it with medsweep.load_model({str(out)!r}) or run `medsweep predict {shlex.quote(str(out))} --images PATH`")
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -64,7 +65,7 @@ class SweepInterrupted(KeyboardInterrupt):
     def __str__(self) -> str:
         if not (self.out / SETTINGS_FILE).is_file():
             return "interrupted before the sweep started; nothing to resume"
-        return f"interrupted: `medsweep resume {self.out}` continues"
+        return f"interrupted: `medsweep resume {shlex.quote(str(self.out))}` continues"
 
 
 class InterruptGuard:

@@ -117,7 +117,7 @@ def check_same_dataset(out: Path, spec: DatasetSpec, dataset_arg: str) -> str | 
         return f"{FILES_CHANGED} and the sweep's trials go on with them"
     raise ConfigError(
         f"the dataset {dataset_arg} is not the one this sweep started on ({what}): its trials were scored on the "
-        f"images as they were; put those back, or start a new sweep on it (`--warm-start {out}` begins from this one's trials)"
+        f"images as they were; put those back, or start a new sweep on it (`--warm-start {shlex.quote(str(out))}` begins from this one's trials)"
     )
 
 

@@ -20,6 +20,7 @@ import argparse
 import html
 import json
 import math
+import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -448,7 +449,7 @@ def final_blocks(out: Path, folder: Path, colours: dict[str, Any]) -> list[Block
     blocks = [Block("heading", "Final test results")]
     path = out / FINAL_YAML
     if not path.is_file():
-        return [*blocks, Block("text", f"Not run yet: `medsweep final {out}` retrains the best configuration and tests it once.")]
+        return [*blocks, Block("text", f"Not run yet: `medsweep final {shlex.quote(str(out))}` retrains the best configuration and tests it once.")]
     document = next(iter(yaml.safe_load(path.read_text()).values()))
     methods = document["methods"]
     rows = []

@@ -12,6 +12,7 @@ searcher writes it, ``medsweep dashboard`` and the report read it.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,7 @@ def not_finished(out: Path, missing: str) -> ConfigError:
     """The one line for a folder without ``missing`` (an answer file): a sweep that has not finished is told to
     resume (an interrupted one holds its settings but no answer yet), any other folder to name a sweep's."""
     if (Path(out) / SETTINGS_FILE).is_file():
-        return ConfigError(f"the sweep in {out} has not finished (no {missing}); finish it with `medsweep resume {out}` first")
+        return ConfigError(f"the sweep in {out} has not finished (no {missing}); finish it with `medsweep resume {shlex.quote(str(out))}` first")
     return ConfigError(f"{out} has no {missing}; pass the output folder of a finished sweep (see `medsweep sweep --out`)")
 
 

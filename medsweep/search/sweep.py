@@ -27,6 +27,7 @@ Steps (each a function below, called in order by :func:`run_sweep`):
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def check_out(out: Path, overwrite: bool = False) -> None:
         return
     if any(name in entries for name in (SETTINGS_FILE, STUDY_FILE)):
         raise ConfigError(
-            f"--out {out} already holds a sweep; continue it with `medsweep resume {out}`, "
+            f"--out {out} already holds a sweep; continue it with `medsweep resume {shlex.quote(str(out))}`, "
             "or pass another folder (or --overwrite to replace it)"
         )
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
@@ -200,7 +201,7 @@ def write_answer(grid, settings: SweepSettings, spec: DatasetSpec, console: Swee
     if board.empty:  # e.g. a --budget-hours that ended before any trial reported an epoch
         console.result(
             f"[bold]no trial reported a result[/]: nothing to retrain or report; give the search more time with "
-            f"`medsweep extend {settings.out} --trials N` (or --budget-hours H)"
+            f"`medsweep extend {shlex.quote(str(settings.out))} --trials N` (or --budget-hours H)"
         )
         return
     if settings.final_seeds and board["status"].isin(export.UNUSABLE).all():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any, cast
 
@@ -146,7 +147,8 @@ def read_model_info(path: Path) -> dict[str, Any]:
     file = path / MODEL_JSON
     if not file.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ConfigError(
-            f"{path} is not a medsweep model folder (no {MODEL_JSON} and {WEIGHTS_FILE}); write one with `medsweep export SWEEP_DIR --out {path}`"
+            f"{path} is not a medsweep model folder (no {MODEL_JSON} and {WEIGHTS_FILE}); "
+            f"write one with `medsweep export SWEEP_DIR --out {shlex.quote(str(path))}`"
         )
     info = json.loads(file.read_text())
     if info.get("format", 0) > FORMAT:
