@@ -87,7 +87,11 @@ from medsweep.search.study import COHORTS_FILE, RAY_DIR
 # On GPUs the probe sizes cohorts (cohort_size_for).
 CPU_COHORT_SIZE = 1
 MAX_COHORT_SIZE = 16  # on a GPU, members that fit in the method's fraction, at most this many
-FORM_WAIT_S = 2.0  # a group starts when full, or this long after its last member joined
+# A group starts when full, or this long after its last member joined. 5 s, not 2: members' processes start one
+# per trial slot at a time, and on a busy machine (2 cores, two worker nodes, a CI run beside) their joins came more
+# than 2 s apart, so a sweep of 4 trials in cohorts of 2 trained every member alone. A cohort that does not fill
+# waits this long once; a real trial runs for minutes.
+FORM_WAIT_S = 5.0
 # An unacknowledged result older than this before the next epoch, and no word from Tune: the member is dropped.
 # 30 s, not 5: with W&B on (the default, offline) the driver starts one logging actor per trial, and on 2 cores that
 # delayed acknowledgements past 5 s, so a live member was dropped, rejoined alone and trained unfused from then on.
