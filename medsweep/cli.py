@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,13 @@ from medsweep.search.interrupts import SweepInterrupted
 from medsweep.search.settings import (
     DEFAULT_METHODS,
     DEFAULT_TRIALS,
-    MAX_IMAGE_SIZE,
-    MAX_SEED,
-    MIN_IMAGE_SIZE,
     QUIET_HELP,
     SEARCHES,
     TRACKERS,
     WANDB_MODES,
     SweepSettings,
+    image_size_problem,
+    seed_problem,
     setting_default,
 )
 from medsweep.spaces import METHODS, PRECISION_NAMES
@@ -73,18 +73,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _image_size(text: str) -> int:
-    value = _whole_number(text)
-    if not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {value}")
-    return value
+def _checked(problem: Callable[[int], str | None]) -> Callable[[str], int]:
+    """An argparse type: a whole number that ``problem`` (the settings' own check) finds nothing wrong with."""
 
+    def parse(text: str) -> int:
+        value = _whole_number(text)
+        if problem(value):
+            raise argparse.ArgumentTypeError(str(problem(value)))
+        return value
 
-def _seed(text: str) -> int:
-    value = _whole_number(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
-    return value
+    return parse
 
 
 FINAL_TOP_HELP = (
@@ -150,9 +148,10 @@ SPACES_DATASET_HELP = (
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=setting_default("backbone"), help="registered name, save_pretrained folder or hub id")
-    parser.add_argument("--image-size", type=_image_size, default=setting_default("image_size"), help="input size of the backbone / frozen path")
+    image_size, seed = _checked(image_size_problem), _checked(seed_problem)
+    parser.add_argument("--image-size", type=image_size, default=setting_default("image_size"), help="input size of the backbone / frozen path")
     parser.add_argument("--cache-dir", type=Path, default=setting_default("cache_dir"), help="where preload stores and the synthetic set live")
-    parser.add_argument("--seed", type=_seed, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
+    parser.add_argument("--seed", type=seed, default=setting_default("seed"), help="seeds data generation, weights and shuffling (a sweep's TPE too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a method or training value (repeatable)")
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images in the preload (counted), instead of stopping")
 

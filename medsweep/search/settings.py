@@ -162,8 +162,8 @@ class SweepSettings:
             raise ConfigError(f"--wandb must be online, offline, disabled or auto, got {self.wandb!r}")
         if self.tracker not in TRACKERS:
             raise ConfigError(f"--tracker must be {', '.join(TRACKERS[:-1])} or {TRACKERS[-1]}, got {self.tracker!r}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (NumPy's and Optuna's seeds are unsigned), got {self.seed}")
+        if seed_problem(self.seed):
+            raise ConfigError(f"--seed {seed_problem(self.seed)}")
         if self.final_seeds < 0:
             raise ConfigError(f"--final-seeds must be >= 0 (0 skips the final retrain), got {self.final_seeds}")
         if self.final_top < 1:
@@ -185,8 +185,8 @@ class SweepSettings:
             raise ConfigError(f"--cohort-size must be at least 1 (1: every trial alone), got {self.cohort_size}")
         if self.grace_period < 1:
             raise ConfigError(f"--grace-period must be at least 1, got {self.grace_period}")
-        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ConfigError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        if image_size_problem(self.image_size):
+            raise ConfigError(f"--image-size {image_size_problem(self.image_size)}")
         check_precision(self.precision)
         if self.preload_batch_size is not None and self.preload_batch_size < 1:
             raise ConfigError(f"--preload-batch-size must be at least 1, got {self.preload_batch_size}")
@@ -216,6 +216,16 @@ class SweepSettings:
     def objective_columns(self) -> list[tuple[str, str]]:
         """(result / leaderboard column, ``max`` or ``min``) of each objective, in ``--objective`` order."""
         return [OBJECTIVES[name] for name in self.objective]
+
+
+def seed_problem(seed: int) -> str | None:
+    """What is wrong with a ``--seed`` (the flag's parser and a sweep file's value share it), or None."""
+    return None if 0 <= seed <= MAX_SEED else f"must be between 0 and {MAX_SEED}, got {seed} (NumPy's and Optuna's seeds are unsigned)"
+
+
+def image_size_problem(size: int) -> str | None:
+    """What is wrong with an ``--image-size`` (the flag's parser and a sweep file's value share it), or None."""
+    return None if MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE else f"must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, got {size}"
 
 
 def setting_default(name: str) -> Any:
